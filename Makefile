@@ -1,0 +1,42 @@
+# Marketo <-> Dynamics 365 sync: the commands a user starts with (README "Commands").
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MARKETO_PORT ?= 8710
+DATAVERSE_PORT ?= 8711
+export MARKETO_PORT DATAVERSE_PORT
+
+.PHONY: help venv test demo bench sandbox sync activity clean
+
+help:
+	@echo "make demo      run the sync demo end to end (sets everything up)"
+	@echo "make test      run the whole test suite (sets everything up, PostgreSQL included)"
+	@echo "make bench     time the engine (diff + resolve + plan) at 100k and 1M records"
+	@echo "make sandbox   run the Marketo and Dataverse emulators in the foreground"
+	@echo "make sync      run one sync cycle now against the configured connections"
+
+venv: $(STAMP)
+
+# Created when missing, reused when present; rebuilt when requirements.txt or pyproject.toml change.
+$(STAMP): requirements.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements.txt
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
+	@touch $(STAMP)
+
+test: venv
+	@bash scripts/ensure-postgres.sh
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m mdsync.demo
+
+bench: venv
+	$(PY) bench/engine_bench.py
+
+clean:
+	rm -rf .sandbox .staging .state .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Airflow glue for the Marketo <-> Dynamics sync: hooks (and later operators and the UI plugin)."""
