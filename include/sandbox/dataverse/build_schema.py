@@ -1,0 +1,126 @@
+"""Generate ``schema.json`` (the sandbox's column catalogue) from the Dataverse entity reference pages.
+
+Run ``python -m sandbox.dataverse.build_schema /work/shared/reference/dataverse/entities`` after the
+reference pages change. The sandbox itself reads only the generated JSON, so it runs without the
+reference folder. A realistic subset is kept: every text, memo, choice, yes/no, whole-number and
+date column the sync could map, the state/status pair, the row version, the primary id and the few
+lookups the lead lifecycle needs; money, images and internal plumbing columns are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ENTITIES = ("contact", "lead", "account")
+KEPT_TYPES = {"String", "Memo", "Picklist", "Boolean", "State", "Status", "Integer", "DateTime", "BigInt"}
+# Lookups kept per entity (DESIGN §3 and the lead lifecycle): stored as ``_<name>_value``.
+KEPT_LOOKUPS = {
+    "contact": {"parentcustomerid", "originatingleadid"},
+    "lead": {"parentaccountid", "parentcontactid"},
+    "account": {"primarycontactid", "originatingleadid"},
+}
+SKIPPED = re.compile(
+    r"^(yomi|address3_|traversedpath|stageid|processid|entityimage|timezoneruleversionnumber|"
+    r"utcconversiontimezonecode|importsequencenumber|overriddencreatedon|exchangerate|onholdtime|"
+    r"lastonholdtime|.*_addressid$|.*_utcoffset$|.*_composite$|merged$|isprivate$|isautocreate$|"
+    r"isbackofficecustomer$|participatesinworkflow$|subscriptionid$|externaluseridentifier$)"
+)
+# The product's link column (DESIGN §3), added to contact and lead with its alternate key.
+LINK_COLUMN = {
+    "logical_name": "mdsync_marketopersonid", "type": "String", "max_length": 100,
+    "required_level": "None", "valid_for_create": True, "valid_for_update": True, "valid_for_read": True,
+    "custom": True,
+}
+
+_FIELD = re.compile(r"^\*\*(\w+)\*\*:\s*(.*?)(<br />)?\s*$")
+_OPTION = re.compile(r"^- \*\*(?:TrueOption |FalseOption )?Value\*\*: (-?\d+) \*\*Label\*\*: (.+?)(?: \*\*(?:State|DefaultStatus)\*\*: (\d+))?(?: \*\*InvariantName\*\*.*)?$")
+
+
+def parse_entity(path: Path, entity: str) -> dict:
+    """Parse one entity reference page into ``{"entity_set", "primary_id", "columns": [...]}``."""
+    text = path.read_text(encoding="utf-8")
+    props = dict(re.findall(r"^\*\*(EntitySetName|PrimaryIdAttribute|PrimaryNameAttribute)\*\*: (\w+)", text, re.M))
+    columns = []
+    section = ""
+    current: dict | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+            current = None
+            continue
+        if line.startswith("### "):
+            current = {"read_only_section": section.startswith("Read-only"), "options": []}
+            columns.append(current)
+            continue
+        if current is None:
+            continue
+        m = _FIELD.match(line)
+        if m:
+            current[m.group(1)] = m.group(2).strip()
+            continue
+        o = _OPTION.match(line.strip())
+        if o:
+            current["options"].append([int(o.group(1)), o.group(2).strip(), int(o.group(3)) if o.group(3) else None])
+    out = []
+    for raw in columns:
+        name = raw.get("LogicalName")
+        kind = raw.get("Type")
+        if not name or raw.get("IsValidForRead") == "False":
+            continue
+        if name == props["PrimaryIdAttribute"]:
+            kind = "Uniqueidentifier"
+        elif name in KEPT_LOOKUPS.get(entity, ()):
+            pass
+        elif kind not in KEPT_TYPES or SKIPPED.match(name):
+            continue
+        elif kind == "BigInt" and name != "versionnumber":
+            continue
+        read_only = raw["read_only_section"]
+        if read_only and kind == "String" and name != props.get("PrimaryNameAttribute"):
+            continue  # the *name / *yominame shadows of lookups: not data the sync maps
+        col = {
+            "logical_name": name,
+            "type": kind,
+            "required_level": raw.get("RequiredLevel", "None"),
+            "valid_for_create": not read_only and raw.get("IsValidForCreate") != "False",
+            "valid_for_update": not read_only and raw.get("IsValidForUpdate") != "False",
+            "valid_for_read": True,
+        }
+        if raw.get("MaxLength"):
+            col["max_length"] = int(raw["MaxLength"])
+        for key, field in (("min_value", "MinValue"), ("max_value", "MaxValue")):
+            if raw.get(field) and kind == "Integer":
+                col[key] = int(raw[field])
+        if raw.get("Targets"):
+            col["targets"] = raw["Targets"].split(",")
+        if raw["options"]:
+            col["options"] = raw["options"]
+        if raw.get("DateTimeBehavior"):
+            col["format"] = raw.get("Format", "DateAndTime")
+        out.append(col)
+    if entity in ("contact", "lead"):
+        out.append(dict(LINK_COLUMN))
+    return {
+        "logical_name": entity,
+        "entity_set": props["EntitySetName"],
+        "primary_id": props["PrimaryIdAttribute"],
+        "primary_name": props.get("PrimaryNameAttribute"),
+        "columns": sorted(out, key=lambda c: c["logical_name"]),
+    }
+
+
+def main(argv: list[str]) -> None:
+    """Write ``schema.json`` next to this module from the reference folder named in ``argv[1]``."""
+    folder = Path(argv[1])
+    schema = {e: parse_entity(folder / f"{e}.md", e) for e in ENTITIES}
+    target = Path(__file__).with_name("schema.json")
+    target.write_text(json.dumps(schema, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    for entity, spec in schema.items():
+        print(f"{entity}: {len(spec['columns'])} columns")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
