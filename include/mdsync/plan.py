@@ -1,0 +1,214 @@
+"""The write plan: what to write to each side, the collisions, and how the baseline advances.
+
+:func:`plan_entity` runs diff -> resolve -> plan for one entity type and returns a :class:`SyncPlan` of long
+frames (one row per person and field), which the load stage groups into API records and the record stage
+turns into activity-log lines. Baseline updates carry the write they depend on, so the commit stage
+advances a baseline only when that write succeeded (DESIGN §4.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from mdsync.canonical import CANONICAL_DTYPE, to_dynamics, to_marketo
+from mdsync.config import EntityConfig, Side
+from mdsync.diff import three_way_diff
+from mdsync.resolve import FieldDecision, resolve
+
+WRITE_COLUMNS = ["person_id", "dynamics_id", "field", "value", "previous", "baseline", "reason"]
+COLLISION_COLUMNS = [
+    "person_id", "dynamics_id", "field", "marketo_value", "dynamics_value", "baseline", "winner", "reason",
+]
+BASELINE_COLUMNS = ["person_id", "field", "value", "requires"]
+#: ``requires`` values of a baseline update: no write, the Dynamics write, the Marketo write.
+REQUIRES_NOTHING, REQUIRES_DYNAMICS, REQUIRES_MARKETO = "", "dynamics", "marketo"
+
+
+def _empty(columns: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series(dtype=CANONICAL_DTYPE) for c in columns})
+    frame["person_id"] = frame["person_id"].astype("int64")
+    return frame
+
+
+@dataclass
+class SyncPlan:
+    """Everything one cycle decided for one entity type."""
+
+    entity: str
+    #: writes to Dynamics / Marketo: person_id, dynamics_id, field, value (canonical), previous (the target's
+    #: current value), baseline, reason
+    dynamics_writes: pd.DataFrame
+    marketo_writes: pd.DataFrame
+    #: person_id, dynamics_id, field, marketo_value, dynamics_value, baseline, winner, reason
+    collisions: pd.DataFrame
+    #: person_id, field, value, requires ("" | "dynamics" | "marketo")
+    baseline_updates: pd.DataFrame
+    compared: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return self.dynamics_writes.empty and self.marketo_writes.empty
+
+    def summary(self) -> dict[str, int]:
+        """Counts for logs and the run report."""
+        return {
+            "compared": self.compared,
+            "dynamics_records": int(self.dynamics_writes["person_id"].nunique()),
+            "dynamics_fields": len(self.dynamics_writes),
+            "marketo_records": int(self.marketo_writes["person_id"].nunique()),
+            "marketo_fields": len(self.marketo_writes),
+            "collisions": len(self.collisions),
+            "baseline_updates": len(self.baseline_updates),
+        }
+
+
+def plan_entity(
+    entity: EntityConfig,
+    baseline: pd.DataFrame,
+    marketo: pd.DataFrame,
+    dynamics: pd.DataFrame,
+    links: pd.DataFrame,
+    *,
+    keys: pd.Index | None = None,
+    marketo_invalid: pd.DataFrame | None = None,
+    dynamics_invalid: pd.DataFrame | None = None,
+) -> SyncPlan:
+    """Diff, resolve and plan one entity type's linked pairs.
+
+    :param links: the entity type's links, indexed by person id, with a ``dynamics_id`` column; only linked
+        persons are compared.
+    :param keys: persons to compare (default: everyone present in ``marketo`` or ``dynamics``).
+    Other parameters: see :func:`mdsync.diff.three_way_diff`.
+    """
+    if keys is None:
+        keys = marketo.index.union(dynamics.index)
+    keys = pd.Index(keys).intersection(links.index)
+    diff = three_way_diff(
+        entity, baseline, marketo, dynamics, keys=keys,
+        marketo_invalid=marketo_invalid, dynamics_invalid=dynamics_invalid,
+    )
+    decisions = resolve(diff)
+    dynamics_ids = links["dynamics_id"].reindex(diff.keys).to_numpy()
+    return _assemble(entity, diff.keys, dynamics_ids, decisions)
+
+
+def _assemble(
+    entity: EntityConfig, keys: pd.Index, dynamics_ids: np.ndarray, decisions: list[FieldDecision]
+) -> SyncPlan:
+    person_ids = keys.to_numpy()
+    winner = entity.collision_winner
+    to_dyn, to_mkt, collisions, baselines = [], [], [], []
+    for dec in decisions:
+        fd = dec.diff
+        name = fd.field.name
+
+        def rows(mask: np.ndarray, **columns) -> pd.DataFrame:
+            data = {"person_id": person_ids[mask], "dynamics_id": dynamics_ids[mask], "field": name}
+            data.update({k: (v[mask] if isinstance(v, pd.Series) else v) for k, v in columns.items()})
+            return pd.DataFrame({k: (v.to_numpy() if isinstance(v, pd.Series) else v) for k, v in data.items()})
+
+        if dec.to_dynamics.any():
+            m = dec.to_dynamics
+            to_dyn.append(rows(m, value=fd.marketo, previous=fd.dynamics, baseline=fd.baseline,
+                               reason=dec.dynamics_reasons(m, entity.name, winner)))
+            baselines.append(rows(m, value=fd.marketo, requires=REQUIRES_DYNAMICS))
+        if dec.to_marketo.any():
+            m = dec.to_marketo
+            to_mkt.append(rows(m, value=fd.dynamics, previous=fd.marketo, baseline=fd.baseline,
+                               reason=dec.marketo_reasons(m, entity.name, winner)))
+            baselines.append(rows(m, value=fd.dynamics, requires=REQUIRES_MARKETO))
+        if dec.collision.any():
+            m = dec.collision
+            collisions.append(rows(m, marketo_value=fd.marketo, dynamics_value=fd.dynamics, baseline=fd.baseline,
+                                   winner=winner.value,
+                                   reason=dec.dynamics_reasons(m, entity.name, winner) if winner is Side.MARKETO
+                                   else dec.marketo_reasons(m, entity.name, winner)))
+        agreed = fd.same & ~fd.baseline_exact
+        if agreed.any():
+            baselines.append(rows(agreed, value=fd.marketo, requires=REQUIRES_NOTHING))
+
+    def frame(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+        if not parts:
+            return _empty(columns)
+        out = pd.concat(parts, ignore_index=True)
+        for col in columns:
+            if col not in ("person_id",) and col in out:
+                out[col] = out[col].astype(CANONICAL_DTYPE)
+        return out[[c for c in columns if c in out.columns]]
+
+    return SyncPlan(
+        entity=entity.name,
+        dynamics_writes=frame(to_dyn, WRITE_COLUMNS),
+        marketo_writes=frame(to_mkt, WRITE_COLUMNS),
+        collisions=frame(collisions, COLLISION_COLUMNS),
+        baseline_updates=frame(baselines, ["person_id", "field", "value", "requires"]),
+        compared=len(keys),
+    )
+
+
+def suppress_known_rejections(
+    writes: pd.DataFrame, open_errors: pd.DataFrame, target: Side
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Drop writes that the target already rejected with the same value (DESIGN §4: not re-sent every cycle).
+
+    :param writes: a plan's writes to ``target``.
+    :param open_errors: open sync errors with ``person_id, target, field, value`` columns.
+    :returns: (writes to send, writes held back because the same value was rejected before).
+    """
+    if writes.empty or open_errors.empty:
+        return writes, writes.iloc[0:0]
+    key = ["person_id", "field"]
+    errors = open_errors.loc[open_errors["target"] == target.value, key + ["value"]].drop_duplicates(key)
+    merged = writes.merge(errors, on=key, how="left", suffixes=("", "_rejected"), indicator=True)
+    rejected = merged["_merge"].eq("both").to_numpy()
+    same_value = (merged["value"] == merged["value_rejected"]).to_numpy(dtype=bool, na_value=False)
+    same_value = same_value | (merged["value"].isna().to_numpy() & merged["value_rejected"].isna().to_numpy())
+    held = rejected & same_value
+    out = merged[writes.columns]
+    return out.loc[~held].reset_index(drop=True), out.loc[held].reset_index(drop=True)
+
+
+def api_records(writes: pd.DataFrame, entity: EntityConfig, target: Side) -> list[dict]:
+    """Group a plan's long writes into one API record per target row, with API names and API types.
+
+    Marketo records are keyed by ``id`` (the person id); Dataverse records carry ``_id`` (the row id), which
+    the load stage puts in the URL or the bulk payload.
+    """
+    if writes.empty:
+        return []
+    api_values = pd.Series(index=writes.index, dtype=object)
+    api_names = pd.Series(index=writes.index, dtype=object)
+    for name, part in writes.groupby("field", sort=False):
+        fmap = entity.field(name)
+        convert = to_marketo if target is Side.MARKETO else to_dynamics
+        api_values.loc[part.index] = convert(part["value"], fmap).to_numpy()
+        api_names.loc[part.index] = fmap.marketo if target is Side.MARKETO else fmap.dynamics
+    key = writes["person_id"] if target is Side.MARKETO else writes["dynamics_id"]
+    records: dict = {}
+    for k, api_name, value in zip(key.to_numpy(), api_names.to_numpy(), api_values.to_numpy()):
+        rec = records.get(k)
+        if rec is None:
+            rec = records[k] = {"id": int(k)} if target is Side.MARKETO else {"_id": str(k)}
+        rec[api_name] = value
+    return list(records.values())
+
+
+def apply_writes(frame: pd.DataFrame, writes: pd.DataFrame) -> pd.DataFrame:
+    """Apply canonical writes to a canonical frame indexed by person id (dry-run previews, demo, tests)."""
+    out = frame.copy()
+    for name, part in writes.groupby("field", sort=False):
+        if name not in out.columns:
+            out[name] = pd.Series(np.nan, index=out.index, dtype=CANONICAL_DTYPE)
+        out.loc[part["person_id"].to_numpy(), name] = part["value"].to_numpy()
+    return out
+
+
+def apply_baseline_updates(baseline: pd.DataFrame, updates: pd.DataFrame, succeeded: set[str]) -> pd.DataFrame:
+    """Advance a wide baseline frame with the updates whose required write is in ``succeeded``."""
+    ok = updates["requires"].isin(list(succeeded | {REQUIRES_NOTHING}))
+    return apply_writes(baseline, updates.loc[ok.to_numpy(dtype=bool)])
+
+

@@ -1,0 +1,90 @@
+"""State-store tables (SQLAlchemy Core). Migrations in ``migrations/versions`` create and upgrade them.
+
+- ``links``: a Marketo person <-> a Dynamics lead or contact (each side at most once).
+- ``baselines``: the last synced canonical value per person and field (the third side of the diff).
+- ``watermarks``: how far extraction got, per source and entity type (a time and/or a paging token).
+- ``activity``: every decision (create, update, link, collision, skip, error), queryable by person.
+- ``sync_errors``: open rejections, so a rejected value is not re-sent every cycle.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+links = sa.Table(
+    "links",
+    metadata,
+    sa.Column("person_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("dynamics_type", sa.String(16), nullable=False),
+    sa.Column("dynamics_id", sa.String(36), nullable=False),
+    sa.Column("method", sa.String(32), nullable=False),
+    sa.Column("linked_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("run_id", sa.String(250)),
+    sa.UniqueConstraint("dynamics_type", "dynamics_id", name="uq_links_dynamics_record"),
+)
+
+baselines = sa.Table(
+    "baselines",
+    metadata,
+    sa.Column("person_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("field", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text),
+    sa.Column("synced_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("run_id", sa.String(250)),
+)
+
+watermarks = sa.Table(
+    "watermarks",
+    metadata,
+    sa.Column("source", sa.String(16), primary_key=True),
+    sa.Column("entity_type", sa.String(16), primary_key=True),
+    sa.Column("high_water", sa.DateTime(timezone=True)),
+    sa.Column("token", sa.Text),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("run_id", sa.String(250)),
+)
+
+activity = sa.Table(
+    "activity",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(250)),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("entity_type", sa.String(16)),
+    sa.Column("person_id", sa.BigInteger),
+    sa.Column("email", sa.String(254)),
+    sa.Column("dynamics_type", sa.String(16)),
+    sa.Column("dynamics_id", sa.String(36)),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("field", sa.String(64)),
+    sa.Column("old_value", sa.Text),
+    sa.Column("new_value", sa.Text),
+    sa.Column("winner", sa.String(16)),
+    sa.Column("detail", sa.Text),
+    sa.Index("ix_activity_person", "person_id"),
+    sa.Index("ix_activity_email", "email"),
+    sa.Index("ix_activity_run", "run_id"),
+    sa.Index("ix_activity_dynamics", "dynamics_id"),
+)
+
+sync_errors = sa.Table(
+    "sync_errors",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("person_id", sa.BigInteger),
+    sa.Column("dynamics_type", sa.String(16)),
+    sa.Column("dynamics_id", sa.String(36)),
+    sa.Column("target", sa.String(16), nullable=False),
+    sa.Column("field", sa.String(64)),
+    sa.Column("value", sa.Text),
+    sa.Column("code", sa.String(64)),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("first_seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("occurrences", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("run_id", sa.String(250)),
+    sa.Column("resolved_at", sa.DateTime(timezone=True)),
+    sa.Index("ix_sync_errors_open", "person_id", "target", "field", "resolved_at"),
+)

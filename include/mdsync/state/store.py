@@ -1,0 +1,419 @@
+"""The state store: links, baselines, watermarks, the activity log and open sync errors.
+
+SQLite file by default, PostgreSQL through a URL (``postgresql+psycopg://user:pass@host/db``). The schema
+is created and upgraded by Alembic migrations on :meth:`StateStore.upgrade` (run by :func:`open_store`).
+Every write method takes an optional connection so several writes can share one transaction
+(:meth:`StateStore.transaction`); without one, the method commits its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from mdsync.canonical import CANONICAL_DTYPE
+from mdsync.errors import StateStoreError
+from mdsync.state import schema
+
+log = logging.getLogger(__name__)
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+#: rows per executemany / IN (...) chunk; well under SQLite's and PostgreSQL's parameter limits
+_CHUNK = 5000
+
+
+def default_state_url() -> str:
+    """``$MDSYNC_STATE_URL``, else a SQLite file under ``$AIRFLOW_HOME/mdsync/``."""
+    url = os.environ.get("MDSYNC_STATE_URL")
+    if url:
+        return url
+    home = Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow"))
+    return f"sqlite:///{home / 'mdsync' / 'state.sqlite'}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; everything stored is UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _none(value):
+    """NaN/NA -> None for the database driver."""
+    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
+
+
+def _chunks(seq: list, size: int = _CHUNK) -> Iterator[list]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """How far extraction from ``source`` got for ``entity_type``."""
+
+    source: str
+    entity_type: str
+    high_water: datetime | None
+    token: str | None
+    updated_at: datetime
+    run_id: str | None
+
+
+class StateStore:
+    """Access to the sync's state tables.
+
+    :param url: a SQLAlchemy URL; default :func:`default_state_url`.
+    """
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_state_url()
+        if self.url.startswith("sqlite:///"):
+            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine: Engine = sa.create_engine(self.url, future=True)
+        except Exception as exc:  # bad URL, missing driver
+            raise StateStoreError(f"cannot open the state store {self._safe_url}: {exc}") from exc
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    @property
+    def _safe_url(self) -> str:
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    def __repr__(self) -> str:
+        return f"StateStore({self._safe_url})"
+
+    # -- schema ---------------------------------------------------------------------------------------
+
+    def upgrade(self) -> None:
+        """Create or upgrade the schema to the newest migration (idempotent)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(_MIGRATIONS))
+        try:
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except sa.exc.OperationalError as exc:
+            raise StateStoreError(f"cannot migrate the state store {self._safe_url}: {exc.orig}") from exc
+
+    def revision(self) -> str | None:
+        """The schema revision the database is at (``None`` before the first upgrade)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"version_table": "mdsync_alembic_version"})
+            return ctx.get_current_revision()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One transaction for several writes: committed on success, rolled back on any error."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _tx(self, conn: Connection | None) -> Iterator[Connection]:
+        if conn is not None:
+            yield conn
+        else:
+            with self.engine.begin() as own:
+                yield own
+
+    def _upsert(self, conn: Connection, table: sa.Table, rows: list[dict], keys: list[str], update: list[str]) -> None:
+        if not rows:
+            return
+        dialect = conn.dialect.name
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        elif dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:  # pragma: no cover - only the two supported back ends are configured
+            raise StateStoreError(f"unsupported state-store database {dialect!r}; use SQLite or PostgreSQL")
+        stmt = insert(table)
+        stmt = stmt.on_conflict_do_update(index_elements=keys, set_={c: stmt.excluded[c] for c in update})
+        for chunk in _chunks(rows):
+            conn.execute(stmt, chunk)
+
+    # -- links ----------------------------------------------------------------------------------------
+
+    def save_links(self, links: pd.DataFrame, run_id: str | None, conn: Connection | None = None) -> None:
+        """Create or replace links.
+
+        :param links: ``person_id, dynamics_type, dynamics_id, method`` rows. A person or Dynamics record
+            that was linked elsewhere is re-linked, and the baselines of re-linked persons are dropped
+            (they described another pair).
+        """
+        if links.empty:
+            return
+        now = utcnow()
+        rows = [
+            {"person_id": int(p), "dynamics_type": t, "dynamics_id": str(d), "method": m, "linked_at": now, "run_id": run_id}
+            for p, t, d, m in links[["person_id", "dynamics_type", "dynamics_id", "method"]].itertuples(index=False)
+        ]
+        with self._tx(conn) as c:
+            existing = self._links_for(c, [r["person_id"] for r in rows], [r["dynamics_id"] for r in rows])
+            new = {(r["person_id"], r["dynamics_type"], r["dynamics_id"]) for r in rows}
+            stale = [
+                int(p) for p, t, d in existing[["person_id", "dynamics_type", "dynamics_id"]].itertuples(index=False)
+                if (int(p), t, d) not in new
+            ]
+            if stale:
+                for chunk in _chunks(stale):
+                    c.execute(sa.delete(schema.links).where(schema.links.c.person_id.in_(chunk)))
+                    c.execute(sa.delete(schema.baselines).where(schema.baselines.c.person_id.in_(chunk)))
+            self._upsert(c, schema.links, rows, ["person_id"], ["dynamics_type", "dynamics_id", "method", "linked_at", "run_id"])
+
+    def _links_for(self, conn: Connection, person_ids: list[int], dynamics_ids: list[str]) -> pd.DataFrame:
+        t = schema.links
+        parts = []
+        for chunk in _chunks(person_ids):
+            parts.append(conn.execute(sa.select(t).where(t.c.person_id.in_(chunk))).mappings().all())
+        for chunk in _chunks(dynamics_ids):
+            parts.append(conn.execute(sa.select(t).where(t.c.dynamics_id.in_(chunk))).mappings().all())
+        rows = [dict(r) for part in parts for r in part]
+        return pd.DataFrame(rows, columns=[c.name for c in t.columns]).drop_duplicates("person_id")
+
+    def load_links(self, dynamics_type: str | None = None, person_ids: Iterable[int] | None = None) -> pd.DataFrame:
+        """Links indexed by person id: ``dynamics_type, dynamics_id, method, linked_at``."""
+        t = schema.links
+        query = sa.select(t.c.person_id, t.c.dynamics_type, t.c.dynamics_id, t.c.method, t.c.linked_at)
+        if dynamics_type:
+            query = query.where(t.c.dynamics_type == dynamics_type)
+        frame = self._read(query, t.c.person_id, person_ids)
+        frame["person_id"] = frame["person_id"].astype("int64")
+        return frame.set_index("person_id").sort_index()
+
+    def remove_links(self, person_ids: Iterable[int], conn: Connection | None = None) -> None:
+        """Forget links (and their baselines), e.g. after a record was deleted on either side."""
+        ids = [int(p) for p in person_ids]
+        with self._tx(conn) as c:
+            for chunk in _chunks(ids):
+                c.execute(sa.delete(schema.baselines).where(schema.baselines.c.person_id.in_(chunk)))
+                c.execute(sa.delete(schema.links).where(schema.links.c.person_id.in_(chunk)))
+
+    # -- baselines ------------------------------------------------------------------------------------
+
+    def save_baselines(self, updates: pd.DataFrame, run_id: str | None, conn: Connection | None = None) -> int:
+        """Set the baseline of each ``person_id, field`` to ``value`` (canonical text or NA)."""
+        if updates.empty:
+            return 0
+        now = utcnow()
+        persons = updates["person_id"].to_numpy(dtype="int64")
+        values = updates["value"].astype(object).where(updates["value"].notna(), None).to_numpy()
+        rows = [
+            {"person_id": int(p), "field": f, "value": v, "synced_at": now, "run_id": run_id}
+            for p, f, v in zip(persons, updates["field"].to_numpy(), values)
+        ]
+        with self._tx(conn) as c:
+            self._upsert(c, schema.baselines, rows, ["person_id", "field"], ["value", "synced_at", "run_id"])
+        return len(rows)
+
+    def load_baselines(self, person_ids: Iterable[int] | None = None, fields: list[str] | None = None) -> pd.DataFrame:
+        """Baselines as a wide canonical frame: index person id, one column per field (NA = null or unknown)."""
+        t = schema.baselines
+        query = sa.select(t.c.person_id, t.c.field, t.c.value)
+        if fields:
+            query = query.where(t.c.field.in_(fields))
+        long = self._read(query, t.c.person_id, person_ids)
+        if long.empty:
+            wide = pd.DataFrame(index=pd.Index([], dtype="int64", name="person_id"))
+        else:
+            long["person_id"] = long["person_id"].astype("int64")
+            long["value"] = long["value"].astype(CANONICAL_DTYPE)
+            wide = long.pivot(index="person_id", columns="field", values="value")
+            wide.columns.name = None
+        for f in fields or []:
+            if f not in wide.columns:
+                wide[f] = pd.Series(np.nan, index=wide.index, dtype=CANONICAL_DTYPE)
+        return wide.astype(CANONICAL_DTYPE)
+
+    # -- watermarks -----------------------------------------------------------------------------------
+
+    def watermark(self, source: str, entity_type: str) -> Watermark | None:
+        """The stored watermark, or ``None`` when this source/entity was never extracted."""
+        t = schema.watermarks
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(t).where(t.c.source == source, t.c.entity_type == entity_type)).mappings().first()
+        if row is None:
+            return None
+        return Watermark(
+            source=row["source"], entity_type=row["entity_type"], high_water=_utc(row["high_water"]),
+            token=row["token"], updated_at=_utc(row["updated_at"]), run_id=row["run_id"],
+        )
+
+    def save_watermark(
+        self, source: str, entity_type: str, high_water: datetime | None, token: str | None, run_id: str | None,
+        conn: Connection | None = None,
+    ) -> None:
+        """Advance (or set) a watermark. Called only when the cycle's loads are done (DESIGN §4.5)."""
+        if high_water is not None and high_water.tzinfo is None:
+            raise ValueError(f"watermark for {source}/{entity_type} must be timezone-aware, got {high_water!r}")
+        row = {
+            "source": source, "entity_type": entity_type, "high_water": _utc(high_water), "token": token,
+            "updated_at": utcnow(), "run_id": run_id,
+        }
+        with self._tx(conn) as c:
+            self._upsert(c, schema.watermarks, [row], ["source", "entity_type"], ["high_water", "token", "updated_at", "run_id"])
+
+    # -- activity -------------------------------------------------------------------------------------
+
+    ACTIVITY_COLUMNS = [
+        "entity_type", "person_id", "email", "dynamics_type", "dynamics_id", "action", "field",
+        "old_value", "new_value", "winner", "detail",
+    ]
+
+    def record_activity(self, rows: pd.DataFrame, run_id: str | None, conn: Connection | None = None) -> int:
+        """Append activity rows (any subset of :attr:`ACTIVITY_COLUMNS`; ``action`` is required)."""
+        if rows.empty:
+            return 0
+        if "action" not in rows.columns or rows["action"].isna().any():
+            raise ValueError("every activity row needs an action")
+        now = utcnow()
+        frame = rows.reindex(columns=self.ACTIVITY_COLUMNS)
+        records = []
+        for values in frame.itertuples(index=False, name=None):
+            rec = {c: _none(v) for c, v in zip(self.ACTIVITY_COLUMNS, values)}
+            if rec["person_id"] is not None:
+                rec["person_id"] = int(rec["person_id"])
+            for c in ("old_value", "new_value", "detail", "dynamics_id"):
+                if rec[c] is not None:
+                    rec[c] = str(rec[c])
+            rec.update(run_id=run_id, at=now)
+            records.append(rec)
+        with self._tx(conn) as c:
+            for chunk in _chunks(records):
+                c.execute(sa.insert(schema.activity), chunk)
+        return len(records)
+
+    def activity(
+        self, *, person_id: int | None = None, email: str | None = None, dynamics_id: str | None = None,
+        run_id: str | None = None, limit: int | None = None,
+    ) -> pd.DataFrame:
+        """Activity rows, oldest first, filtered by person, email (case-insensitive), Dynamics id or run.
+
+        An email also finds rows of the persons it was recorded for, so a person's history stays complete
+        after their email changed.
+        """
+        t = schema.activity
+        query = sa.select(t)
+        if email is not None:
+            persons = sa.select(t.c.person_id).where(sa.func.lower(t.c.email) == email.lower(), t.c.person_id.is_not(None))
+            query = query.where(sa.or_(sa.func.lower(t.c.email) == email.lower(), t.c.person_id.in_(persons)))
+        if person_id is not None:
+            query = query.where(t.c.person_id == int(person_id))
+        if dynamics_id is not None:
+            query = query.where(t.c.dynamics_id == dynamics_id)
+        if run_id is not None:
+            query = query.where(t.c.run_id == run_id)
+        query = query.order_by(t.c.id)
+        if limit:
+            query = query.limit(limit)
+        frame = self._read(query)
+        frame["at"] = pd.to_datetime(frame["at"], utc=True)
+        return frame
+
+    # -- sync errors ----------------------------------------------------------------------------------
+
+    def open_errors(self, target: str | None = None, person_ids: Iterable[int] | None = None) -> pd.DataFrame:
+        """Unresolved rejections: ``person_id, dynamics_type, dynamics_id, target, field, value, code, message, ...``."""
+        t = schema.sync_errors
+        query = sa.select(t).where(t.c.resolved_at.is_(None))
+        if target:
+            query = query.where(t.c.target == target)
+        frame = self._read(query, t.c.person_id, person_ids)
+        frame["value"] = frame["value"].astype(CANONICAL_DTYPE)
+        return frame
+
+    def record_errors(self, rows: pd.DataFrame, run_id: str | None, conn: Connection | None = None) -> int:
+        """Open (or refresh) sync errors, one per ``person_id, target, field``.
+
+        :param rows: ``person_id, dynamics_type, dynamics_id, target, field, value, code, message``.
+        """
+        if rows.empty:
+            return 0
+        t = schema.sync_errors
+        now = utcnow()
+        cols = ["person_id", "dynamics_type", "dynamics_id", "target", "field", "value", "code", "message"]
+        with self._tx(conn) as c:
+            for values in rows.reindex(columns=cols).itertuples(index=False, name=None):
+                rec = {k: _none(v) for k, v in zip(cols, values)}
+                rec["person_id"] = None if rec["person_id"] is None else int(rec["person_id"])
+                rec["message"] = rec["message"] or "rejected without a message"
+                match = sa.and_(
+                    t.c.resolved_at.is_(None), t.c.target == rec["target"],
+                    t.c.person_id.is_(None) if rec["person_id"] is None else t.c.person_id == rec["person_id"],
+                    t.c.field.is_(None) if rec["field"] is None else t.c.field == rec["field"],
+                )
+                updated = c.execute(
+                    sa.update(t).where(match).values(
+                        value=rec["value"], code=rec["code"], message=rec["message"], last_seen_at=now,
+                        occurrences=t.c.occurrences + 1, run_id=run_id,
+                        dynamics_type=rec["dynamics_type"], dynamics_id=rec["dynamics_id"],
+                    )
+                ).rowcount
+                if not updated:
+                    c.execute(sa.insert(t).values(**rec, first_seen_at=now, last_seen_at=now, occurrences=1, run_id=run_id))
+        return len(rows)
+
+    def resolve_errors(self, keys: pd.DataFrame, conn: Connection | None = None) -> int:
+        """Close open errors for ``person_id, target, field`` (the value went through, or the source changed)."""
+        if keys.empty:
+            return 0
+        t = schema.sync_errors
+        now = utcnow()
+        closed = 0
+        with self._tx(conn) as c:
+            for person_id, target, field in keys[["person_id", "target", "field"]].itertuples(index=False):
+                closed += c.execute(
+                    sa.update(t).where(
+                        t.c.resolved_at.is_(None), t.c.person_id == int(person_id), t.c.target == target,
+                        t.c.field == field,
+                    ).values(resolved_at=now)
+                ).rowcount
+        return closed
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def _read(self, query: sa.Select, id_column: sa.Column | None = None, ids: Iterable[int] | None = None) -> pd.DataFrame:
+        columns = [c.name for c in query.selected_columns]
+        with self.engine.connect() as c:
+            if ids is None or id_column is None:
+                rows = c.execute(query).all()
+            else:
+                wanted = sorted({int(i) for i in ids})
+                rows = [r for chunk in _chunks(wanted) for r in c.execute(query.where(id_column.in_(chunk))).all()]
+        return pd.DataFrame.from_records(rows, columns=columns)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL lets the report task and the UI read while a cycle writes; a busy timeout rides out brief locks.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def open_store(url: str | None = None) -> StateStore:
+    """Open the state store and bring its schema up to date."""
+    store = StateStore(url)
+    store.upgrade()
+    log.info("state store %s at schema revision %s", store._safe_url, store.revision())
+    return store

@@ -1,0 +1,137 @@
+"""Config loading: the shipped config is valid, and each kind of bad config gets its specific error."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from mdsync.config import DEFAULT_CONFIG_PATH, Direction, Side, load_config, parse_config
+from mdsync.errors import ConfigError
+
+
+@pytest.fixture()
+def raw():
+    return yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+
+
+def test_shipped_config_is_valid_and_realistic():
+    config = load_config()
+    assert set(config.entities) == {"lead", "contact"}
+    assert config.entity("lead").collision_winner is Side.MARKETO
+    assert config.entity("contact").collision_winner is Side.DYNAMICS
+    lead = config.entity("lead")
+    assert lead.email_field.marketo == "email" and lead.email_field.dynamics == "emailaddress1"
+    assert lead.field("lead_source").values[8] == "Web"
+    assert lead.field("email_opt_out").direction is Direction.TO_DYNAMICS
+    assert config.marketo.link_fields.dynamics_id == "dynamicsRecordId"
+    assert config.dynamics.marketo_id_column == "mdsync_marketopersonid"
+
+
+def test_config_path_from_environment(tmp_path, monkeypatch, raw):
+    raw["schedule"]["full_reconcile_every_hours"] = 6
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MDSYNC_CONFIG", str(path))
+    assert load_config().schedule.full_reconcile_every_hours == 6
+
+
+def _error(data) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="sync.yaml")
+    return str(info.value)
+
+
+def test_unknown_direction_names_the_entry(raw):
+    raw["entities"]["lead"]["fields"][3]["direction"] = "sideways"
+    msg = _error(raw)
+    assert "sync.yaml: entities.lead.fields[3].direction (job_title)" in msg
+    assert "'sideways' is not one of" in msg
+
+
+def test_field_mapped_twice(raw):
+    raw["entities"]["contact"]["fields"][2]["dynamics"] = "FirstName"
+    msg = _error(raw)
+    assert "entities.contact" in msg
+    assert "dynamics field 'FirstName' is mapped twice (also at fields[1])" in msg
+
+
+def test_marketo_field_mapped_twice(raw):
+    raw["entities"]["lead"]["fields"][4]["marketo"] = "title"
+    assert "marketo field 'title' is mapped twice (also at fields[3])" in _error(raw)
+
+
+def test_value_map_not_one_to_one(raw):
+    raw["entities"]["lead"]["fields"][-1]["values"][2] = "Web"
+    msg = _error(raw)
+    assert "entities.lead.fields[14] (lead_source)" in msg
+    assert "value map is not one-to-one: label 'Web' is mapped from both 2 and 8" in msg
+
+
+def test_picklist_without_value_map(raw):
+    del raw["entities"]["lead"]["fields"][-1]["values"]
+    assert "a picklist needs a 'values' map" in _error(raw)
+
+
+def test_value_map_on_non_picklist(raw):
+    raw["entities"]["lead"]["fields"][1]["values"] = {1: "x"}
+    assert "'values' is only allowed on picklist fields" in _error(raw)
+
+
+def test_missing_collision_policy(raw):
+    del raw["entities"]["contact"]["collision_winner"]
+    assert "entities.contact.collision_winner (contact): is required but missing" in _error(raw)
+
+
+def test_unknown_collision_winner(raw):
+    raw["entities"]["lead"]["collision_winner"] = "salesforce"
+    assert "'salesforce' is not one of 'marketo' or 'dynamics'" in _error(raw)
+
+
+def test_unknown_entity_type(raw):
+    raw["entities"]["opportunity"] = copy.deepcopy(raw["entities"]["contact"])
+    assert "unknown entity type 'opportunity'" in _error(raw)
+
+
+def test_unknown_field_type(raw):
+    raw["entities"]["lead"]["fields"][1]["type"] = "text"
+    assert "entities.lead.fields[1].type (first_name): 'text' is not one of" in _error(raw)
+
+
+def test_entity_needs_one_email_field(raw):
+    raw["entities"]["lead"]["fields"][0]["type"] = "string"
+    assert "exactly one field of type 'email' is needed" in _error(raw)
+
+
+def test_link_field_cannot_be_synced_as_data(raw):
+    raw["entities"]["lead"]["fields"][1]["marketo"] = "dynamicsRecordId"
+    assert "Marketo field 'dynamicsRecordId' is reserved for marketo.link_fields.dynamics_id" in _error(raw)
+
+
+def test_link_column_cannot_be_synced_as_data(raw):
+    raw["entities"]["contact"]["fields"][1]["dynamics"] = "mdsync_marketopersonid"
+    assert "is the link column" in _error(raw)
+
+
+def test_typo_in_setting_name(raw):
+    raw["entities"]["lead"]["fields"][1]["directoin"] = "both"
+    assert "entities.lead.fields[1].directoin (first_name): is not a known setting (typo?)" in _error(raw)
+
+
+def test_unsupported_version(raw):
+    raw["version"] = 2
+    assert "unsupported config version 2" in _error(raw)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the sync config"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("entities: [unclosed")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping at the top level"):
+        load_config(top)
