@@ -1,0 +1,148 @@
+"""Marketo Engage sandbox: a real HTTP server on loopback, backed by SQLite, run in a child process.
+
+>>> with MarketoSandbox(Path("/tmp/mkto")) as sb:          # doctest: +SKIP
+...     os.environ["AIRFLOW_CONN_MARKETO_DEFAULT"] = sb.connection_json()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from .app import load_or_create_credentials
+
+__all__ = ["MarketoSandbox"]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class MarketoSandbox:
+    """Start and stop the sandbox (``python -m sandbox.marketo``) as a child process.
+
+    :param data_dir: SQLite database, credentials and export files; kept across restarts.
+    :param port: 0 picks a free port.
+    :param client_id: / :param client_secret: the custom service's credentials (generated and stored when None).
+    :param token_ttl_s: access token lifespan.
+    :param daily_quota: API calls per day before 607.
+    :param rate_limit: (calls, seconds) before 606.
+    :param max_concurrent: calls in flight before 615.
+    :param export_delay_s: how long a bulk export job stays "Processing".
+    """
+
+    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1", client_id: str | None = None,
+                 client_secret: str | None = None, token_ttl_s: int = 3600, daily_quota: int = 50000,
+                 rate_limit=(100, 20), max_concurrent: int = 10, export_delay_s: float = 0.0) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.port = port
+        self.client_id, self.client_secret = load_or_create_credentials(self.data_dir, client_id, client_secret)
+        self.token_ttl_s = token_ttl_s
+        self.daily_quota = daily_quota
+        self.rate_limit = tuple(rate_limit)
+        self.max_concurrent = max_concurrent
+        self.export_delay_s = export_delay_s
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The REST base URL (identity at /identity, REST at /rest, bulk at /bulk)."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return self.base_url + "/_sandbox"
+
+    def connection_json(self) -> str:
+        """The value for ``AIRFLOW_CONN_MARKETO_DEFAULT``."""
+        return json.dumps({"conn_type": "http", "host": self.base_url, "login": self.client_id,
+                           "password": self.client_secret})
+
+    def start(self, timeout_s: float = 30.0) -> "MarketoSandbox":
+        """Run the server in a child process; return once it answers."""
+        if self._proc is not None:
+            return self
+        if not self.port:
+            self.port = _free_port(self.host)
+        calls, seconds = self.rate_limit
+        cmd = [sys.executable, "-m", "sandbox.marketo", "--host", self.host, "--port", str(self.port),
+               "--data-dir", str(self.data_dir), "--client-id", self.client_id,
+               "--token-ttl", str(self.token_ttl_s), "--daily-quota", str(self.daily_quota),
+               "--rate-limit", f"{calls}/{seconds}", "--max-concurrent", str(self.max_concurrent),
+               "--export-delay", str(self.export_delay_s)]
+        env = {**os.environ, "MARKETO_SANDBOX_CLIENT_SECRET": self.client_secret}
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "sandbox.log", "ab")
+        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                tail = (self.data_dir / "sandbox.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"Marketo sandbox exited with code {code} on port {self.port}:\n{tail}")
+            try:
+                if requests.get(self.admin_url + "/health", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Marketo sandbox did not answer on {self.base_url} within {timeout_s} s")
+
+    def stop(self) -> None:
+        """Terminate the child and wait for it; leaves no process behind."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    # Admin helpers (the same JSON API a shell user would call with curl).
+    def admin(self, method: str, path: str, **kwargs):
+        """Call the admin API and return its JSON."""
+        resp = requests.request(method, self.admin_url + path, timeout=kwargs.pop("timeout", 120), **kwargs)
+        resp.raise_for_status()
+        return resp.json()
+
+    def seed_leads(self, leads: list[dict]) -> list[int]:
+        """Insert leads directly (no activities) and return their ids."""
+        out = self.admin("POST", "/leads", json={"leads": leads})
+        return out.get("ids") or list(range(out["first_id"], out["last_id"] + 1))
+
+    def reset(self) -> None:
+        self.admin("POST", "/reset")
+
+    def calls(self) -> dict:
+        return self.admin("GET", "/calls")
+
+    def fault(self, kind: str, count: int = 1, path_prefix: str | None = None, seconds: float = 0.0,
+              status: int | None = None) -> None:
+        body = {"kind": kind, "count": count, "path_prefix": path_prefix, "seconds": seconds}
+        if status:
+            body["status"] = status
+        self.admin("POST", "/faults", json=body)
+
+    def clear_faults(self) -> None:
+        self.admin("DELETE", "/faults")
+
+    def __enter__(self) -> "MarketoSandbox":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
