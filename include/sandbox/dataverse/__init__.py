@@ -1,0 +1,180 @@
+"""Dataverse sandbox: a faithful local emulator of the Dataverse Web API and its Entra ID token endpoint.
+
+A real HTTPS server on loopback (CA made with trustme on first start and kept in ``data_dir``) backed by
+SQLite, answering what unmodified MSAL and the sync's client use:
+
+- Entra ID: ``GET /<tenant>/v2.0/.well-known/openid-configuration``, ``POST /<tenant>/oauth2/v2.0/token``
+  (client credentials, password and refresh-token grants; expiring tokens) and ``GET /common/userrealm/<user>``
+  (a managed domain, so MSAL's password grant goes straight to the token endpoint).
+- ``/api/data/v9.2/`` for ``contacts``, ``leads`` and ``accounts`` (columns, types, MaxLength and option sets
+  generated from the entity reference into ``schema.json``): ``$select``, ``$filter`` (odata-query ->
+  SQLAlchemy), ``$orderby``, ``$top``, ``$count``, ``Prefer: odata.maxpagesize`` with paging cookies in
+  ``@odata.nextLink``; change tracking (``Prefer: odata.track-changes``, ``$deltatoken``, ``$deletedEntity``
+  rows, expired tokens); create, PATCH update/upsert by id or by the alternate key
+  ``mdsync_marketopersonid_key`` with ``If-Match`` / ``If-None-Match``; delete; ``CreateMultiple`` /
+  ``UpdateMultiple`` / ``UpsertMultiple`` (all-or-nothing); ``$batch`` (change sets, continue-on-error);
+  ``EntityDefinitions`` attribute metadata (with type casts and option sets); ``WhoAmI``, the sync user's
+  field security profile (``systemusers(<id>)/systemuserprofiles_association``) and ``fieldpermissions``;
+  ``QualifyLead`` and ``Merge``.
+- Validation with the real error shape: MaxLength, types and option values, read-only columns,
+  SystemRequired columns, and business rules; field-level security (a secured column the sync user may not
+  read is absent from results, and 403 in a filter; an update to one it may not update is a 403).
+- Service protection: 429 with ``Retry-After`` past ``requests_per_window`` per ``window_s`` per user
+  (pyrate-limiter sliding window) or past ``max_concurrent`` requests in flight.
+
+Admin API (JSON, no auth, under ``/_sandbox``):
+
+- ``POST /_sandbox/rows/{entity_set}`` ``{"rows": [...]}`` bulk seed (executemany); returns ``count`` and
+  ``ids`` (ids omitted above 10,000 rows or with ``"return_ids": false``). Seeded rows get row versions,
+  so a later delta read reports them.
+- ``GET /_sandbox/calls`` / ``POST /_sandbox/calls/reset``: call counts by ``"METHOD /path"`` (keys in
+  parentheses dropped), Web API and token calls.
+- ``POST /_sandbox/faults`` ``{"kind", "count", "path_prefix", "seconds"}``: ``throttle`` (429,
+  ``Retry-After: seconds``), ``server_error`` (500), ``delay`` (sleep ``seconds`` then serve) for the next
+  ``count`` matching Web API calls; ``expire_tokens`` (every token issued so far now answers 401) and
+  ``expire_delta_tokens`` (every delta link issued so far is expired) apply at once. ``DELETE`` clears.
+- ``PUT /_sandbox/security`` ``{"secured_columns": {"contact": ["jobtitle"]}, "readable": {"contact": [...]},
+  "updatable": {...}, "creatable": {...}}``: secured columns, and which of them the sync user's field
+  security profile allows (create defaults to update). Nothing is secured by default. ``GET`` reads it.
+- ``PUT /_sandbox/rules`` ``[{"entity": "contact", "column": "jobtitle", "op": "forbid", "values": [...],
+  "message": "..."}]``; ops ``forbid`` (values), ``require`` (non-empty), ``match`` (``pattern`` regex).
+  A violating write gets 400 with code ``0x80040265`` and the rule's message, as a plug-in would.
+- ``POST /_sandbox/reset`` wipes rows, counters, faults, rules and security. ``GET /_sandbox/health``.
+
+The ROPC user is ``sb.username`` / ``sb.user_password``. Not emulated: the combined execution-time limit,
+opportunities (``QualifyLead`` with ``CreateOpportunity``), ``$expand``, FetchXML, metadata ``$filter``,
+``Content-ID`` references in ``$batch``, and formatted-value annotations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from .identity import Identity
+
+
+class DataverseSandbox:
+    """Runs the sandbox in a child process (``python -m sandbox.dataverse``) for tests, demos and benches."""
+
+    def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1", client_id: str | None = None,
+                 client_secret: str | None = None, tenant_id: str | None = None, token_ttl_s: int = 3600,
+                 requests_per_window: int = 6000, window_s: int = 300, max_concurrent: int = 52) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self.port = port
+        self.token_ttl_s = token_ttl_s
+        self.requests_per_window = requests_per_window
+        self.window_s = window_s
+        self.max_concurrent = max_concurrent
+        self.identity = Identity.ensure(self.data_dir, tenant_id=tenant_id, client_id=client_id,
+                                        client_secret=client_secret)
+        self._process: subprocess.Popen | None = None
+
+    # identity -------------------------------------------------------------------------------------------
+    tenant_id = property(lambda self: self.identity.tenant_id)
+    client_id = property(lambda self: self.identity.client_id)
+    client_secret = property(lambda self: self.identity.client_secret)
+    username = property(lambda self: self.identity.username)
+    user_password = property(lambda self: self.identity.user_password)
+
+    @property
+    def org_url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    @property
+    def authority(self) -> str:
+        return f"{self.org_url}/{self.tenant_id}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"{self.org_url}/_sandbox"
+
+    @property
+    def ca_bundle(self) -> str:
+        return str(self.data_dir / "ca.pem")
+
+    def connection_json(self) -> str:
+        """The ``AIRFLOW_CONN_DYNAMICS_DEFAULT`` value that points a sync at this sandbox."""
+        return json.dumps({"conn_type": "http", "host": self.org_url, "login": self.client_id,
+                           "password": self.client_secret,
+                           "extra": {"tenant_id": self.tenant_id, "authority": self.authority,
+                                     "verify": self.ca_bundle}})
+
+    # lifecycle ------------------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 60) -> "DataverseSandbox":
+        """Start the child process and return once it answers on ``/_sandbox/health``."""
+        if self._process is not None:
+            return self
+        info = self.data_dir / "server.json"
+        info.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "sandbox.dataverse", "--port", str(self.port), "--host", self.host,
+               "--data-dir", str(self.data_dir), "--token-ttl", str(self.token_ttl_s),
+               "--requests-per-window", str(self.requests_per_window), "--window", str(self.window_s),
+               "--max-concurrent", str(self.max_concurrent)]
+        log = open(self.data_dir / "server.log", "ab")
+        self._process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"Dataverse sandbox exited with {self._process.returncode}; see "
+                                   f"{self.data_dir / 'server.log'}")
+            if info.exists():
+                self.port = json.loads(info.read_text())["port"]
+                try:
+                    requests.get(f"{self.admin_url}/health", verify=self.ca_bundle, timeout=2).raise_for_status()
+                    return self
+                except requests.RequestException:
+                    pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Dataverse sandbox did not answer within {timeout_s}s; see {self.data_dir / 'server.log'}")
+
+    def stop(self) -> None:
+        """Terminate the child process and wait for it; no process is left behind."""
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> "DataverseSandbox":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # admin helpers --------------------------------------------------------------------------------------
+    def admin(self, method: str, path: str, payload=None):
+        """Call the admin API (``path`` below ``/_sandbox``); returns the decoded JSON answer."""
+        with requests.Session() as s:
+            s.trust_env = False
+            resp = s.request(method, f"{self.admin_url}/{path.lstrip('/')}", json=payload, verify=self.ca_bundle,
+                             timeout=300)
+        resp.raise_for_status()
+        return resp.json()
+
+    def seed(self, entity_set: str, rows: list[dict]) -> list[str]:
+        """Bulk-insert rows; returns their ids."""
+        return self.admin("POST", f"rows/{entity_set}", {"rows": rows}).get("ids", [])
+
+    def reset(self) -> None:
+        self.admin("POST", "reset")
+
+    def calls(self) -> dict:
+        return self.admin("GET", "calls")
+
+    def fault(self, kind: str, count: int = 1, seconds: float = 1, path_prefix: str | None = None) -> dict:
+        return self.admin("POST", "faults", {"kind": kind, "count": count, "seconds": seconds,
+                                             "path_prefix": path_prefix})

@@ -1,0 +1,291 @@
+"""The sandbox HTTP server: Entra ID endpoints, the Web API, service protection, faults and admin routes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pyrate_limiter import InMemoryBucket, Rate, RateItem
+
+from . import errors as E
+from .errors import DataverseError
+from .identity import Identity, TokenService
+from .store import Store
+from .webapi import API, Reply, WebApi
+
+
+class Protection:
+    """Service protection per user: requests per sliding window (pyrate-limiter) and concurrent requests."""
+
+    def __init__(self, requests_per_window: int, window_s: int, max_concurrent: int) -> None:
+        self.rate = Rate(requests_per_window, window_s * 1000)
+        self.max_concurrent = max_concurrent
+        self.buckets: dict[str, InMemoryBucket] = {}
+        self.in_flight: Counter = Counter()
+        self.lock = threading.Lock()
+
+    def enter(self, user: str) -> None:
+        """Admit one request or raise the 429 the real service sends."""
+        with self.lock:
+            bucket = self.buckets.setdefault(user, InMemoryBucket([self.rate]))
+            item = RateItem(user, int(time.time() * 1000))
+            if not bucket.put(item):
+                wait = math.ceil(bucket.waiting(item) / 1000) or 1
+                raise DataverseError(429, E.THROTTLE_REQUESTS, f"Number of requests exceeded the limit of "
+                                     f"{self.rate.limit} over time window of {self.rate.interval // 1000} seconds.",
+                                     {"Retry-After": str(wait)})
+            if self.in_flight[user] >= self.max_concurrent:
+                raise DataverseError(429, E.THROTTLE_CONCURRENCY, f"Number of concurrent requests exceeded the "
+                                     f"limit of {self.max_concurrent}.", {"Retry-After": "1"})
+            self.in_flight[user] += 1
+
+    def leave(self, user: str) -> None:
+        with self.lock:
+            self.in_flight[user] -= 1
+
+    def reset(self) -> None:
+        with self.lock:
+            self.buckets.clear()
+
+
+class Faults:
+    """Faults injected through the admin API, consumed by matching requests in order."""
+
+    KINDS = ("throttle", "server_error", "delay", "expire_tokens", "expire_delta_tokens")
+
+    def __init__(self) -> None:
+        self.queue: list[dict] = []
+        self.lock = threading.Lock()
+
+    def add(self, fault: dict) -> dict:
+        if fault.get("kind") not in self.KINDS:
+            raise DataverseError(400, E.PAYLOAD, f"fault kind must be one of {self.KINDS}, got {fault.get('kind')!r}")
+        entry = {"kind": fault["kind"], "count": int(fault.get("count", 1)), "seconds": float(fault.get("seconds", 1)),
+                 "path_prefix": fault.get("path_prefix") or ""}
+        with self.lock:
+            self.queue.append(entry)
+        return entry
+
+    def take(self, path: str) -> dict | None:
+        """The next throttle / server_error / delay fault that applies to ``path`` (and use one of its count)."""
+        with self.lock:
+            for fault in self.queue:
+                if fault["count"] > 0 and path.startswith(fault["path_prefix"]):
+                    fault["count"] -= 1
+                    if fault["count"] == 0:
+                        self.queue.remove(fault)
+                    return dict(fault)
+        return None
+
+    def clear(self) -> None:
+        with self.lock:
+            self.queue.clear()
+
+
+def _endpoint(method: str, path: str) -> str:
+    """Counter key: keys in parentheses dropped (``PATCH /api/data/v9.2/contacts``)."""
+    return method + " " + re.sub(r"\([^)]*\)", "", path)
+
+
+def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s: int = 3600,
+               requests_per_window: int = 6000, window_s: int = 300, max_concurrent: int = 52) -> FastAPI:
+    """Build the FastAPI application of one sandbox organisation."""
+    store = Store(data_dir / "dataverse.sqlite3", identity.field_security_profile_id)
+    tokens = TokenService(identity, org_url, token_ttl_s)
+    webapi = WebApi(store, identity, org_url)
+    protection = Protection(requests_per_window, window_s, max_concurrent)
+    faults = Faults()
+    calls: Counter = Counter()
+    calls_lock = threading.Lock()
+    app = FastAPI(title="Dataverse sandbox", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store = store
+
+    def count(method: str, path: str) -> None:
+        with calls_lock:
+            calls[_endpoint(method, path)] += 1
+
+    def error(err: DataverseError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    # Entra ID ---------------------------------------------------------------------------------------------
+    @app.get("/{tenant}/v2.0/.well-known/openid-configuration")
+    def openid_configuration(tenant: str):
+        if tenant != identity.tenant_id:
+            return JSONResponse({"error": "invalid_tenant", "error_description": f"AADSTS90002: Tenant '{tenant}' "
+                                 "not found."}, status_code=400)
+        base = f"{org_url}/{tenant}"
+        return {"token_endpoint": f"{base}/oauth2/v2.0/token", "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                "issuer": f"{base}/v2.0", "jwks_uri": f"{base}/discovery/v2.0/keys",
+                "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
+                "grant_types_supported": ["client_credentials", "password", "refresh_token"],
+                "response_types_supported": ["code", "id_token", "token id_token"], "tenant_region_scope": "EU"}
+
+    @app.get("/common/userrealm/{username}")
+    def user_realm(username: str):
+        # A managed (not federated) domain: MSAL continues with a plain password grant.
+        domain = username.rpartition("@")[2]
+        return {"ver": "1.0", "account_type": "Managed", "domain_name": domain,
+                "cloud_instance_name": "microsoftonline.com", "cloud_audience_urn": "urn:federation:MicrosoftOnline"}
+
+    @app.post("/{tenant}/oauth2/v2.0/token")
+    async def token(tenant: str, request: Request):
+        count("POST", f"/{tenant}/oauth2/v2.0/token")
+        form = dict(urllib.parse.parse_qsl((await request.body()).decode()))
+        return _token_response(tenant, form, request.headers.get("authorization"))
+
+    def _token_response(tenant: str, form: dict, basic: str | None):
+        def fail(code: str, text: str, status: int = 400):
+            return JSONResponse({"error": code, "error_description": text}, status_code=status)
+
+        if tenant != identity.tenant_id:
+            return fail("invalid_request", f"AADSTS90002: Tenant '{tenant}' not found.")
+        client_id, secret = form.get("client_id"), form.get("client_secret")
+        if client_id != identity.client_id:
+            return fail("unauthorized_client", f"AADSTS700016: Application with identifier '{client_id}' was not "
+                        "found in the directory.")
+        if secret != identity.client_secret:
+            return fail("invalid_client", "AADSTS7000215: Invalid client secret provided.", 401)
+        scopes = form.get("scope", "").split()
+        resource = next((s[: -len("/.default")] for s in scopes if s.endswith("/.default")), None)
+        grant = form.get("grant_type")
+        if grant != "refresh_token" and resource != org_url:
+            return fail("invalid_scope", f"AADSTS500011: The resource principal named {resource} was not found in "
+                        f"the tenant. Use scope '{org_url}/.default'.")
+        if grant == "client_credentials":
+            return tokens.issue(audience=org_url, subject=identity.application_user_id, app_id=client_id,
+                                scope=form.get("scope", ""), with_user=False)
+        if grant == "password":
+            if form.get("username", "").lower() != identity.username or form.get("password") != identity.user_password:
+                return fail("invalid_grant", "AADSTS50126: Error validating credentials due to invalid username or "
+                            "password.")
+            return tokens.issue(audience=org_url, subject=identity.interactive_user_id, app_id=client_id,
+                                scope=form.get("scope", ""), with_user=True)
+        if grant == "refresh_token":
+            subject = tokens.refresh_tokens.pop(form.get("refresh_token", ""), None)
+            if subject is None:
+                return fail("invalid_grant", "AADSTS70008: The provided refresh token has expired or is invalid.")
+            return tokens.issue(audience=org_url, subject=subject, app_id=client_id, scope=form.get("scope", ""),
+                                with_user=True)
+        return fail("unsupported_grant_type", f"AADSTS70003: grant_type '{grant}' is not supported.")
+
+    # Web API ----------------------------------------------------------------------------------------------
+    @app.api_route(API + "{path:path}", methods=["GET", "POST", "PATCH", "DELETE"])
+    async def web_api(path: str, request: Request):
+        method = request.method
+        count(method, API + path)
+        fault = faults.take(API + path)
+        if fault and fault["kind"] == "delay":
+            await asyncio.sleep(fault["seconds"])
+        elif fault and fault["kind"] == "throttle":
+            return error(DataverseError(429, E.THROTTLE_REQUESTS, "Number of requests exceeded the limit of 6000 "
+                                        "over time window of 300 seconds.",
+                                        {"Retry-After": str(max(0, math.ceil(fault["seconds"])))}))
+        elif fault and fault["kind"] == "server_error":
+            return error(DataverseError(500, E.SERVER, "An unexpected error occurred (injected fault)."))
+        try:
+            user = tokens.check(request.headers.get("authorization"), org_url)
+            protection.enter(user)
+        except DataverseError as err:
+            return error(err)
+        try:
+            body = await request.body()
+            query = dict(urllib.parse.parse_qsl(request.url.query, keep_blank_values=True))
+            reply: Reply = await anyio.to_thread.run_sync(
+                webapi.handle, method, urllib.parse.unquote(path), query, dict(request.headers), body, user)
+        finally:
+            protection.leave(user)
+        headers = {"OData-Version": "4.0", **{k: v for k, v in reply.headers.items() if not k.startswith("_")}}
+        if "_raw" in reply.headers:
+            return Response(reply.headers["_raw"], status_code=reply.status, headers=headers)
+        if reply.body is None:
+            return Response(status_code=reply.status, headers=headers)
+        return JSONResponse(reply.body, status_code=reply.status, headers=headers)
+
+    # admin ------------------------------------------------------------------------------------------------
+    @app.get("/_sandbox/health")
+    def health():
+        return {"status": "ok", "org_url": org_url, "tenant_id": identity.tenant_id}
+
+    @app.post("/_sandbox/rows/{entity_set}")
+    async def seed(entity_set: str, request: Request):
+        payload = await request.json()
+        try:
+            entity = store.entity(entity_set)
+            ids = await anyio.to_thread.run_sync(store.seed, entity, payload.get("rows") or [])
+        except DataverseError as err:
+            return error(err)
+        if len(ids) > 10000 or payload.get("return_ids") is False:
+            return {"count": len(ids)}
+        return {"count": len(ids), "ids": ids}
+
+    @app.get("/_sandbox/calls")
+    def get_calls():
+        with calls_lock:
+            return {"total": sum(calls.values()), "by_endpoint": dict(calls)}
+
+    @app.post("/_sandbox/calls/reset")
+    def reset_calls():
+        with calls_lock:
+            calls.clear()
+        return {"total": 0}
+
+    @app.post("/_sandbox/faults")
+    async def add_fault(request: Request):
+        body = await request.json()
+        try:
+            if body.get("kind") == "expire_tokens":
+                tokens.revoked_before = time.time()
+                return {"applied": "expire_tokens"}
+            if body.get("kind") == "expire_delta_tokens":
+                store.expire_delta_tokens()
+                return {"applied": "expire_delta_tokens"}
+            return faults.add(body)
+        except DataverseError as err:
+            return error(err)
+
+    @app.delete("/_sandbox/faults")
+    def clear_faults():
+        faults.clear()
+        return {"faults": 0}
+
+    @app.put("/_sandbox/security")
+    async def put_security(request: Request):
+        try:
+            store.set_security(await request.json())
+        except DataverseError as err:
+            return error(err)
+        return store.security
+
+    @app.get("/_sandbox/security")
+    def get_security():
+        return store.security
+
+    @app.put("/_sandbox/rules")
+    async def put_rules(request: Request):
+        body = await request.json()
+        try:
+            store.set_rules(body if isinstance(body, list) else body.get("rules", []))
+        except DataverseError as err:
+            return error(err)
+        return {"rules": store.rules}
+
+    @app.post("/_sandbox/reset")
+    def reset():
+        store.reset()
+        faults.clear()
+        protection.reset()
+        tokens.revoked_before = 0.0
+        with calls_lock:
+            calls.clear()
+        return {"reset": True}
+
+    return app

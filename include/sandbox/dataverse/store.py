@@ -1,0 +1,532 @@
+"""SQLite storage of the Dataverse sandbox: rows, row versions, tombstones, validation and security.
+
+Every create/update stamps the row with the next ``versionnumber`` (one counter for the database, like
+Dataverse's row version); deletes leave a tombstone with their own version. Change tracking is then a
+range read over versions: ``(since, upto]`` for rows, then tombstones. Plain queries page by keyset on the
+primary id (fast at a million rows); with ``$orderby`` they page by page number like the real paging cookie.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import threading
+import urllib.parse
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+from odata_query import exceptions as odata_errors
+from odata_query.grammar import ODataLexer, ODataParser
+from odata_query.sqlalchemy.core import AstToSqlAlchemyCoreVisitor
+
+from . import errors as E
+from .errors import DataverseError
+from .schema import CHOICE_TYPES, LINK_KEY_COLUMN, LOOKUP_TYPES, STRING_TYPES, Entity, iso_utc, load_schema
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+class _FilterVisitor(AstToSqlAlchemyCoreVisitor):
+    """odata-query's Core visitor, adjusted to how the sandbox stores values."""
+
+    def __init__(self, entity: Entity, readable) -> None:
+        super().__init__(entity.table)
+        self.entity = entity
+        self.readable = readable
+
+    def visit_Identifier(self, node):
+        col = self.entity.column_by_storage(node.name) or (
+            self.entity.columns.get(node.name) if node.name == self.entity.primary_id else None)
+        if col is None:
+            raise DataverseError(400, E.QUERY, f"Could not find a property named '{node.name}' on type "
+                                 f"'Microsoft.Dynamics.CRM.{self.entity.logical_name}'.")
+        if not self.readable(col.logical_name):
+            raise DataverseError(403, E.READ_SECURED, "The user does not have read permissions to a secured "
+                                 f"field '{col.logical_name}' of '{self.entity.logical_name}'.")
+        return self.table.c[col.storage_name if col.logical_name != self.entity.primary_id else col.logical_name]
+
+    def visit_GUID(self, node):
+        return sa.literal(str(node.val).lower())
+
+    def visit_DateTime(self, node):
+        return sa.literal(iso_utc(node.py_val))
+
+    def _substr_function(self, field, substr, func):
+        # LIKE wildcards in the searched value are data, not patterns.
+        return getattr(self.visit(field), func)(substr.py_val, autoescape=True)
+
+
+def parse_filter(entity: Entity, text: str, readable) -> sa.ColumnElement:
+    """Translate an OData ``$filter`` to a SQLAlchemy clause; bad syntax is a 400 with the parser's message."""
+    try:
+        ast = ODataParser().parse(ODataLexer().tokenize(text))
+        return _FilterVisitor(entity, readable).visit(ast)
+    except DataverseError:
+        raise
+    except (odata_errors.ODataException, NotImplementedError, ValueError, TypeError) as exc:
+        raise DataverseError(400, E.QUERY, f"Invalid $filter '{text}': {exc}") from exc
+
+
+class Store:
+    """All rows of the sandbox organisation, plus its security settings and business rules."""
+
+    def __init__(self, db_path: Path, field_security_profile_id: str = "00000000-0000-0000-0000-000000000000") -> None:
+        self.profile_id = field_security_profile_id
+        self.engine = sa.create_engine(f"sqlite:///{db_path}", connect_args={"check_same_thread": False,
+                                                                             "timeout": 30})
+        sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.metadata = sa.MetaData()
+        self.entities = load_schema(self.metadata)
+        self.by_set = {e.entity_set: e for e in self.entities.values()}
+        self.settings = sa.Table("sandbox_settings", self.metadata, sa.Column("key", sa.String, primary_key=True),
+                                 sa.Column("value", sa.String))
+        self.metadata.create_all(self.engine)
+        self.lock = threading.RLock()  # one writer at a time, like SQLite itself
+        with self.engine.connect() as conn:
+            versions = [conn.execute(sa.select(sa.func.max(t.c.versionnumber))).scalar() or 0
+                        for e in self.entities.values() for t in (e.table, e.deleted)]
+        self._version = max(versions)
+        self.security = self._load_setting("security", {"secured_columns": {}, "readable": {}, "updatable": {},
+                                                        "creatable": {}})
+        self.rules = self._load_setting("rules", [])
+        self.delta_floor = self._load_setting("delta_floor", 0)
+
+    # settings -------------------------------------------------------------------------------------------
+    def _load_setting(self, key: str, default):
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(self.settings.c.value).where(self.settings.c.key == key)).scalar()
+        return json.loads(value) if value is not None else default
+
+    def _save_setting(self, key: str, value) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self.settings.delete().where(self.settings.c.key == key))
+            conn.execute(self.settings.insert(), {"key": key, "value": json.dumps(value)})
+
+    def set_security(self, config: dict) -> None:
+        """Replace field-level security: ``secured_columns`` per entity, and which of them the sync user's
+        profile may ``readable`` / ``updatable`` / ``creatable`` (create defaults to update)."""
+        for part in ("secured_columns", "readable", "updatable", "creatable"):
+            for entity, cols in (config.get(part) or {}).items():
+                spec = self.entity(entity)
+                unknown = [c for c in cols if c not in spec.columns]
+                if unknown:
+                    raise DataverseError(400, E.QUERY, f"security.{part}.{entity}: unknown columns {unknown}")
+        self.security = {p: {k: sorted(v) for k, v in (config.get(p) or {}).items()}
+                         for p in ("secured_columns", "readable", "updatable", "creatable")}
+        self._save_setting("security", self.security)
+        # Mirror the settings as the sync user's field security profile (fieldpermissions rows).
+        perms = self.entities["fieldpermission"]
+        rows = [{"fieldpermissionid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{e}.{c}")), "entityname": e,
+                 "attributelogicalname": c, "_fieldsecurityprofileid_value": self.profile_id,
+                 **{f"can{a}": 4 if self.can(a, e, c) else 0 for a in ("read", "update", "create")}}
+                for e, cols in self.security["secured_columns"].items() for c in cols]
+        with self.lock, self.engine.begin() as conn:
+            conn.execute(perms.table.delete())
+        self.seed(perms, rows)
+
+    def set_rules(self, rules: list[dict]) -> None:
+        """Replace the business rules (see the package docstring for their shape)."""
+        for i, rule in enumerate(rules):
+            spec = self.entity(rule.get("entity", ""))
+            if rule.get("column") not in spec.columns or rule.get("op") not in ("forbid", "require", "match"):
+                raise DataverseError(400, E.QUERY, f"rules[{i}]: need entity, a known column and op "
+                                     f"forbid|require|match, got {rule}")
+        self.rules = rules
+        self._save_setting("rules", rules)
+
+    def expire_delta_tokens(self) -> None:
+        """Make every delta token issued so far expired (the organisation's retention has passed)."""
+        with self.lock:
+            self.delta_floor = self._version + 1
+            self._save_setting("delta_floor", self.delta_floor)
+
+    def reset(self) -> None:
+        """Wipe rows, tombstones, rules and security (versions keep counting up, as in a real org)."""
+        with self.lock, self.engine.begin() as conn:
+            for e in self.entities.values():
+                conn.execute(e.table.delete())
+                conn.execute(e.deleted.delete())
+            conn.execute(self.settings.delete())
+        self.security = {"secured_columns": {}, "readable": {}, "updatable": {}, "creatable": {}}
+        self.rules = []
+        self.delta_floor = 0
+
+    # security -------------------------------------------------------------------------------------------
+    def is_secured(self, entity: str, column: str) -> bool:
+        return column in self.security["secured_columns"].get(entity, [])
+
+    def can(self, action: str, entity: str, column: str) -> bool:
+        """Whether the sync user may ``read`` / ``update`` / ``create`` a column (unsecured: always)."""
+        if not self.is_secured(entity, column):
+            return True
+        part = {"read": "readable", "update": "updatable", "create": "creatable"}[action]
+        allowed = self.security[part].get(entity)
+        if action == "create" and allowed is None:
+            allowed = self.security["updatable"].get(entity)
+        return column in (allowed or [])
+
+    # lookup ---------------------------------------------------------------------------------------------
+    def entity(self, name: str) -> Entity:
+        """An entity by logical name or entity set name; unknown ones are a 404 like the real service."""
+        spec = self.entities.get(name) or self.by_set.get(name)
+        if spec is None:
+            raise DataverseError(404, E.QUERY, f"Resource not found for the segment '{name}'.")
+        return spec
+
+    def next_version(self, count: int = 1) -> int:
+        """Reserve ``count`` row versions; returns the first."""
+        with self.lock:
+            first = self._version + 1
+            self._version += count
+            return first
+
+    @property
+    def current_version(self) -> int:
+        return self._version
+
+    # reads ----------------------------------------------------------------------------------------------
+    def select_columns(self, entity: Entity, select: str | None) -> list[str]:
+        """Payload names to return for ``$select`` (all readable columns when absent); the id always."""
+        if not select:
+            names = [c.logical_name for c in entity.columns.values()]
+        else:
+            names = [s.strip() for s in select.split(",") if s.strip()]
+        out = []
+        for name in names:
+            col = entity.column_by_storage(name) or entity.columns.get(name)
+            if col is None:
+                raise DataverseError(400, E.QUERY, f"Could not find a property named '{name}' on type "
+                                     f"'Microsoft.Dynamics.CRM.{entity.logical_name}'.")
+            if col.logical_name != entity.primary_id and self.can("read", entity.logical_name, col.logical_name):
+                out.append(col.logical_name)
+        return [entity.primary_id] + [n for n in dict.fromkeys(out)]
+
+    def format_row(self, entity: Entity, row, columns: list[str]) -> dict:
+        """A row as the Web API returns it: etag, selected values, lookups as ``_x_value``."""
+        out = {"@odata.etag": f'W/"{row["versionnumber"]}"'}
+        for name in columns:
+            col = entity.columns[name]
+            key = col.storage_name if name != entity.primary_id else name
+            value = row[key]
+            if col.type == "Boolean" and value is not None:
+                value = bool(value)
+            out[key] = value
+        return out
+
+    def query(self, entity: Entity, *, select=None, filter=None, orderby=None, top=None, page_size=5000,
+              cookie: dict | None = None, count=False):
+        """One page of a query. Returns ``(rows, next_cookie or None, total or None)``."""
+        columns = self.select_columns(entity, select)
+        table = entity.table
+        stmt = sa.select(table)
+        readable = lambda c: self.can("read", entity.logical_name, c)  # noqa: E731
+        if filter:
+            stmt = stmt.where(parse_filter(entity, filter, readable))
+        total = None
+        with self.engine.connect() as conn:
+            if count:
+                total = conn.execute(sa.select(sa.func.count()).select_from(stmt.subquery())).scalar()
+            page = int((cookie or {}).get("page", 1))
+            limit = page_size
+            if top is not None:
+                limit = min(page_size, int(top) - (page - 1) * page_size)
+            if orderby:
+                stmt = stmt.order_by(*self._order(entity, orderby), table.c[entity.primary_id])
+                stmt = stmt.offset((page - 1) * page_size)
+            else:
+                stmt = stmt.order_by(table.c[entity.primary_id])
+                if cookie and cookie.get("last"):
+                    stmt = stmt.where(table.c[entity.primary_id] > cookie["last"])
+            rows = conn.execute(stmt.limit(limit + 1)).mappings().all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if top is not None and page * page_size >= int(top):
+            more = False
+        out = [self.format_row(entity, r, columns) for r in rows]
+        next_cookie = {"page": page + 1, "last": rows[-1][entity.primary_id]} if more and rows else None
+        return out, next_cookie, total
+
+    def _order(self, entity: Entity, orderby: str):
+        clauses = []
+        for part in orderby.split(","):
+            bits = part.strip().split()
+            col = entity.column_by_storage(bits[0]) or entity.columns.get(bits[0])
+            if col is None or len(bits) > 2 or (len(bits) == 2 and bits[1].lower() not in ("asc", "desc")):
+                raise DataverseError(400, E.QUERY, f"Invalid $orderby clause '{part.strip()}' for "
+                                     f"'{entity.logical_name}'.")
+            c = entity.table.c[col.storage_name if col.logical_name != entity.primary_id else col.logical_name]
+            clauses.append(c.desc() if len(bits) == 2 and bits[1].lower() == "desc" else c.asc())
+        return clauses
+
+    def changes(self, entity: Entity, *, select, since: int, upto: int, cursor: dict, page_size: int):
+        """One page of a change-tracking read over versions ``(since, upto]``: changed rows, then deletions.
+
+        ``cursor`` is ``{"phase": "rows"|"deleted", "after": version}``. Returns ``(items, next_cursor)``.
+        """
+        columns = self.select_columns(entity, select)
+        phase, after = cursor.get("phase", "rows"), int(cursor.get("after", since))
+        items: list[dict] = []
+        with self.engine.connect() as conn:
+            if phase == "rows":
+                t = entity.table
+                rows = conn.execute(sa.select(t).where(t.c.versionnumber > after, t.c.versionnumber <= upto)
+                                    .order_by(t.c.versionnumber).limit(page_size + 1)).mappings().all()
+                if len(rows) > page_size:
+                    rows = rows[:page_size]
+                    return [self.format_row(entity, r, columns) for r in rows], {
+                        "phase": "rows", "after": rows[-1]["versionnumber"]}
+                items = [self.format_row(entity, r, columns) for r in rows]
+                phase, after = "deleted", since
+            if since == 0:
+                return items, None  # an initial read has nothing deleted to report
+            d = entity.deleted
+            room = page_size - len(items)
+            gone = conn.execute(sa.select(d).where(d.c.versionnumber > after, d.c.versionnumber <= upto)
+                                .order_by(d.c.versionnumber).limit(room + 1)).mappings().all()
+        more = len(gone) > room
+        gone = gone[:room]
+        items += [{"@odata.context": f"$metadata#{entity.entity_set}/$deletedEntity", "id": g["id"],
+                   "reason": "deleted"} for g in gone]
+        return items, ({"phase": "deleted", "after": gone[-1]["versionnumber"]} if more and gone else None)
+
+    def get(self, entity: Entity, key: dict, conn=None):
+        """The stored row for a key (``{primary_id: id}`` or ``{mdsync_marketopersonid: value}``), or None."""
+        (name, value), = key.items()
+        col = entity.table.c[name]
+        stmt = sa.select(entity.table).where(col == value)
+        if conn is not None:
+            return conn.execute(stmt).mappings().first()
+        with self.engine.connect() as c:
+            return c.execute(stmt).mappings().first()
+
+    # validation -----------------------------------------------------------------------------------------
+    def coerce(self, entity: Entity, body: dict, *, creating: bool) -> dict:
+        """Validate a write payload and turn it into storage values; raises the service's 400/403."""
+        values: dict = {}
+        ename = entity.logical_name
+        for key, value in body.items():
+            if key.startswith("@odata.") or "@" in key and not key.endswith("@odata.bind"):
+                continue
+            if key.endswith("@odata.bind"):
+                values.update(self._bind(entity, key[: -len("@odata.bind")], value))
+                continue
+            col = entity.column_by_storage(key)
+            if col is None or col.type in LOOKUP_TYPES:
+                raise DataverseError(400, E.UNKNOWN_PROPERTY, f"An undeclared property '{key}' which only has "
+                                     "property annotations in the payload but no property value was found in "
+                                     f"the payload. The property does not exist on type "
+                                     f"'Microsoft.Dynamics.CRM.{ename}'.")
+            if col.logical_name == entity.primary_id:
+                values[key] = self._guid(value, key)
+                continue
+            if not (col.valid_for_create if creating else col.valid_for_update):
+                raise DataverseError(400, E.PAYLOAD, f"The '{key}' attribute of the '{ename}' entity is not "
+                                     f"valid for {'create' if creating else 'update'}.")
+            if not self.can("create" if creating else "update", ename, col.logical_name):
+                raise DataverseError(403, E.UPDATE_SECURED, "The user does not have "
+                                     f"{'create' if creating else 'update'} permissions to a secured field "
+                                     f"'{col.logical_name}' of '{ename}'. The requested operation could not "
+                                     "be completed.")
+            values[key] = self._value(entity, col, value)
+        for rule in self.rules:
+            self._check_rule(entity, rule, values, creating)
+        return values
+
+    def _value(self, entity: Entity, col, value):
+        ename, name = entity.logical_name, col.logical_name
+        if value is None:
+            if col.required_level == "SystemRequired":
+                raise DataverseError(400, E.VALIDATION, f"A validation error occurred. The value of '{name}' "
+                                     f"on record of type '{ename}' is required.")
+            return None
+        bad = DataverseError(400, E.PAYLOAD, f"Error identified in Payload provided by the user for Entity "
+                             f":'{entity.entity_set}', Cannot convert the literal '{value}' to the expected "
+                             f"type of '{name}' ({col.type}).")
+        if col.type in STRING_TYPES:
+            if not isinstance(value, str):
+                raise bad
+            if col.max_length is not None and len(value) > col.max_length:
+                raise DataverseError(400, E.VALIDATION, f"A validation error occurred.  The length of the "
+                                     f"'{name}' attribute of the '{ename}' entity exceeded the maximum allowed "
+                                     f"length of '{col.max_length}'.")
+            return value
+        if col.type == "Boolean":
+            if not isinstance(value, bool):
+                raise bad
+            return value
+        if col.type in CHOICE_TYPES or col.type in ("Integer", "BigInt"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad
+            if col.type in CHOICE_TYPES and col.options and value not in col.option_values:
+                raise DataverseError(400, E.VALIDATION, f"A validation error occurred. The value {value} of "
+                                     f"'{name}' on record of type '{ename}' is outside the valid range. "
+                                     f"Accepted Values: {','.join(str(v) for v in sorted(col.option_values))}")
+            lo, hi = col.min_value, col.max_value
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise DataverseError(400, E.VALIDATION, f"A validation error occurred. The value {value} of "
+                                     f"'{name}' on record of type '{ename}' is outside the valid range "
+                                     f"({lo} to {hi}).")
+            return value
+        if col.type == "DateTime":
+            if not isinstance(value, str):
+                raise bad
+            try:
+                parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise bad from None
+            return parsed.isoformat() if col.format == "DateOnly" else iso_utc(parsed)
+        return value
+
+    @staticmethod
+    def _guid(value, name: str) -> str:
+        try:
+            return str(uuid.UUID(str(value)))
+        except ValueError:
+            raise DataverseError(400, E.PAYLOAD, f"Cannot convert the literal '{value}' to the expected type "
+                                 f"'Edm.Guid' for '{name}'.") from None
+
+    def _bind(self, entity: Entity, nav: str, value) -> dict:
+        """``parentcustomerid_account@odata.bind: "/accounts(<id>)"`` -> ``{_parentcustomerid_value: id}``."""
+        m = re.fullmatch(r"/?(\w+)\(([0-9a-fA-F-]{36})\)", str(value or ""))
+        base = nav.split("_")[0] if nav not in entity.columns else nav
+        col = entity.columns.get(nav) or entity.columns.get(base)
+        if col is None or col.type not in LOOKUP_TYPES or not m:
+            raise DataverseError(400, E.UNKNOWN_PROPERTY, f"Invalid navigation property binding '{nav}@odata.bind'"
+                                 f" = '{value}' on '{entity.logical_name}'.")
+        target = self.entity(m.group(1))
+        if self.get(target, {target.primary_id: m.group(2).lower()}) is None:
+            raise DataverseError(404, E.NOT_FOUND, f"{target.logical_name} With Id = {m.group(2)} Does Not Exist")
+        return {col.storage_name: m.group(2).lower()}
+
+    def _check_rule(self, entity: Entity, rule: dict, values: dict, creating: bool) -> None:
+        if rule["entity"] not in (entity.logical_name, entity.entity_set):
+            return
+        col = rule["column"]
+        present = col in values
+        value = values.get(col)
+        message = rule.get("message")
+        if rule["op"] == "forbid" and present and value in rule.get("values", []):
+            raise DataverseError(400, E.PLUGIN, message or f"Business rule: '{col}' may not be '{value}'.")
+        if rule["op"] == "require" and (creating or present) and value in (None, ""):
+            raise DataverseError(400, E.PLUGIN, message or f"Business rule: '{col}' is required.")
+        if rule["op"] == "match" and present and value is not None and not re.fullmatch(rule["pattern"], str(value)):
+            raise DataverseError(400, E.PLUGIN, message or f"Business rule: '{col}' value '{value}' does not match "
+                                 f"{rule['pattern']}.")
+
+    # writes ---------------------------------------------------------------------------------------------
+    def _stamp(self, entity: Entity, values: dict, current=None) -> dict:
+        now = iso_utc(utcnow())
+        values["versionnumber"] = self.next_version()
+        values["modifiedon"] = now
+        if current is None:
+            values.setdefault("createdon", now)
+            values.setdefault("statecode", 0)
+            values.setdefault("statuscode", _default_status(entity, values["statecode"]))
+        if entity.primary_name == "fullname" and ("firstname" in values or "lastname" in values):
+            merged = {**(dict(current) if current else {}), **values}
+            values["fullname"] = " ".join(p for p in (merged.get("firstname"), merged.get("lastname")) if p)
+        return values
+
+    def create(self, entity: Entity, body: dict, conn, *, values: dict | None = None) -> str:
+        """Insert one row in an open transaction; returns its id."""
+        values = values if values is not None else self.coerce(entity, body, creating=True)
+        row_id = values.get(entity.primary_id) or str(uuid.uuid4())
+        values[entity.primary_id] = row_id
+        if self.get(entity, {entity.primary_id: row_id}, conn) is not None:
+            raise DataverseError(412, E.DUPLICATE_KEY, "A record with matching key values already exists.")
+        key = values.get(LINK_KEY_COLUMN)
+        if key is not None and self.get(entity, {LINK_KEY_COLUMN: key}, conn) is not None:
+            raise DataverseError(412, E.DUPLICATE_KEY, "A record with matching key values already exists.")
+        conn.execute(entity.table.insert(), self._stamp(entity, values))
+        return row_id
+
+    def update(self, entity: Entity, current, body: dict, conn, *, values: dict | None = None) -> str:
+        """Update one existing row (``current`` is its stored mapping) in an open transaction."""
+        values = values if values is not None else self.coerce(entity, body, creating=False)
+        values.pop(entity.primary_id, None)
+        key = values.get(LINK_KEY_COLUMN)
+        if key is not None and key != current[LINK_KEY_COLUMN]:
+            other = self.get(entity, {LINK_KEY_COLUMN: key}, conn)
+            if other is not None and other[entity.primary_id] != current[entity.primary_id]:
+                raise DataverseError(412, E.DUPLICATE_KEY, "A record with matching key values already exists.")
+        if "statecode" in values and "statuscode" not in values:
+            values["statuscode"] = _default_status(entity, values["statecode"])
+        row_id = current[entity.primary_id]
+        conn.execute(entity.table.update().where(entity.table.c[entity.primary_id] == row_id),
+                     self._stamp(entity, values, current))
+        return row_id
+
+    def delete(self, entity: Entity, row_id: str, conn) -> None:
+        """Delete a row and leave a tombstone for delta reads."""
+        conn.execute(entity.table.delete().where(entity.table.c[entity.primary_id] == row_id))
+        conn.execute(entity.deleted.insert(), {"id": row_id, "versionnumber": self.next_version()})
+
+    def seed(self, entity: Entity, rows: list[dict]) -> list[str]:
+        """Bulk insert (executemany) trusting the admin caller; each row still gets a version, so seeded rows
+        appear in a later delta read like any create."""
+        if not rows:
+            return []
+        names = {k for r in rows for k in r}
+        unknown = sorted(n for n in names if entity.column_by_storage(n) is None and n != entity.primary_id)
+        if unknown:
+            raise DataverseError(400, E.UNKNOWN_PROPERTY, f"seed {entity.entity_set}: unknown columns {unknown}")
+        now = iso_utc(utcnow())
+        with self.lock:
+            first = self.next_version(len(rows))
+            prepared = []
+            for i, r in enumerate(rows):
+                v = {n: r.get(n) for n in names}
+                v[entity.primary_id] = str(r.get(entity.primary_id) or uuid.uuid4())
+                v["versionnumber"] = first + i
+                v["createdon"] = r.get("createdon") or now
+                v["modifiedon"] = r.get("modifiedon") or now
+                v["statecode"] = r.get("statecode", 0)
+                v["statuscode"] = r.get("statuscode") or _default_status(entity, v["statecode"])
+                if entity.primary_name == "fullname" and "fullname" not in r:
+                    v["fullname"] = " ".join(p for p in (r.get("firstname"), r.get("lastname")) if p) or None
+                prepared.append(v)
+            with self.engine.begin() as conn:
+                conn.execute(entity.table.insert(), prepared)
+        return [p[entity.primary_id] for p in prepared]
+
+    def count(self, entity: Entity) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(entity.table)).scalar()
+
+
+def _default_status(entity: Entity, state: int) -> int | None:
+    """The default status reason of a state, from the entity reference's State options."""
+    col = entity.columns.get("statecode")
+    for value, _label, default_status in (col.options if col else []):
+        if value == state and default_status is not None:
+            return default_status
+    return 1 if state == 0 else None
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA cache_size=-65536")
+    cur.close()
+
+
+def encode_cookie(data: dict, tracking: bool) -> str:
+    """A paging cookie shaped like Dataverse's ``$skiptoken`` (``<cookie pagenumber=... pagingcookie=...>``)."""
+    inner = urllib.parse.quote(json.dumps(data, separators=(",", ":")))
+    return f'<cookie pagenumber="{data.get("page", 1)}" pagingcookie="{inner}" istracking="{tracking}" />'
+
+
+def decode_cookie(token: str) -> tuple[dict, bool]:
+    """Read back a cookie made by :func:`encode_cookie`; anything else is a 400."""
+    m = re.fullmatch(r'<cookie pagenumber="\d+" pagingcookie="([^"]*)" istracking="(True|False)" />', token or "")
+    if not m:
+        raise DataverseError(400, E.QUERY, f"Invalid $skiptoken: {token!r}")
+    try:
+        return json.loads(urllib.parse.unquote(m.group(1))), m.group(2) == "True"
+    except ValueError:
+        raise DataverseError(400, E.QUERY, f"Invalid $skiptoken: {token!r}") from None
