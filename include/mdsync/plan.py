@@ -199,6 +199,9 @@ def api_records(writes: pd.DataFrame, entity: EntityConfig, target: Side) -> lis
 def apply_writes(frame: pd.DataFrame, writes: pd.DataFrame) -> pd.DataFrame:
     """Apply canonical writes to a canonical frame indexed by person id (dry-run previews, demo, tests)."""
     out = frame.copy()
+    missing = pd.Index(writes["person_id"].unique()).difference(out.index)
+    if len(missing):
+        out = out.reindex(out.index.union(missing).rename(out.index.name))
     for name, part in writes.groupby("field", sort=False):
         if name not in out.columns:
             out[name] = pd.Series(np.nan, index=out.index, dtype=CANONICAL_DTYPE)

@@ -1,0 +1,117 @@
+"""Properties of diff + resolve + plan over random populations (hypothesis).
+
+After the plan is applied to both sides: every synced field agrees on both sides, a second diff plans no
+writes (no ping-pong), each collision went to its entity type's winner, and no write carried a value the
+target already had.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mdsync.canonical import CANONICAL_DTYPE, compare_key
+from mdsync.config import Direction, FieldType, Side, load_config
+from mdsync.plan import apply_baseline_updates, apply_writes, plan_entity
+from tests.include.mdsync.conftest import links_for
+
+CONFIG = load_config()
+
+
+def _choices(field) -> list[str | None]:
+    if field.type is FieldType.EMAIL:
+        return [None, "ann@x.com", "Ann@X.com", "bob@x.com"]
+    if field.type is FieldType.BOOLEAN:
+        return [None, "true", "false"]
+    if field.type is FieldType.PICKLIST:
+        return [None, *list(field.values.values())[:3]]
+    return [None, "a", "A", "b", "Zoë 'q'"]
+
+
+@st.composite
+def populations(draw):
+    entity = CONFIG.entity(draw(st.sampled_from(["lead", "contact"])))
+    fields = draw(st.lists(st.sampled_from(entity.fields), min_size=1, max_size=5, unique_by=lambda f: f.name))
+    n = draw(st.integers(1, 6))
+    ids = list(range(1, n + 1))
+    frames = {}
+    for which in ("baseline", "marketo", "dynamics"):
+        frames[which] = {f.name: [draw(st.sampled_from(_choices(f))) for _ in ids] for f in fields}
+    # most cells unchanged on each side, so one-sided changes and collisions both occur
+    for side in ("marketo", "dynamics"):
+        for f in fields:
+            keep = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+            frames[side][f.name] = [b if k else v for b, v, k in zip(frames["baseline"][f.name], frames[side][f.name], keep)]
+    has_baseline = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    report_all = draw(st.booleans())
+    return entity, fields, ids, frames, has_baseline, report_all
+
+
+def _frame(values: dict, ids) -> pd.DataFrame:
+    return pd.DataFrame(values, index=pd.Index(ids, name="person_id", dtype="int64")).astype(CANONICAL_DTYPE)
+
+
+def _reported(full: pd.DataFrame, baseline: pd.DataFrame, report_all: bool) -> pd.DataFrame:
+    """What a side reports in a window: every person whose values differ from the baseline (or everyone)."""
+    if report_all:
+        return full
+    aligned = baseline.reindex(index=full.index, columns=full.columns)
+    differs = ~((full == aligned).fillna(False) | (full.isna() & aligned.isna()))
+    return full.loc[differs.any(axis=1)]
+
+
+def _keys(frame: pd.DataFrame, fields) -> pd.DataFrame:
+    return pd.DataFrame({f.name: compare_key(frame[f.name], f) for f in fields})
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(populations())
+def test_plan_converges_without_ping_pong(data):
+    entity, fields, ids, frames, has_baseline, report_all = data
+    marketo_full, dynamics_full = _frame(frames["marketo"], ids), _frame(frames["dynamics"], ids)
+    baseline = _frame(frames["baseline"], ids)
+    # A never-synced pair has no baseline: both sides report it in full.
+    baseline = baseline.loc[np.array(has_baseline, dtype=bool)]
+    if not all(has_baseline):
+        report_all = True
+    links = links_for(ids)
+    plan = plan_entity(entity, baseline, _reported(marketo_full, baseline, report_all),
+                       _reported(dynamics_full, baseline, report_all), links)
+
+    # No write carries a value the target already has.
+    for writes, target in ((plan.dynamics_writes, dynamics_full), (plan.marketo_writes, marketo_full)):
+        for _, w in writes.iterrows():
+            f = entity.field(w["field"])
+            have = compare_key(pd.Series([target.loc[w["person_id"], f.name]], dtype=CANONICAL_DTYPE), f)
+            want = compare_key(pd.Series([w["value"]], dtype=CANONICAL_DTYPE), f)
+            assert not ((have.isna() & want.isna()) | (have == want).fillna(False)).iloc[0], w.to_dict()
+
+    # Values only flow the way their field allows.
+    for writes, side in ((plan.dynamics_writes, Side.DYNAMICS), (plan.marketo_writes, Side.MARKETO)):
+        assert all(entity.field(name).flows_to(side) for name in writes["field"])
+
+    # Collisions go to the entity type's winner: the loser receives the winner's value.
+    winner = entity.collision_winner
+    loser_writes = plan.dynamics_writes if winner is Side.MARKETO else plan.marketo_writes
+    for _, c in plan.collisions.iterrows():
+        assert entity.field(c["field"]).direction is Direction.BOTH
+        assert c["winner"] == winner.value
+        written = loser_writes[(loser_writes["person_id"] == c["person_id"]) & (loser_writes["field"] == c["field"])]
+        assert written["value"].tolist() == [c[f"{winner.value}_value"]]
+
+    # Applying the plan makes both sides agree on every synced field.
+    marketo_after = apply_writes(marketo_full, plan.marketo_writes)
+    dynamics_after = apply_writes(dynamics_full, plan.dynamics_writes)
+    m_keys, d_keys = _keys(marketo_after, fields), _keys(dynamics_after, fields)
+    agree = (m_keys == d_keys).fillna(False) | (m_keys.isna() & d_keys.isna())
+    assert agree.all().all(), (marketo_after, dynamics_after)
+
+    # A second diff right after is empty, also when both sides report everything.
+    baseline_after = apply_baseline_updates(baseline.reindex(columns=[f.name for f in fields]),
+                                            plan.baseline_updates, {"dynamics", "marketo"})
+    for reported_all in (False, True):
+        again = plan_entity(entity, baseline_after, _reported(marketo_after, baseline_after, reported_all),
+                            _reported(dynamics_after, baseline_after, reported_all), links)
+        assert again.is_empty and again.collisions.empty, (again.dynamics_writes, again.marketo_writes)
