@@ -1,0 +1,332 @@
+"""Marketo Engage REST client: auth, envelope checks, retries, limits, paging and batching.
+
+Marketo answers most errors with HTTP 200 and ``success: false`` (error-codes.md), so every response's
+envelope is checked. Transient failures are retried with exponential backoff (tenacity); quota exhaustion
+(607) stops with :class:`~mdsync.errors.QuotaExhausted`; permission and request errors are never retried.
+Record-level outcomes (created, updated, skipped with reasons) come back as data in frames.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Iterable, Iterator
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
+
+import pandas as pd
+import requests
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from mdsync.errors import QuotaExhausted, ServiceError
+
+from .activities import ActivitiesMixin
+from .auth import TokenManager
+from .bulk import BulkExportMixin
+from .frames import json_value, records_of, typed_frame
+from .limits import shared_limits
+
+log = logging.getLogger("mdsync.marketo")
+
+BATCH = 300
+MAX_URI = 8000  # Marketo's limit is 8 KB; keep a little room for the host part
+MAX_BODY = 1_000_000  # Marketo's limit is 1 MB per request body
+# Response-level codes worth retrying: rate (606), concurrency (615), time-out (604), temporarily unavailable
+# (608), system error (611), transient (713); plus HTTP 5xx and transport errors.
+RETRY_CODES = {"604", "606", "608", "611", "615", "713"}
+AUTH_CODES = {"601", "602"}
+CENTRAL = ZoneInfo("America/Chicago")
+
+
+class TransientError(Exception):
+    """A failure worth retrying (rate/concurrency limits, 5xx, transport errors)."""
+
+    def __init__(self, code: str, message: str, request: str, status: int | None = None) -> None:
+        super().__init__(f"{code} {message} [{request}]")
+        self.code = code
+        self.message = message
+        self.request = request
+        self.status = status
+
+
+def quota_reset_time(now: datetime | None = None) -> datetime:
+    """When Marketo's daily quota resets: the next midnight US Central time (rest-api.md), in UTC."""
+    now = (now or datetime.now(timezone.utc)).astimezone(CENTRAL)
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), tzinfo=CENTRAL)
+    return midnight.astimezone(timezone.utc)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _reason_columns(reasons: list[dict] | None) -> tuple[str | None, str | None]:
+    if not reasons:
+        return None, None
+    return ",".join(str(r.get("code")) for r in reasons), "; ".join(str(r.get("message")) for r in reasons)
+
+
+RESULT_COLUMNS = ["seq", "id", "status", "reason_code", "reason_message"]
+RESULT_TYPES = {"seq": "integer", "id": "integer"}
+
+
+class MarketoClient(ActivitiesMixin, BulkExportMixin):
+    """Client of one Marketo instance's REST API.
+
+    :param base_url: REST base URL, ``https://<munchkin>.mktorest.com`` (identity, ``/rest`` and ``/bulk`` below it).
+    :param client_id: / :param client_secret: LaunchPoint custom service credentials.
+    :param session: a ``requests.Session`` to send calls with (one is created when None).
+    :param verify: TLS verification: True, False or a CA bundle path (passed per request, so
+        ``REQUESTS_CA_BUNDLE`` cannot override it).
+    :param max_calls_per_window: / :param window_s: client-side rate window (Marketo: 100 per 20 s).
+    :param max_concurrent: client-side concurrency cap (Marketo: 10).
+    :param timeout: (connect, read) timeout in seconds.
+    :param token_listener: called with every new access token (the Airflow hook passes ``mask_secret``).
+    :param max_attempts: attempts per call for retryable failures.
+    :param retry_initial_s: / :param retry_max_s: exponential backoff bounds (with jitter).
+    """
+
+    service = "marketo"
+
+    def __init__(self, base_url: str, client_id: str, client_secret: str, *, session: requests.Session | None = None,
+                 verify=True, max_calls_per_window: int = 100, window_s: float = 20, max_concurrent: int = 10,
+                 timeout=(10, 120), token_listener: Callable[[str], None] | None = None, max_attempts: int = 8,
+                 retry_initial_s: float = 1.0, retry_max_s: float = 30.0) -> None:
+        if not base_url or "://" not in base_url:
+            raise ValueError(f"Marketo base URL must include the scheme, e.g. https://123-ABC-456.mktorest.com: "
+                             f"got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.session = session or requests.Session()
+        self.verify = verify
+        self.timeout = timeout
+        self.limits = shared_limits(self.base_url, max_calls_per_window, window_s, max_concurrent)
+        self.max_attempts = max_attempts
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.calls_made = 0
+        self._describe: pd.DataFrame | None = None
+        self.auth = TokenManager(self.base_url, client_id, client_secret, self._send, token_listener)
+
+    # ------------------------------------------------------------------ transport
+    def _send(self, method: str, path: str, **kwargs) -> requests.Response:
+        """One HTTP call within the shared limits; transport failures become :class:`TransientError`."""
+        request = f"{method} {path}"
+        with self.limits.slot():
+            started = time.monotonic()
+            try:
+                resp = self.session.request(method, self.base_url + path, timeout=self.timeout, verify=self.verify,
+                                            **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                self.calls_made += 1
+                raise TransientError("transport", f"{type(exc).__name__}: {exc}", request) from exc
+        self.calls_made += 1
+        log.debug("Marketo %s -> HTTP %s in %.0f ms", request, resp.status_code, (time.monotonic() - started) * 1000)
+        if resp.status_code >= 500:
+            raise TransientError(str(resp.status_code), f"HTTP {resp.status_code} {resp.reason}", request,
+                                 resp.status_code)
+        return resp
+
+    def _call_once(self, method: str, path: str, *, raw: bool = False, **kwargs):
+        reauthenticated = False
+        while True:
+            token = self.auth.token()
+            headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
+            resp = self._send(method, path, headers=headers, **kwargs)
+            kwargs["headers"] = {k: v for k, v in headers.items() if k != "Authorization"}
+            request = f"{method} {path}"
+            if resp.status_code in (413, 414):
+                raise ServiceError(self.service, str(resp.status_code), resp.reason or "request too large",
+                                   request=request, status=resp.status_code,
+                                   next_step="this is a client bug: requests are split to stay under 1 MB / 8 KB")
+            if raw and resp.status_code in (200, 206):
+                return resp
+            if raw:
+                raise ServiceError(self.service, str(resp.status_code), resp.text[:300], request=request,
+                                   status=resp.status_code)
+            try:
+                body = resp.json()
+            except ValueError:
+                raise ServiceError(self.service, None, f"malformed response (not JSON): {resp.text[:200]!r}",
+                                   request=request, status=resp.status_code) from None
+            if not isinstance(body, dict) or "success" not in body:
+                raise ServiceError(self.service, None, f"malformed response (no envelope): {str(body)[:200]}",
+                                   request=request, status=resp.status_code)
+            if body["success"]:
+                return body
+            errors = body.get("errors") or [{"code": None, "message": "success: false without errors"}]
+            code, message = str(errors[0].get("code")), str(errors[0].get("message"))
+            if code in AUTH_CODES:
+                self.auth.invalidate(token)
+                if not reauthenticated:
+                    reauthenticated = True
+                    log.info("Marketo %s on %s: re-authenticating once", code, request)
+                    continue
+                raise ServiceError(self.service, code, message, request=request,
+                                   next_step="the new access token was refused too; check the custom service")
+            if code in RETRY_CODES:
+                raise TransientError(code, message, request)
+            if code == "607":
+                resets = quota_reset_time()
+                raise QuotaExhausted(self.service, code, f"{message} (daily API quota used up)", request=request,
+                                     resets_at=resets,
+                                     next_step=f"no more calls until the quota resets at {resets.isoformat()} "
+                                               "(midnight US Central)")
+            raise ServiceError(self.service, code, message, request=request, next_step=_next_step(code))
+
+    def _call(self, method: str, path: str, **kwargs):
+        """Send a call with retries; return the decoded envelope (or the response when ``raw=True``)."""
+        def before_sleep(state):
+            exc = state.outcome.exception()
+            log.warning("Marketo %s on %s (attempt %d/%d); backing off %.1f s", exc.code, exc.request,
+                        state.attempt_number, self.max_attempts, state.next_action.sleep)
+
+        retrying = Retrying(retry=retry_if_exception_type(TransientError), stop=stop_after_attempt(self.max_attempts),
+                            wait=wait_exponential_jitter(initial=self.retry_initial_s, max=self.retry_max_s),
+                            before_sleep=before_sleep, reraise=False)
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return self._call_once(method, path, **dict(kwargs))
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            raise ServiceError(self.service, last.code, f"{last.message} (still failing after {self.max_attempts} "
+                               "attempts)", request=last.request, status=last.status,
+                               next_step="the run fails; it can be retried once the service recovers") from last
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _get(self, path: str, params: dict | None = None):
+        """GET, or POST with ``_method=GET`` and a form body when the URI would exceed 8 KB (error-codes.md 414)."""
+        query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
+        if len(path) + 1 + len(query) <= MAX_URI:
+            return self._call("GET", path + ("?" + query if query else ""))
+        return self._call("POST", path + "?_method=GET", data=query,
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+
+    def _post_json(self, path: str, body: dict):
+        return self._call("POST", path, data=json.dumps(body, separators=(",", ":")).encode(),
+                          headers={"Content-Type": "application/json"})
+
+    # ------------------------------------------------------------------ describe
+    def describe_leads(self, refresh: bool = False) -> pd.DataFrame:
+        """The lead fields (Describe Lead 2): one row per field.
+
+        Columns: ``rest_name``, ``display_name``, ``data_type``, ``length``, ``updateable``, ``searchable``,
+        ``crm_managed``. Cached for the client's life (describe rarely changes); ``refresh`` asks again.
+        """
+        if self._describe is not None and not refresh:
+            return self._describe
+        body = self._get("/rest/v1/leads/describe2.json")
+        entity = (body.get("result") or [{}])[0]
+        searchable = {f for group in entity.get("searchableFields", []) for f in group}
+        rows = [{"rest_name": f["name"], "display_name": f.get("displayName"), "data_type": f.get("dataType"),
+                 "length": f.get("length"), "updateable": bool(f.get("updateable")),
+                 "searchable": f["name"] in searchable, "crm_managed": bool(f.get("crmManaged"))}
+                for f in entity.get("fields", [])]
+        frame = typed_frame(rows, ["rest_name", "display_name", "data_type", "length", "updateable", "searchable",
+                                   "crm_managed"],
+                            {"length": "integer", "updateable": "boolean", "searchable": "boolean",
+                             "crm_managed": "boolean"})
+        self._describe = frame
+        return frame
+
+    def field_types(self) -> dict[str, str]:
+        """REST field name -> Marketo data type, from describe."""
+        d = self.describe_leads()
+        return dict(zip(d["rest_name"], d["data_type"]))
+
+    # ------------------------------------------------------------------ leads
+    def get_leads(self, filter_type: str, values: Iterable, fields: list[str] | None = None) -> pd.DataFrame:
+        """Leads whose ``filter_type`` field matches any of ``values`` (batches of 300, every page).
+
+        :param filter_type: a searchable field (``id``, ``email``, custom string/integer fields).
+        :param fields: REST field names to return; Marketo's defaults when None.
+        :returns: one row per lead, columns typed per describe.
+        """
+        values = list(dict.fromkeys(str(json_value(v)) for v in values if json_value(v) is not None))
+        columns = ["id", *[f for f in (fields or ["email", "updatedAt", "createdAt", "firstName", "lastName"])
+                           if f != "id"]]
+        types = self.field_types()
+        records: list[dict] = []
+        for chunk in _chunks(values, BATCH):
+            token = None
+            while True:
+                body = self._get("/rest/v1/leads.json", {
+                    "filterType": filter_type, "filterValues": ",".join(chunk), "fields": ",".join(columns),
+                    "batchSize": BATCH, "nextPageToken": token})
+                records.extend(body.get("result") or [])
+                token = body.get("nextPageToken")
+                if not body.get("moreResult") or not token:
+                    break
+        return typed_frame(records, columns, types)
+
+    def _batches_by_size(self, records: list[dict], overhead: int) -> Iterator[list[tuple[int, dict]]]:
+        """Groups of (input position, record) with at most 300 records and under 1 MB of JSON each."""
+        batch: list[tuple[int, dict]] = []
+        size = overhead
+        for seq, rec in enumerate(records):
+            rec_size = len(json.dumps(rec, separators=(",", ":")).encode()) + 1
+            if batch and (len(batch) == BATCH or size + rec_size > MAX_BODY):
+                yield batch
+                batch, size = [], overhead
+            batch.append((seq, rec))
+            size += rec_size
+        if batch:
+            yield batch
+
+    def _write_batches(self, path: str, records: list[dict], envelope: dict, reason_key: str = "reasons"
+                       ) -> pd.DataFrame:
+        rows = []
+        overhead = len(json.dumps(envelope)) + 20
+        for batch in self._batches_by_size(records, overhead):
+            if overhead + len(json.dumps(batch[0][1])) > MAX_BODY:
+                seq, _ = batch[0]
+                rows.append({"seq": seq, "id": None, "status": "skipped", "reason_code": "413",
+                             "reason_message": "record alone exceeds Marketo's 1 MB request limit; not sent"})
+                continue
+            body = self._post_json(path, {**envelope, "input": [r for _, r in batch]})
+            results = body.get("result") or []
+            if len(results) != len(batch):
+                raise ServiceError(self.service, None, f"{len(results)} results for {len(batch)} records",
+                                   request=f"POST {path}", next_step="the batch outcome is unknown; re-run")
+            for (seq, _), res in zip(batch, results):
+                code, message = _reason_columns(res.get(reason_key) or res.get("reasons") or res.get("errors"))
+                rows.append({"seq": seq, "id": res.get("id"), "status": res.get("status"), "reason_code": code,
+                             "reason_message": message, "marketo_guid": res.get("marketoGUID")})
+        frame = typed_frame(rows, RESULT_COLUMNS + ["marketo_guid"], RESULT_TYPES)
+        return frame.set_index("seq", drop=False).rename_axis(None)
+
+    def sync_leads(self, records, action: str = "createOrUpdate", lookup_field: str = "email") -> pd.DataFrame:
+        """Create and/or update leads (Sync Leads), 300 per call and under 1 MB per call.
+
+        :param records: a frame or an iterable of mappings of REST field names to values (None clears a field).
+        :param action: ``createOrUpdate``, ``createOnly``, ``updateOnly`` or ``createDuplicate``.
+        :param lookup_field: the dedupe key (``email`` by default; ``id`` only with ``updateOnly``).
+        :returns: one row per input record, in input order: ``seq``, ``id``, ``status`` (created, updated,
+            skipped), ``reason_code``, ``reason_message``.
+        """
+        rows = records_of(records)
+        frame = self._write_batches("/rest/v1/leads.json", rows, {"action": action, "lookupField": lookup_field})
+        return frame.drop(columns=["marketo_guid"])
+
+    def delete_leads(self, ids: Iterable[int]) -> pd.DataFrame:
+        """Delete leads by id, 300 per call; one result row per id (``deleted`` or ``skipped`` 1004)."""
+        rows = [{"id": int(i)} for i in ids]
+        return self._write_batches("/rest/v1/leads/delete.json", rows, {}).drop(columns=["marketo_guid"])
+
+    def merge_leads(self, winner_id: int, loser_ids: Iterable[int]) -> None:
+        """Merge losers into the winner (Merge Leads; at most 25 losers per call, so larger sets are split)."""
+        losers = [int(i) for i in loser_ids]
+        for chunk in _chunks(losers, 25):
+            self._call("POST", f"/rest/v1/leads/{int(winner_id)}/merge.json?" +
+                       urlencode({"leadIds": ",".join(map(str, chunk))}))
+
+
+def _next_step(code: str) -> str:
+    if code == "603":
+        return "grant the API-only user's role the permission this call needs (Admin > Users and Roles)"
+    if code in ("609", "610", "612", "1003", "1006", "1011"):
+        return "the request was refused as sent; fix the request (field names, values, filter) and re-run"
+    return "not retried; see the Marketo error code reference"
