@@ -200,7 +200,7 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
             body = await request.body()
             query = dict(urllib.parse.parse_qsl(request.url.query, keep_blank_values=True))
             reply: Reply = await anyio.to_thread.run_sync(
-                webapi.handle, method, urllib.parse.unquote(path), query, dict(request.headers), body, user)
+                webapi.handle, method, path, query, dict(request.headers), body, user)
         finally:
             protection.leave(user)
         headers = {"OData-Version": "4.0", **{k: v for k, v in reply.headers.items() if not k.startswith("_")}}

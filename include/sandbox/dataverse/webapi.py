@@ -101,6 +101,8 @@ class WebApi:
             return self._write(conn, lambda c: self.merge(self._json(body), c))
         if path.startswith("EntityDefinitions(") and method == "GET":
             return self.metadata(path, query)
+        if path == "EntityDefinitions" and method == "GET":
+            return self.entity_definitions(query)
         m = re.fullmatch(r"systemusers\(([0-9a-fA-F-]{36})\)/systemuserprofiles_association", path)
         if m and method == "GET":
             return self.user_profiles(m.group(1), user)
@@ -426,6 +428,21 @@ class WebApi:
             out.append(self._select(item, query, keep=("@odata.type", "OptionSet")))
         context = f"{self.org_url}{API}$metadata#EntityDefinitions('{entity.logical_name}')/Attributes"
         return Reply(200, {"@odata.context": context, "value": out})
+
+    def entity_definitions(self, query: dict) -> Reply:
+        """``EntityDefinitions`` with an optional ``$filter=LogicalName|EntitySetName eq '<name>'``."""
+        flt = query.get("$filter")
+        m = re.fullmatch(r"\s*(LogicalName|EntitySetName) eq '(\w+)'\s*", flt or "")
+        if flt and not m:
+            raise DataverseError(400, E.QUERY, "The sandbox filters EntityDefinitions only by "
+                                 "LogicalName/EntitySetName eq '<name>'.")
+        out = []
+        for entity in self.store.entities.values():
+            value = entity.logical_name if m and m.group(1) == "LogicalName" else entity.entity_set
+            if not m or value == m.group(2):
+                out.append(self._select(self.metadata(f"EntityDefinitions(LogicalName='{entity.logical_name}')",
+                                                      {}).body, query))
+        return Reply(200, {"@odata.context": f"{self.org_url}{API}$metadata#EntityDefinitions", "value": out})
 
     @staticmethod
     def _select(item: dict, query: dict, keep=()) -> dict:
