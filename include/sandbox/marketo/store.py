@@ -86,6 +86,7 @@ class SyncResult:
     status: str
     id: int | None = None
     reasons: list[dict] = field(default_factory=list)
+    echo: dict = field(default_factory=dict)
 
     def as_json(self, reason_key: str = "reasons") -> dict:
         out: dict = {}
@@ -94,6 +95,7 @@ class SyncResult:
         out["status"] = self.status
         if self.reasons:
             out[reason_key] = self.reasons
+        out.update(self.echo)
         return out
 
 
@@ -595,7 +597,10 @@ class MarketoStore:
             return skipped("1049", "Failed to Create Activity: attributes array too long")
         act_id = self._record_activity(rec["leadId"], rec["activityTypeId"], when,
                                        primary=str(rec["primaryAttributeValue"]), attributes=attrs)
-        return SyncResult("added", id=act_id)
+        # The Swagger CustomActivity result carries the activity's own members next to its status.
+        echo = {"leadId": rec["leadId"], "activityDate": when, "activityTypeId": rec["activityTypeId"],
+                "primaryAttributeValue": str(rec["primaryAttributeValue"]), "attributes": attrs, "errors": []}
+        return SyncResult("added", id=act_id, echo=echo)
 
     # ------------------------------------------------------------------ bulk export
     def create_export(self, body: dict) -> dict:
