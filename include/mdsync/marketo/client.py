@@ -184,7 +184,8 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin):
                         state.attempt_number, self.max_attempts, state.next_action.sleep)
 
         retrying = Retrying(retry=retry_if_exception_type(TransientError), stop=stop_after_attempt(self.max_attempts),
-                            wait=wait_exponential_jitter(initial=self.retry_initial_s, max=self.retry_max_s),
+                            wait=wait_exponential_jitter(multiplier=self.retry_initial_s, max=self.retry_max_s,
+                                                        jitter=self.retry_initial_s),
                             before_sleep=before_sleep, reraise=False)
         try:
             for attempt in retrying:
