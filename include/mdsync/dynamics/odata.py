@@ -67,10 +67,13 @@ def eq(name: str, value) -> str:
 
 
 def isin(name: str, values: Iterable) -> str:
-    """``name in (<literal>, ...)`` (OData 4.01 ``in``, accepted by Dataverse)."""
+    """``name in (<literal>, ...)`` (OData 4.01 ``in``, accepted by Dataverse); one value becomes ``eq``
+    because ``in ('x')`` reads as a parenthesised expression to some parsers."""
     items = [odata_literal(v) for v in values]
     if not items:
         raise ValueError(f"isin({name!r}) needs at least one value")
+    if len(items) == 1:
+        return f"{column(name)} eq {items[0]}"
     return f"{column(name)} in ({','.join(items)})"
 
 

@@ -141,7 +141,9 @@ class Store:
     def expire_delta_tokens(self) -> None:
         """Make every delta token issued so far expired (the organisation's retention has passed)."""
         with self.lock:
-            self.delta_floor = self._version + 1
+            # Skip a version so links issued from now on (upto >= floor) stay valid and older ones don't.
+            self._version += 1
+            self.delta_floor = self._version
             self._save_setting("delta_floor", self.delta_floor)
 
     def reset(self) -> None:

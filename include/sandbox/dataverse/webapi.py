@@ -300,7 +300,8 @@ class WebApi:
     def _target_key(self, entity: Entity, target: dict) -> dict | None:
         ref = target.get("@odata.id")
         if ref:
-            m = _KEY.match(str(ref).rsplit("/", 1)[-1])
+            # @odata.id is a URL: percent-escapes in the key value are decoded like in a request path.
+            m = _KEY.match(urllib.parse.unquote(urllib.parse.urlsplit(str(ref)).path).rsplit("/", 1)[-1])
             if not m or self.store.entity(m.group(1)) is not entity:
                 raise DataverseError(400, E.PAYLOAD, f"Invalid @odata.id '{ref}' for {entity.entity_set}.")
             return _parse_key(entity, m.group(2))
@@ -314,7 +315,7 @@ class WebApi:
     _LEAD_TO_CONTACT = ("firstname", "lastname", "middlename", "emailaddress1", "emailaddress2", "jobtitle",
                         "telephone1", "mobilephone", "fax", "websiteurl", "salutation", "address1_line1",
                         "address1_line2", "address1_city", "address1_stateorprovince", "address1_postalcode",
-                        "address1_country", "donotemail", "donotbulkemail", "donotphone", "leadsourcecode")
+                        "address1_country", "donotemail", "donotbulkemail", "donotphone")
 
     def qualify_lead(self, raw_id: str, body: dict, conn) -> Reply:
         """``QualifyLead``: create the contact (and account), close the lead as qualified, link them."""
