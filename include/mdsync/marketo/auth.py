@@ -50,7 +50,7 @@ class TokenManager:
             margin = min(RENEW_MAX_S, self._lifespan * RENEW_FRACTION)
             if self._token is None:
                 self._fetch()
-            elif remaining < LAST_SECONDS:
+            elif remaining < min(LAST_SECONDS, self._lifespan * RENEW_FRACTION / 2):
                 # The service would hand back the same, nearly dead token: let it expire, then fetch anew.
                 time.sleep(max(0.0, remaining))
                 self._fetch()

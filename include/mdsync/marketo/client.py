@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterable, Iterator
@@ -108,6 +109,7 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin):
         self.retry_max_s = retry_max_s
         self.calls_made = 0
         self._describe: pd.DataFrame | None = None
+        self._describe_lock = threading.Lock()
         self.auth = TokenManager(self.base_url, client_id, client_secret, self._send, token_listener)
 
     # ------------------------------------------------------------------ transport
@@ -217,8 +219,13 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin):
         Columns: ``rest_name``, ``display_name``, ``data_type``, ``length``, ``updateable``, ``searchable``,
         ``crm_managed``. Cached for the client's life (describe rarely changes); ``refresh`` asks again.
         """
-        if self._describe is not None and not refresh:
+        with self._describe_lock:  # threads sharing a client describe once
+            if self._describe is not None and not refresh:
+                return self._describe
+            self._describe = self._describe_fields()
             return self._describe
+
+    def _describe_fields(self) -> pd.DataFrame:
         body = self._get("/rest/v1/leads/describe2.json")
         entity = (body.get("result") or [{}])[0]
         searchable = {f for group in entity.get("searchableFields", []) for f in group}
@@ -226,12 +233,10 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin):
                  "length": f.get("length"), "updateable": bool(f.get("updateable")),
                  "searchable": f["name"] in searchable, "crm_managed": bool(f.get("crmManaged"))}
                 for f in entity.get("fields", [])]
-        frame = typed_frame(rows, ["rest_name", "display_name", "data_type", "length", "updateable", "searchable",
-                                   "crm_managed"],
-                            {"length": "integer", "updateable": "boolean", "searchable": "boolean",
-                             "crm_managed": "boolean"})
-        self._describe = frame
-        return frame
+        return typed_frame(rows, ["rest_name", "display_name", "data_type", "length", "updateable", "searchable",
+                                  "crm_managed"],
+                           {"length": "integer", "updateable": "boolean", "searchable": "boolean",
+                            "crm_managed": "boolean"})
 
     def field_types(self) -> dict[str, str]:
         """REST field name -> Marketo data type, from describe."""
