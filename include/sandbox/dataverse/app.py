@@ -183,9 +183,7 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
         method = request.method
         count(method, API + path)
         fault = faults.take(API + path)
-        if fault and fault["kind"] == "delay":
-            await asyncio.sleep(fault["seconds"])
-        elif fault and fault["kind"] == "throttle":
+        if fault and fault["kind"] == "throttle":
             return error(DataverseError(429, E.THROTTLE_REQUESTS, "Number of requests exceeded the limit of 6000 "
                                         "over time window of 300 seconds.",
                                         {"Retry-After": str(max(0, math.ceil(fault["seconds"])))}))
@@ -197,6 +195,8 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
         except DataverseError as err:
             return error(err)
         try:
+            if fault and fault["kind"] == "delay":  # a slow response: it occupies a concurrency slot
+                await asyncio.sleep(fault["seconds"])
             body = await request.body()
             query = dict(urllib.parse.parse_qsl(request.url.query, keep_blank_values=True))
             reply: Reply = await anyio.to_thread.run_sync(

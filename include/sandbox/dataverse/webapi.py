@@ -209,7 +209,8 @@ class WebApi:
 
     def _link(self, entity: Entity, base: dict, extra: dict) -> str:
         params = {**base, **extra}
-        return f"{self.org_url}{API}{entity.entity_set}?" + urllib.parse.urlencode(params, quote_via=urllib.parse.quote)
+        return f"{self.org_url}{API}{entity.entity_set}?" + urllib.parse.urlencode(
+            params, quote_via=urllib.parse.quote, safe="$,")
 
     def retrieve(self, entity: Entity, key: dict, query: dict) -> Reply:
         row = self.store.get(entity, key)
