@@ -53,7 +53,7 @@ class DynamicsHook(HttpHook):
         :param client_kwargs: passed on to :class:`~mdsync.dynamics.DynamicsClient` (e.g. ``max_concurrent``).
         :raises mdsync.errors.ConfigError: when the connection lacks the org URL, client id/secret or tenant.
         """
-        from airflow.sdk import mask_secret
+        from airflow.sdk.log import mask_secret
 
         from mdsync.dynamics import DynamicsClient
         from mdsync.errors import ConfigError
