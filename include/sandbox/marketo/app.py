@@ -253,25 +253,13 @@ def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: s
     # ------------------------------------------------------------------ describe
     @app.get("/rest/v1/leads/describe.json")
     async def describe():
-        result = []
-        for f in LEAD_FIELDS:
-            item = {"id": f.id, "displayName": f.display_name, "dataType": f.data_type}
-            if f.length is not None:
-                item["length"] = f.length
-            item["rest"] = {"name": f.name, "readOnly": f.read_only}
-            item["soap"] = {"name": f.soap_name, "readOnly": f.read_only}
-            result.append(item)
-        return envelope(result)
+        return envelope([{**f.described({"id": f.id}), "rest": {"name": f.name, "readOnly": f.read_only},
+                          "soap": {"name": f.soap_name, "readOnly": f.read_only}} for f in LEAD_FIELDS])
 
     @app.get("/rest/v1/leads/describe2.json")
     async def describe2():
-        fields = []
-        for f in LEAD_FIELDS:
-            item = {"name": f.name, "displayName": f.display_name, "dataType": f.data_type}
-            if f.length is not None:
-                item["length"] = f.length
-            item.update(updateable=not f.read_only, crmManaged=False)
-            fields.append(item)
+        fields = [{**f.described({"name": f.name}), "updateable": not f.read_only, "crmManaged": False}
+                  for f in LEAD_FIELDS]
         searchable = [[f.name] for f in LEAD_FIELDS if f.searchable]
         return envelope([{"name": "API Lead", "searchableFields": searchable, "fields": fields}])
 

@@ -39,6 +39,13 @@ class LeadField:
             return "REAL"
         return "TEXT"
 
+    def described(self, key: dict) -> dict:
+        """The Describe item: ``key`` (id or name) then display name, data type and length when it has one."""
+        item = {**key, "displayName": self.display_name, "dataType": self.data_type}
+        if self.length is not None:
+            item["length"] = self.length
+        return item
+
     @property
     def searchable(self) -> bool:
         """Whether Get Leads by Filter Type and Sync Leads accept the field as filterType / lookupField."""

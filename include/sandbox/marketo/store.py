@@ -15,6 +15,7 @@ import json
 import sqlite3
 import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -160,6 +161,18 @@ class MarketoStore:
             for f in self.export_dir.glob("*"):
                 f.unlink()
 
+    @contextmanager
+    def transaction(self):
+        """One locked write transaction: all of it or none of it."""
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
     # ------------------------------------------------------------------ meta / quotas
     def increment_counter(self, key: str, by: int = 1) -> int:
         """Add ``by`` to a persistent counter (daily quota, export bytes) and return the new value."""
@@ -232,33 +245,27 @@ class MarketoStore:
         """
         now = format_datetime(utc_now())
         names = [f.name for f in LEAD_FIELDS if f.name != "id"]
+        position = {n: i for i, n in enumerate(names)}
+        created_i, updated_i = position["createdAt"], position["updatedAt"]
         rows = []
         for i, lead in enumerate(leads):
-            unknown = set(lead) - set(names) - {"id"}
-            if unknown:
-                raise ValueError(f"lead #{i}: unknown field(s) {sorted(unknown)}")
-            row = []
-            for n in names:
+            row = [None] * len(names)
+            # Only the fields a lead carries are converted: seeding a million leads stays fast.
+            for n, value in lead.items():
+                if n not in position:
+                    raise ValueError(f"lead #{i}: unknown field {n!r}")
                 try:
-                    row.append(to_db(FIELDS_BY_NAME[n], lead.get(n)))
+                    row[position[n]] = to_db(FIELDS_BY_NAME[n], value)
                 except InvalidValue as exc:
-                    raise ValueError(f"lead #{i}: field {n!r} value {lead.get(n)!r}: {exc.message}") from None
-            rows.append(row)
-        created_i, updated_i = names.index("createdAt"), names.index("updatedAt")
-        for row in rows:
+                    raise ValueError(f"lead #{i}: field {n!r} value {value!r}: {exc.message}") from None
             row[created_i] = row[created_i] or now
             row[updated_i] = row[updated_i] or row[created_i]
+            rows.append(row)
         sql = f"INSERT INTO leads ({', '.join(_q(n) for n in names)}) VALUES ({', '.join('?' * len(names))})"
-        with self.lock:
-            self.db.execute("BEGIN")
-            try:
-                start = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM leads").fetchone()[0]
-                self.db.executemany(sql, rows)
-                end = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM leads").fetchone()[0]
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.transaction():
+            start = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM leads").fetchone()[0]
+            self.db.executemany(sql, rows)
+            end = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM leads").fetchone()[0]
         return start + 1, end
 
     def _record_activity(self, lead_id: int, type_id: int, when: str, *, primary_id=None, primary=None,
@@ -326,15 +333,9 @@ class MarketoStore:
         if lookup_field == "id" and action != "updateOnly":
             raise ApiError("1003", "Lookup field 'id' is only valid with action 'updateOnly'")
         results = []
-        with self.lock:
-            self.db.execute("BEGIN")
-            try:
-                for record in records:
-                    results.append(self._sync_one(action, lookup_field, record))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.transaction():
+            for record in records:
+                results.append(self._sync_one(action, lookup_field, record))
         return results
 
     def _sync_one(self, action: str, lookup_field: str, record) -> SyncResult:
@@ -373,22 +374,16 @@ class MarketoStore:
     def delete_leads(self, ids: list) -> list[SyncResult]:
         """Delete leads by id, recording a Delete Lead activity for each."""
         results = []
-        with self.lock:
-            self.db.execute("BEGIN")
-            try:
-                for raw in ids:
-                    lead_id = raw.get("id") if isinstance(raw, dict) else raw
-                    row = self._full_row("id = ?", (lead_id,)) if isinstance(lead_id, int) else []
-                    if not row:
-                        results.append(SyncResult("skipped", id=lead_id if isinstance(lead_id, int) else None,
-                                                  reasons=[{"code": "1004", "message": "Lead not found"}]))
-                        continue
-                    self._delete_one(row[0], [{"name": "Remove from CRM", "value": False}])
-                    results.append(SyncResult("deleted", id=lead_id))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.transaction():
+            for raw in ids:
+                lead_id = raw.get("id") if isinstance(raw, dict) else raw
+                row = self._full_row("id = ?", (lead_id,)) if isinstance(lead_id, int) else []
+                if not row:
+                    results.append(SyncResult("skipped", id=lead_id if isinstance(lead_id, int) else None,
+                                              reasons=[{"code": "1004", "message": "Lead not found"}]))
+                    continue
+                self._delete_one(row[0], [{"name": "Remove from CRM", "value": False}])
+                results.append(SyncResult("deleted", id=lead_id))
         return results
 
     def _delete_one(self, lead: dict, attributes: list[dict]) -> None:
@@ -399,38 +394,32 @@ class MarketoStore:
 
     def merge_leads(self, winner_id: int, loser_ids: list[int]) -> None:
         """Merge losers into the winner: the winner keeps its values, empty ones are filled from the losers."""
-        with self.lock:
-            self.db.execute("BEGIN")
-            try:
-                winner = self._full_row("id = ?", (winner_id,))
-                if not winner:
-                    raise ApiError("1004", f"Lead not found: {winner_id}")
-                winner = winner[0]
-                losers = []
-                for lid in loser_ids:
-                    row = self._full_row("id = ?", (lid,))
-                    if not row or lid == winner_id:
-                        raise ApiError("1004", f"Lead not found: {lid}")
-                    losers.append(row[0])
-                fill = {}
-                for loser in losers:
-                    for f in LEAD_FIELDS:
-                        if f.read_only or f.name in fill:
-                            continue
-                        if winner.get(f.name) is None and loser.get(f.name) is not None:
-                            fill[f.name] = loser[f.name]
-                when = format_datetime(utc_now())
-                merged = ",".join(str(x) for x in loser_ids)
-                for loser in losers:
-                    self._delete_one(loser, [{"name": "Remove from CRM", "value": False}])
-                self._apply_changes(winner_id, winner, fill, when, "Merge leads")
-                self._record_activity(winner_id, MERGE_LEADS, when, primary_id=winner_id, primary=str(winner_id),
-                                      attributes=[{"name": "Merge IDs", "value": merged},
-                                                  {"name": "Merge Source", "value": API_SOURCE}])
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.transaction():
+            winner = self._full_row("id = ?", (winner_id,))
+            if not winner:
+                raise ApiError("1004", f"Lead not found: {winner_id}")
+            winner = winner[0]
+            losers = []
+            for lid in loser_ids:
+                row = self._full_row("id = ?", (lid,))
+                if not row or lid == winner_id:
+                    raise ApiError("1004", f"Lead not found: {lid}")
+                losers.append(row[0])
+            fill = {}
+            for loser in losers:
+                for f in LEAD_FIELDS:
+                    if f.read_only or f.name in fill:
+                        continue
+                    if winner.get(f.name) is None and loser.get(f.name) is not None:
+                        fill[f.name] = loser[f.name]
+            when = format_datetime(utc_now())
+            merged = ",".join(str(x) for x in loser_ids)
+            for loser in losers:
+                self._delete_one(loser, [{"name": "Remove from CRM", "value": False}])
+            self._apply_changes(winner_id, winner, fill, when, "Merge leads")
+            self._record_activity(winner_id, MERGE_LEADS, when, primary_id=winner_id, primary=str(winner_id),
+                                  attributes=[{"name": "Merge IDs", "value": merged},
+                                              {"name": "Merge Source", "value": API_SOURCE}])
 
     # ------------------------------------------------------------------ activities
     def paging_token(self, since: datetime) -> str:
@@ -554,15 +543,9 @@ class MarketoStore:
     def add_custom_activities(self, records: list) -> list[SyncResult]:
         types = {t["id"]: t for t in self.activity_types() if t["status"] in ("approved", "approved with draft")}
         results = []
-        with self.lock:
-            self.db.execute("BEGIN")
-            try:
-                for rec in records:
-                    results.append(self._add_custom_activity(rec, types))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.transaction():
+            for rec in records:
+                results.append(self._add_custom_activity(rec, types))
         return results
 
     def _add_custom_activity(self, rec, types: dict) -> SyncResult:
