@@ -14,7 +14,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, parse_qsl, urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -188,6 +188,12 @@ def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: s
                     return failure("601", "Access token invalid: the access_token query parameter is no longer"
                                           " supported, send an Authorization: Bearer header")
                 return failure(*problem)
+        if request.method == "POST" and request.query_params.get("_method", "").upper() == "GET":
+            # Long queries: POST with _method=GET and the query string in a form body (lead-database.md).
+            query = [(k, v) for k, v in request.query_params.multi_items() if k != "_method"]
+            query += parse_qsl((await request.body()).decode())
+            request.scope["method"] = "GET"
+            request.scope["query_string"] = urlencode(query).encode()
         if not guard.enter():
             return failure("615", "Concurrent access limit reached")
         try:
@@ -293,12 +299,6 @@ def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: s
 
     @app.post("/rest/v1/leads.json")
     async def sync_leads(request: Request):
-        if request.query_params.get("_method", "").upper() == "GET":
-            # Long queries: the query string moves to a form-encoded body (lead-database.md "Long URIs").
-            params = dict(request.query_params)
-            params.pop("_method")
-            params.update({k: v[0] for k, v in parse_qs((await request.body()).decode()).items()})
-            return await leads_by_filter(params)
         body = await read_json(request)
         if not isinstance(body, dict) or not body.get("input"):
             raise ApiError("701", "input cannot be blank")
