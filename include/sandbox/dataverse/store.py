@@ -363,16 +363,15 @@ class Store:
         if col.type in CHOICE_TYPES or col.type in ("Integer", "BigInt"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise bad
-            if col.type in CHOICE_TYPES and col.options and value not in col.option_values:
-                raise DataverseError(400, E.VALIDATION, f"A validation error occurred. The value {value} of "
-                                     f"'{name}' on record of type '{ename}' is outside the valid range. "
-                                     f"Accepted Values: {','.join(str(v) for v in sorted(col.option_values))}")
             lo, hi = col.min_value, col.max_value
-            if (lo is not None and value < lo) or (hi is not None and value > hi):
-                raise DataverseError(400, E.VALIDATION, f"A validation error occurred. The value {value} of "
-                                     f"'{name}' on record of type '{ename}' is outside the valid range "
-                                     f"({lo} to {hi}).")
-            return value
+            if col.type in CHOICE_TYPES and col.options and value not in col.option_values:
+                accepted = ". Accepted Values: " + ",".join(str(v) for v in sorted(col.option_values))
+            elif (lo is not None and value < lo) or (hi is not None and value > hi):
+                accepted = f" ({lo} to {hi})."
+            else:
+                return value
+            raise DataverseError(400, E.VALIDATION, f"A validation error occurred. The value {value} of '{name}' "
+                                 f"on record of type '{ename}' is outside the valid range{accepted}")
         if col.type == "DateTime":
             if not isinstance(value, str):
                 raise bad

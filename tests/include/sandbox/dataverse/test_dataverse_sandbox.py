@@ -110,6 +110,7 @@ def test_upsert_by_alternate_key_with_conditions(api):
     ({"leadsourcecode": 3}, 400, "0x80044331", "Accepted Values: 1"),
     ({"donotemail": "yes"}, 400, "0x80048d19", "donotemail"),
     ({"numberofchildren": 1.5}, 400, "0x80048d19", "numberofchildren"),
+    ({"numberofchildren": -1}, 400, "0x80044331", "outside the valid range (0 to 1000000000)"),
     ({"nosuchcolumn": 1}, 400, "0x80060888", "'nosuchcolumn'"),
     ({"createdon": "2020-01-01T00:00:00Z"}, 400, "0x80048d19", "not valid for create"),
 ])
