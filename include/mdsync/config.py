@@ -82,6 +82,14 @@ class FieldMap(_Strict):
             return True
         return (self.direction is Direction.TO_MARKETO) == (side is Side.MARKETO)
 
+    @property
+    def flows_to_marketo(self) -> bool:
+        return self.flows_to(Side.MARKETO)
+
+    @property
+    def flows_to_dynamics(self) -> bool:
+        return self.flows_to(Side.DYNAMICS)
+
 
 class EntityConfig(_Strict):
     """Sync settings of one Dynamics entity type (``lead`` or ``contact``)."""

@@ -1,0 +1,41 @@
+"""Runtime settings of a sync deployment, read in one place (environment variables, with defaults).
+
+| variable | default | meaning |
+| --- | --- | --- |
+| ``MDSYNC_CONFIG`` | ``include/config/sync.yaml`` | the sync config (fields, directions, policies) |
+| ``MDSYNC_STATE_URL`` | ``sqlite:///$AIRFLOW_HOME/mdsync/state.sqlite`` | the state store (use PostgreSQL across machines) |
+| ``MDSYNC_STAGING_URL`` | ``file://$AIRFLOW_HOME/mdsync/staging`` | where tasks hand frames to each other (``s3://…`` etc.) |
+| ``MDSYNC_OVERLAP_SECONDS`` | ``120`` | how far before the watermark extraction starts (clock skew, 1 s resolution) |
+| ``MDSYNC_SCHEMA_CACHE_MINUTES`` | ``60`` | how long a field-access refresh (describe both sides) is reused |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mdsync.state.store import default_state_url
+
+
+def _airflow_home() -> Path:
+    return Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_path: str | None
+    state_url: str
+    staging_url: str
+    overlap_seconds: int
+    schema_cache_minutes: int
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            config_path=os.environ.get("MDSYNC_CONFIG"),
+            state_url=default_state_url(),
+            staging_url=os.environ.get("MDSYNC_STAGING_URL") or f"file://{_airflow_home() / 'mdsync' / 'staging'}",
+            overlap_seconds=int(os.environ.get("MDSYNC_OVERLAP_SECONDS", "120")),
+            schema_cache_minutes=int(os.environ.get("MDSYNC_SCHEMA_CACHE_MINUTES", "60")),
+        )
