@@ -38,13 +38,8 @@ def format_datetime(value: datetime) -> str:
 
 
 def parse_datetime(text: str) -> datetime:
-    """Parse an ISO 8601 datetime (``Z``, ``+hh:mm`` or ``+hhmm`` offsets; a bare date is midnight UTC)."""
-    s = text.strip()
-    if s.endswith("Z"):
-        s = s[:-1] + "+00:00"
-    if re.search(r"[+-]\d{4}$", s) and "T" in s:
-        s = s[:-2] + ":" + s[-2:]
-    parsed = datetime.fromisoformat(s)
+    """Parse an ISO 8601 datetime (``Z``, ``+hh:mm`` or ``+hhmm`` offsets; no offset or a bare date is UTC)."""
+    parsed = datetime.fromisoformat(text.strip())  # Python 3.11 reads every ISO 8601 form Marketo uses
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.astimezone(timezone.utc)
