@@ -68,6 +68,19 @@ async def read_json(request: Request):
         raise ApiError("609", "Invalid JSON") from None
 
 
+async def read_input(request: Request) -> tuple[dict, list]:
+    """The JSON body and its ``input`` array: required, at most 300 records (lead-database.md)."""
+    body = await read_json(request)
+    records = body.get("input") if isinstance(body, dict) else None
+    if not records:
+        raise ApiError("701", "input cannot be blank")
+    if not isinstance(records, list):
+        raise ApiError("1003", "Invalid data: input must be an array")
+    if len(records) > MAX_BATCH:
+        raise ApiError("1003", f"Too many records: {len(records)} given, at most {MAX_BATCH} per call")
+    return body, records
+
+
 def _csv_param(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
@@ -299,14 +312,7 @@ def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: s
 
     @app.post("/rest/v1/leads.json")
     async def sync_leads(request: Request):
-        body = await read_json(request)
-        if not isinstance(body, dict) or not body.get("input"):
-            raise ApiError("701", "input cannot be blank")
-        records = body["input"]
-        if not isinstance(records, list):
-            raise ApiError("1003", "Invalid data: input must be an array")
-        if len(records) > MAX_BATCH:
-            raise ApiError("1003", f"Too many records: {len(records)} given, at most {MAX_BATCH} per call")
+        body, records = await read_input(request)
         action = body.get("action") or "createOrUpdate"
         if action not in ("createOnly", "updateOnly", "createOrUpdate", "createDuplicate"):
             raise ApiError("1003", f"Invalid action '{action}'")
@@ -323,14 +329,11 @@ def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: s
     @app.post("/rest/v1/leads/delete.json")
     async def delete_leads(request: Request):
         if request.query_params.get("id"):
-            ids = [int(x) for x in _csv_param(request.query_params["id"]) if x.isdigit()]
+            ids = [int(x) for x in _csv_param(request.query_params["id"]) if x.isdigit()][:MAX_BATCH + 1]
+            if len(ids) > MAX_BATCH:
+                raise ApiError("1003", f"Too many records: more than {MAX_BATCH} ids per call")
         else:
-            body = await read_json(request)
-            ids = body.get("input") if isinstance(body, dict) else None
-            if not ids:
-                raise ApiError("701", "input cannot be blank")
-        if len(ids) > MAX_BATCH:
-            raise ApiError("1003", f"Too many records: {len(ids)} given, at most {MAX_BATCH} per call")
+            _, ids = await read_input(request)
         results = await run_in_threadpool(store.delete_leads, ids)
         return envelope([r.as_json() for r in results])
 
@@ -452,12 +455,7 @@ def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: s
 
     @app.post("/rest/v1/activities/external.json")
     async def add_custom_activities(request: Request):
-        body = await read_json(request)
-        records = body.get("input") if isinstance(body, dict) else None
-        if not records:
-            raise ApiError("701", "input cannot be blank")
-        if len(records) > MAX_BATCH:
-            raise ApiError("1003", f"Too many records: {len(records)} given, at most {MAX_BATCH} per call")
+        _, records = await read_input(request)
         results = await run_in_threadpool(store.add_custom_activities, records)
         out = []
         for r in results:
