@@ -28,6 +28,7 @@ _PANDAS_TYPES = {"String": "str", "Memo": "str", "Uniqueidentifier": "str", "Loo
                  "Owner": "str", "EntityName": "str", "Integer": "Int64", "BigInt": "Int64", "Picklist": "Int64",
                  "State": "Int64", "Status": "Int64", "Boolean": "boolean", "Double": "Float64",
                  "Decimal": "Float64", "Money": "Float64"}
+_STANDARD_TABLES = {"contacts": "contact", "leads": "lead", "accounts": "account"}
 _METADATA_CASTS = ("StringAttributeMetadata", "MemoAttributeMetadata", "PicklistAttributeMetadata",
                    "StateAttributeMetadata", "StatusAttributeMetadata")
 
@@ -91,7 +92,11 @@ class DynamicsClient(WritesMixin):
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self._attributes: dict[str, pd.DataFrame] = {}
-        self._logical_names: dict[str, str] = {}
+        # Standard tables the sync uses need no lookup; others are resolved through EntityDefinitions.
+        self._logical_names: dict[str, str] = dict(_STANDARD_TABLES)
+        #: ``{logical name: {column: AttributeType}}`` used to type frames. Filled on first use with one
+        #: call per table; a caller may pre-fill it (e.g. from the cycle's schema refresh) to save the call.
+        self.column_types: dict[str, dict[str, str]] = {}
 
     # transport ------------------------------------------------------------------------------------------
     def request(self, method: str, path_or_url: str, *, json=None, data=None, headers=None, params=None,
@@ -208,7 +213,16 @@ class DynamicsClient(WritesMixin):
             "options": [options.get(i["LogicalName"]) for i in items],
         })
         self._attributes[entity_logical_name] = frame
+        self.column_types[entity_logical_name] = dict(zip(frame["logical_name"], frame["type"]))
         return frame
+
+    def _column_types(self, entity_logical_name: str) -> dict[str, str]:
+        """Column -> AttributeType for typing frames: one metadata call per table, then cached."""
+        if entity_logical_name not in self.column_types:
+            items = self.request("GET", f"EntityDefinitions(LogicalName={odata.odata_literal(entity_logical_name)})"
+                                 "/Attributes", params={"$select": "LogicalName,AttributeType"}).json()["value"]
+            self.column_types[entity_logical_name] = {i["LogicalName"]: i["AttributeType"] for i in items}
+        return self.column_types[entity_logical_name]
 
     def field_permissions(self, entity_logical_name: str) -> pd.DataFrame:
         """Which columns the sync user may read / update / create (DESIGN §4.1).
@@ -321,7 +335,7 @@ class DynamicsClient(WritesMixin):
         """Rows -> DataFrame with the primary id first and dtypes from metadata (datetimes UTC)."""
         pid = self._primary_id(entity_set)
         names = [pid] + [c for c in columns if c != pid]
-        types = dict(zip(*self.attributes(self.logical_name(entity_set))[["logical_name", "type"]].T.values))
+        types = self._column_types(self.logical_name(entity_set))
         data = {}
         for name in names:
             logical = name[1:-6] if name.startswith("_") and name.endswith("_value") else name

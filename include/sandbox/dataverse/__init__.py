@@ -39,7 +39,9 @@ Admin API (JSON, no auth, under ``/_sandbox``):
 - ``PUT /_sandbox/rules`` ``[{"entity": "contact", "column": "jobtitle", "op": "forbid", "values": [...],
   "message": "..."}]``; ops ``forbid`` (values), ``require`` (non-empty), ``match`` (``pattern`` regex).
   A violating write gets 400 with code ``0x80040265`` and the rule's message, as a plug-in would.
-- ``POST /_sandbox/reset`` wipes rows, counters, faults, rules and security. ``GET /_sandbox/health``.
+- ``PUT /_sandbox/messages`` ``{"unsupported": {"contact": ["UpsertMultiple"]}}``: bulk messages a table
+  does not support (404 "Resource not found for the segment ..."), as for some standard tables.
+- ``POST /_sandbox/reset`` wipes rows, counters, faults, rules, security and message settings. ``GET /_sandbox/health``.
 
 The ROPC user is ``sb.username`` / ``sb.user_password``. Not emulated: the combined execution-time limit,
 opportunities (``QualifyLead`` with ``CreateOpportunity``), ``$expand``, FetchXML, metadata ``$filter``,

@@ -278,6 +278,15 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
             return error(err)
         return {"rules": store.rules}
 
+    @app.put("/_sandbox/messages")
+    async def put_messages(request: Request):
+        body = await request.json()
+        try:
+            store.set_unsupported_messages(body.get("unsupported", {}))
+        except DataverseError as err:
+            return error(err)
+        return {"unsupported": store.unsupported_messages}
+
     @app.post("/_sandbox/reset")
     def reset():
         store.reset()

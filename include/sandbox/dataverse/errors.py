@@ -22,6 +22,7 @@ THROTTLE_REQUESTS = "0x80072322"
 THROTTLE_TIME = "0x80072321"
 THROTTLE_CONCURRENCY = "0x80072326"
 QUERY = "0x80060888"  # invalid $filter / $orderby / $select
+NO_SEGMENT = "0x8006088a"  # "Resource not found for the segment '...'" (e.g. a bulk message a table lacks)
 SERVER = "0x80040216"  # unexpected server error (injected faults)
 TOKEN = "0x80072560"  # missing / expired / invalid bearer token
 

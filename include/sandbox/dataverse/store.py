@@ -94,6 +94,7 @@ class Store:
                                                         "creatable": {}})
         self.rules = self._load_setting("rules", [])
         self.delta_floor = self._load_setting("delta_floor", 0)
+        self.unsupported_messages: dict[str, list[str]] = self._load_setting("unsupported_messages", {})
 
     # settings -------------------------------------------------------------------------------------------
     def _load_setting(self, key: str, default):
@@ -138,6 +139,17 @@ class Store:
         self.rules = rules
         self._save_setting("rules", rules)
 
+    def set_unsupported_messages(self, config: dict) -> None:
+        """Mark bulk messages a table doesn't support (``{"contact": ["UpsertMultiple"]}``), as some
+        standard tables don't (bulk-operations.md); such requests get the real 404."""
+        allowed = {"CreateMultiple", "UpdateMultiple", "UpsertMultiple"}
+        for entity, messages in config.items():
+            self.entity(entity)
+            if not set(messages) <= allowed:
+                raise DataverseError(400, E.QUERY, f"messages.{entity}: only {sorted(allowed)} can be switched off")
+        self.unsupported_messages = {self.entity(k).logical_name: list(v) for k, v in config.items()}
+        self._save_setting("unsupported_messages", self.unsupported_messages)
+
     def expire_delta_tokens(self) -> None:
         """Make every delta token issued so far expired (the organisation's retention has passed)."""
         with self.lock:
@@ -156,6 +168,7 @@ class Store:
         self.security = {"secured_columns": {}, "readable": {}, "updatable": {}, "creatable": {}}
         self.rules = []
         self.delta_floor = 0
+        self.unsupported_messages = {}
 
     # security -------------------------------------------------------------------------------------------
     def is_secured(self, entity: str, column: str) -> bool:

@@ -271,6 +271,9 @@ class WebApi:
     # bulk messages --------------------------------------------------------------------------------------
     def bulk(self, entity: Entity, message: str, body: dict, conn) -> Reply:
         """CreateMultiple / UpdateMultiple / UpsertMultiple: all-or-nothing, like standard tables."""
+        if message in self.store.unsupported_messages.get(entity.logical_name, []):
+            raise DataverseError(404, E.NO_SEGMENT, f"Resource not found for the segment "
+                                 f"'Microsoft.Dynamics.CRM.{message}'.")
         targets = body.get("Targets")
         if not isinstance(targets, list) or not targets:
             raise DataverseError(400, E.PAYLOAD, f"{message}: 'Targets' must be a non-empty array.")

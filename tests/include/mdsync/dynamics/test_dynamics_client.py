@@ -104,6 +104,23 @@ def test_special_characters_round_trip_through_writes_and_filters(dataverse, dyn
     assert set(dynamics_client.query("contacts", ["firstname"])["firstname"]) == {"again"}
 
 
+def test_without_bulk_support_writes_go_through_batch_with_special_keys(dataverse, dynamics_client):
+    dataverse.admin("PUT", "messages", {"unsupported": {"contact": ["UpsertMultiple"]}})
+    rows = [{"mdsync_marketopersonid": value, "lastname": value} for value in SPECIAL]
+    rows.append({"mdsync_marketopersonid": "too long", "lastname": "l" * 51})
+    result = dynamics_client.upsert_multiple("contacts", rows)
+    assert result["ok"].tolist() == [True] * len(SPECIAL) + [False]
+    assert result.loc[len(SPECIAL), "error_code"] == "0x80044331"
+    again = dynamics_client.upsert_multiple("contacts", rows[:-1])  # known unsupported: straight to $batch
+    assert list(again["id"]) == list(result["id"][:-1])
+    stored = dynamics_client.query("contacts", ["mdsync_marketopersonid", "lastname"])
+    assert sorted(stored["mdsync_marketopersonid"]) == sorted(SPECIAL)
+    assert (stored["mdsync_marketopersonid"] == stored["lastname"]).all()
+    counts = dataverse.calls()["by_endpoint"]
+    assert counts["POST /api/data/v9.2/contacts/Microsoft.Dynamics.CRM.UpsertMultiple"] == 1
+    assert counts["POST /api/data/v9.2/$batch"] == 2
+
+
 # change tracking ----------------------------------------------------------------------------------------------
 def test_delta_link_reports_creates_updates_and_deletes(dataverse, dynamics_client):
     ids = dataverse.seed("contacts", people(12))
@@ -120,6 +137,16 @@ def test_delta_link_reports_creates_updates_and_deletes(dataverse, dynamics_clie
     assert delta.deleted_ids == [ids[1]]
     quiet = dynamics_client.track_changes("contacts", ["lastname"], delta.delta_link)
     assert quiet.changed.empty and quiet.deleted_ids == [] and not quiet.full_read
+
+
+def test_idle_delta_read_costs_one_call(dataverse, dynamics_client):
+    first = dynamics_client.track_changes("leads", ["lastname"])
+    fresh = DynamicsClient(dataverse.org_url, dataverse.client_id, dataverse.client_secret, dataverse.tenant_id,
+                           authority=dataverse.authority, verify=dataverse.ca_bundle)
+    fresh.column_types.update(dynamics_client.column_types)  # e.g. kept from the cycle's schema refresh
+    fresh.track_changes("leads", ["lastname"], first.delta_link)
+    assert fresh.calls_made == 1
+    assert dynamics_client.logical_name("fieldpermissions") == "fieldpermission"  # non-standard: looked up
 
 
 def test_seeded_rows_show_up_in_a_later_delta(dataverse, dynamics_client):
@@ -192,7 +219,7 @@ def test_upsert_is_idempotent_by_alternate_key(dataverse, dynamics_client):
 
 def test_bulk_writes_use_one_call_per_thousand_records(dataverse, dynamics_client):
     rows = [{"mdsync_marketopersonid": f"m{i}", "lastname": f"L{i}"} for i in range(2500)]
-    dynamics_client.logical_name("contacts")
+    dynamics_client.request("GET", "WhoAmI")  # token fetched before counting
     dataverse.admin("POST", "calls/reset")
     result = dynamics_client.upsert_multiple("contacts", pd.DataFrame(rows))
     assert result["ok"].all() and len(result) == 2500
@@ -259,7 +286,7 @@ def test_merge_updates_target_and_deactivates_subordinate(dataverse, dynamics_cl
 # faults ----------------------------------------------------------------------------------------------------------
 def test_throttle_storm_waits_retry_after_and_finishes(dataverse, dynamics_client):
     ids = dataverse.seed("contacts", people(30))
-    dynamics_client.logical_name("contacts")
+    dynamics_client.request("GET", "WhoAmI")
     dataverse.fault("throttle", count=3, seconds=1, path_prefix="/api/data/v9.2/contacts")
     started = time.monotonic()
     frame = dynamics_client.query("contacts", ["lastname"], page_size=10)
@@ -268,7 +295,7 @@ def test_throttle_storm_waits_retry_after_and_finishes(dataverse, dynamics_clien
 
 
 def test_throttled_and_failing_writes_are_not_duplicated(dataverse, dynamics_client):
-    dynamics_client.logical_name("contacts")
+    dynamics_client.request("GET", "WhoAmI")
     dataverse.fault("throttle", count=2, seconds=0, path_prefix="/api/data/v9.2/contacts/Microsoft")
     dataverse.fault("server_error", count=2, path_prefix="/api/data/v9.2/contacts/Microsoft")
     rows = [{"mdsync_marketopersonid": f"k{i}", "lastname": "T"} for i in range(50)]
@@ -288,7 +315,7 @@ def test_persistent_server_errors_end_in_a_specific_error(dataverse):
 
 def test_token_expiry_mid_paging_renews_once_and_loses_nothing(dataverse, dynamics_client):
     ids = dataverse.seed("contacts", people(400))
-    dynamics_client.logical_name("contacts")
+    dynamics_client.request("GET", "WhoAmI")
     dataverse.fault("delay", count=8, seconds=0.25, path_prefix="/api/data/v9.2/contacts")
     expire = threading.Timer(0.8, lambda: dataverse.admin("POST", "faults", {"kind": "expire_tokens"}))
     expire.start()
