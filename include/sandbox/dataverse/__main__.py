@@ -39,11 +39,14 @@ def main(argv: list[str] | None = None) -> None:
                      requests_per_window=args.requests_per_window, window_s=args.window,
                      max_concurrent=args.max_concurrent)
     config = uvicorn.Config(app, ssl_certfile=str(server_pem), ssl_keyfile=str(server_pem), log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=3)
+                            access_log=False, timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     (data_dir / "server.json").write_text(json.dumps({"port": port, "pid": os.getpid(), "org_url": org_url}))
     print(f"Dataverse sandbox on {org_url} (CA {ca_path})", flush=True)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; nothing left to do
+        pass
 
 
 if __name__ == "__main__":
