@@ -158,3 +158,13 @@ def test_persistent_failure_gives_up_with_a_clear_error(marketo):
         client.describe_leads()
     assert "after 3 attempts" in str(err.value) and err.value.status == 502
     assert marketo.calls()["injected"] == {"server_error": 3}
+
+
+def test_slow_response_times_out_and_is_retried(marketo):
+    ids = marketo.seed_leads([{"email": f"slow{i}@example.com"} for i in range(3)])
+    client = client_for(marketo, timeout=(2, 0.5))
+    client.describe_leads()
+    marketo.fault("delay", count=1, seconds=1.5, path_prefix="/rest/v1/leads.json")
+    leads = client.get_leads("id", ids, fields=["email"])
+    assert leads["id"].tolist() == ids
+    assert marketo.calls()["by_endpoint"]["GET /rest/v1/leads.json"] == 2

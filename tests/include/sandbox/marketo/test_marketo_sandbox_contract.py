@@ -12,9 +12,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from marketo_swagger_check import schema_for, validate_response
-
 from sandbox.marketo import MarketoSandbox
+from tests.fixtures.marketo_sandbox import schema_for, validate_response
 
 
 class Api:
