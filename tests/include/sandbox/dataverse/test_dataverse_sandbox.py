@@ -217,9 +217,9 @@ def test_batch_continue_on_error_and_atomic_change_sets(api):
 # service protection, faults, admin ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def strict_sandbox(tmp_path_factory):
-    """A second sandbox with tiny limits: 5 requests per 2 s, 1 request in flight."""
+    """A second sandbox with tiny limits: 5 requests per 2 s, 1 request in flight, 2 s tokens."""
     with DataverseSandbox(tmp_path_factory.mktemp("dv-strict"), requests_per_window=5, window_s=2,
-                          max_concurrent=1) as sb:
+                          max_concurrent=1, token_ttl_s=2) as sb:
         yield sb
 
 
@@ -233,6 +233,16 @@ def test_request_limit_answers_429_with_retry_after(strict_sandbox):
     assert 1 <= int(limited.headers["Retry-After"]) <= 2
     time.sleep(int(limited.headers["Retry-After"]))
     assert api("GET", "WhoAmI").status_code == 200
+
+
+def test_tokens_expire_after_their_lifetime(strict_sandbox):
+    strict_sandbox.reset()
+    api = Api(strict_sandbox)
+    assert api("GET", "WhoAmI").status_code == 200
+    time.sleep(2.2)
+    expired = api("GET", "WhoAmI")
+    assert expired.status_code == 401 and error_of(expired)[1] == "The access token has expired."
+    assert 'error="invalid_token"' in expired.headers["WWW-Authenticate"]
 
 
 def test_concurrency_limit_answers_429(strict_sandbox):
