@@ -124,7 +124,11 @@ def test_business_rules_and_field_security(dataverse, api):
     dataverse.admin("PUT", "rules", [{"entity": "contact", "column": "jobtitle", "op": "forbid", "values": ["Intern"],
                                       "message": "Interns can't be contacts."},
                                      {"entity": "contact", "column": "emailaddress1", "op": "match",
-                                      "pattern": r"[^@\s]+@[^@\s]+"}])
+                                      "pattern": r"[^@\s]+@[^@\s]+"},
+                                     {"entity": "lead", "column": "companyname", "op": "require"}])
+    no_company = api("POST", "leads", json={"lastname": "A"})
+    assert no_company.status_code == 400 and error_of(no_company) == ("0x80040265",
+                                                                      "Business rule: 'companyname' is required.")
     refused = api("POST", "contacts", json={"lastname": "A", "jobtitle": "Intern"})
     assert refused.status_code == 400 and error_of(refused) == ("0x80040265", "Interns can't be contacts.")
     bad_email = api("POST", "contacts", json={"lastname": "A", "emailaddress1": "no-at-sign"})
