@@ -38,5 +38,17 @@ demo: venv
 bench: venv
 	$(PY) bench/engine_bench.py
 
+sandbox: venv
+	$(PY) -m sandbox --dir .sandbox
+
+# One cycle now: a manual run of the DAG, against the connections in the environment or, when none are set,
+# the running sandbox's (.sandbox/connections.env). Exits non-zero when the run fails.
+sync: venv
+	@bash scripts/sync.sh
+
+activity: venv
+	@test -n "$(EMAIL)$(PERSON)" || { echo "usage: make activity EMAIL=someone@example.com (or PERSON=<Marketo id>)" >&2; exit 2; }
+	$(PY) -m mdsync.activity $(if $(EMAIL),--email "$(EMAIL)",--person "$(PERSON)")
+
 clean:
 	rm -rf .sandbox .staging .state .pytest_cache .hypothesis

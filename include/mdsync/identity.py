@@ -231,10 +231,10 @@ class Identity:
                     self._note("skip", entity=entity, dynamics_id=did, email=addr,
                                detail=f"the {pool[0][0]} {pool[0][1]} with the same email is linked instead")
         found = self.marketo.get_leads("email", [c[2] for c in chosen], self.fields) if chosen else pd.DataFrame()
-        matches = found.groupby(_lower(found["email"])) if not found.empty else None
+        matches = dict(iter(found.groupby(_lower(found["email"]).to_numpy()))) if not found.empty else {}
         out, to_create = [], []
         for entity, did, email, row in chosen:
-            group = matches.get_group(email.lower()) if matches is not None and email.lower() in matches.groups else None
+            group = matches.get(email.lower())
             if group is None:
                 to_create.append((entity, did, email, row))
             elif len(group) > 1:

@@ -29,12 +29,13 @@ Sender = Callable[[list[dict]], list[tuple[bool, str | None, str | None]]]
 
 def _too_long(writes: pd.DataFrame, max_length: dict[str, int], where: str) -> pd.Series:
     """Per write row: an error message when the value is longer than the target allows, else None."""
-    limits = writes["field"].map(max_length)
-    lengths = writes["value"].astype("str").str.len()
-    over = (lengths > limits).fillna(False).to_numpy(dtype=bool)
+    limits = pd.to_numeric(writes["field"].astype(object).map(max_length), errors="coerce").to_numpy(dtype=float)
+    lengths = writes["value"].astype("str").str.len().to_numpy(dtype=float, na_value=0)
+    over = lengths > limits  # NaN limits (no MaxLength) compare False
     messages = pd.Series(None, index=writes.index, dtype=object)
     for i in writes.index[over]:
-        messages[i] = (f"value is {int(lengths[i])} characters but {where} allows {int(limits[i])}; "
+        pos = writes.index.get_loc(i)
+        messages[i] = (f"value is {int(lengths[pos])} characters but {where} allows {int(limits[pos])}; "
                        "not sent (values are never truncated)")
     return messages
 

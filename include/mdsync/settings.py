@@ -7,6 +7,8 @@
 | ``MDSYNC_STAGING_URL`` | ``file://$AIRFLOW_HOME/mdsync/staging`` | where tasks hand frames to each other (``s3://…`` etc.) |
 | ``MDSYNC_OVERLAP_SECONDS`` | ``120`` | how far before the watermark extraction starts (clock skew, 1 s resolution) |
 | ``MDSYNC_SCHEMA_CACHE_MINUTES`` | ``60`` | how long a field-access refresh (describe both sides) is reused |
+| ``MDSYNC_FULL_LOOKBACK_DAYS`` | ``0`` | a full reconcile also bulk-exports Marketo persons updated in this many days |
+| ``MDSYNC_BULK_POLL_SECONDS`` | ``60`` | how often a Marketo bulk export job is polled |
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Settings:
     staging_url: str
     overlap_seconds: int
     schema_cache_minutes: int
+    full_lookback_days: float
+    bulk_poll_seconds: float
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -38,4 +42,6 @@ class Settings:
             staging_url=os.environ.get("MDSYNC_STAGING_URL") or f"file://{_airflow_home() / 'mdsync' / 'staging'}",
             overlap_seconds=int(os.environ.get("MDSYNC_OVERLAP_SECONDS", "120")),
             schema_cache_minutes=int(os.environ.get("MDSYNC_SCHEMA_CACHE_MINUTES", "60")),
+            full_lookback_days=float(os.environ.get("MDSYNC_FULL_LOOKBACK_DAYS", "0")),
+            bulk_poll_seconds=float(os.environ.get("MDSYNC_BULK_POLL_SECONDS", "60")),
         )

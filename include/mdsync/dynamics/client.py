@@ -216,6 +216,16 @@ class DynamicsClient(WritesMixin):
         self.column_types[entity_logical_name] = dict(zip(frame["logical_name"], frame["type"]))
         return frame
 
+    def preload_metadata(self, entity_set: str, logical_name: str, attributes: pd.DataFrame) -> None:
+        """Reuse column metadata read earlier (e.g. by another task's schema refresh), so reading and typing
+        rows of ``entity_set`` needs no metadata call (DESIGN §8: an idle cycle costs at most 3 calls).
+
+        :param attributes: a frame as returned by :meth:`attributes`.
+        """
+        self._logical_names[entity_set] = logical_name
+        self._attributes[logical_name] = attributes
+        self.column_types[logical_name] = dict(zip(attributes["logical_name"], attributes["type"]))
+
     def _column_types(self, entity_logical_name: str) -> dict[str, str]:
         """Column -> AttributeType for typing frames: one metadata call per table, then cached."""
         if entity_logical_name not in self.column_types:

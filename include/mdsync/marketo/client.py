@@ -225,6 +225,14 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin):
             self._describe = self._describe_fields()
             return self._describe
 
+    def use_describe(self, describe: pd.DataFrame) -> None:
+        """Reuse a describe read earlier (e.g. by another task's schema refresh) instead of calling again.
+
+        :param describe: a frame as returned by :meth:`describe_leads`.
+        """
+        with self._describe_lock:
+            self._describe = describe
+
     def _describe_fields(self) -> pd.DataFrame:
         body = self._get("/rest/v1/leads/describe2.json")
         entity = (body.get("result") or [{}])[0]

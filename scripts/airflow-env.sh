@@ -1,0 +1,13 @@
+# Sourced by the make targets that run Airflow: a project-local AIRFLOW_HOME (.airflow/) that reads the
+# DAG and plugins from this checkout. Variables already set in the environment win.
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export AIRFLOW_HOME="${AIRFLOW_HOME:-$root/.airflow}"
+export AIRFLOW__CORE__DAGS_FOLDER="${AIRFLOW__CORE__DAGS_FOLDER:-$root/dags}"
+export AIRFLOW__CORE__PLUGINS_FOLDER="${AIRFLOW__CORE__PLUGINS_FOLDER:-$root/plugins}"
+export AIRFLOW__CORE__LOAD_EXAMPLES="${AIRFLOW__CORE__LOAD_EXAMPLES:-False}"
+mkdir -p "$AIRFLOW_HOME"
+if [ ! -f "$AIRFLOW_HOME/.db-migrated" ]; then
+  "$root/.venv/bin/airflow" db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 \
+    || { echo "error: 'airflow db migrate' failed; see $AIRFLOW_HOME/db-migrate.log" >&2; return 1 2>/dev/null || exit 1; }
+  touch "$AIRFLOW_HOME/.db-migrated"
+fi
