@@ -135,7 +135,7 @@ def marketo_dynamics_sync():
     marketo = extract_marketo(schema)
     dynamics = extract_dynamics(schema)
     identity = identify(schema, marketo, dynamics)
-    plans = plan.partial(schema=schema, identity=identity, dynamics=dynamics).expand(entity=ENTITY_TYPES)
+    plans = [plan.override(task_id=f"plan_{entity}")(entity, schema, identity, dynamics) for entity in ENTITY_TYPES]
     dynamics_loaded = load_dynamics(schema, identity, plans)
     marketo_loaded = load_marketo(schema, identity, plans, dynamics_loaded)
     committed = commit(marketo, dynamics, identity, plans, dynamics_loaded, marketo_loaded)

@@ -7,12 +7,20 @@ import tempfile
 
 # Airflow reads its configuration at import time: point it at a throwaway home before anything imports it.
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="mdsync-airflow-home-")
-os.environ.setdefault("AIRFLOW_HOME", _AIRFLOW_HOME)
+os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
+# a developer's own sync settings must not leak into the tests
+for _name in ("MDSYNC_CONFIG", "MDSYNC_STATE_URL", "MDSYNC_STAGING_URL", "AIRFLOW_CONN_MARKETO_DEFAULT",
+              "AIRFLOW_CONN_DYNAMICS_DEFAULT", "REQUESTS_CA_BUNDLE"):
+    os.environ.pop(_name, None)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", os.path.join(_REPO, "dags"))
+os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", os.path.join(_REPO, "plugins"))
 
 pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.marketo_sandbox",
     "tests.fixtures.dataverse_sandbox",
+    "tests.fixtures.sync_env",
 ]

@@ -10,6 +10,8 @@ refresh_schema -> extract_marketo || extract_dynamics -> identify -> plan (per e
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,13 +132,14 @@ class Cycle:
 
     def refresh_schema(self) -> dict:
         """Describe both sides (or reuse a recent refresh) and decide field access for this run."""
-        cache = self.staging.root / "field-access.json"
+        # one cache per pair of instances and config, so pointing the sync elsewhere never reuses it
+        key = hashlib.sha1(repr((getattr(self.marketo, "base_url", ""), getattr(self.dynamics, "org_url", ""),
+                                 self.config.model_dump_json())).encode()).hexdigest()[:12]
+        cache = self.staging.root / f"field-access-{key}.json"
         max_age = timedelta(minutes=self.settings.schema_cache_minutes)
         if not self.run.full_resync:
             try:
                 with cache.open("r") as fh:
-                    import json
-
                     data = json.load(fh)
                 refreshed = datetime.fromisoformat(data["refreshed_at"])
                 if datetime.now(timezone.utc) - refreshed < max_age:
@@ -158,8 +161,6 @@ class Cycle:
         path = self.staging.write_json("field-access", data)
         self.staging.root.mkdir(parents=True, exist_ok=True)
         with cache.open("w") as fh:
-            import json
-
             json.dump(data, fh, default=str)
         dropped = sum(len(e.dropped) for e in acc.entities.values())
         return {"access": path, "refreshed": True, "dropped_fields": dropped, "calls": self._calls()}

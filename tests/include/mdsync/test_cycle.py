@@ -1,0 +1,170 @@
+"""The sync cycle end to end against both sandboxes over real HTTP(S), run by the engine (no Airflow).
+
+The same stages run as DAG tasks in tests/dags; here they run in one process so the scenarios stay quick.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mdsync.load import LINK_FIELD
+
+
+def _seed(world):
+    """Two linked-by-email pairs (a lead, a contact), one contact only in Dynamics, one person marked for sync."""
+    lead_id, = world.dataverse_sandbox.seed("leads", [
+        {"emailaddress1": "lena@example.com", "firstname": "Lena", "lastname": "Lead", "jobtitle": "Engineer",
+         "companyname": "Acme", "leadsourcecode": 8}])
+    ann_id, cat_id = world.dataverse_sandbox.seed("contacts", [
+        {"emailaddress1": "ann@example.com", "firstname": "Ann", "lastname": "Lee", "jobtitle": "Engineer",
+         "address1_city": "Berlin"},
+        {"emailaddress1": "cat@example.com", "firstname": "Cat", "lastname": "Diaz", "jobtitle": "VP"}])
+    lena_pid, ann_pid = world.marketo_sandbox.seed_leads([
+        {"email": "Lena@Example.com", "firstName": "Lena", "lastName": "Lead", "title": "Engineer", "company": "Acme"},
+        {"email": "ann@example.com", "firstName": "Ann", "lastName": "Lee", "title": "Engineer", "city": "Berlin"}])
+    # marked for sync through the API, so the change shows in Marketo's lead-change activities
+    res = world.marketo().sync_leads([{"email": "max@example.com", "firstName": "Max", "lastName": "Marked",
+                                       "title": "Analyst", "syncToDynamics": True, "dynamicsSyncAs": "contact"}],
+                                     action="createOnly")
+    return {"lead": lead_id, "ann": ann_id, "cat": cat_id, "lena_pid": lena_pid, "ann_pid": ann_pid,
+            "max_pid": int(res["id"].iloc[0])}
+
+
+def test_first_cycle_links_and_creates_both_ways_without_duplicates(sync_world):
+    ids = _seed(sync_world)
+    report = sync_world.cycle("run-1").run_all()
+    assert report["new_links"] == 4 and report["created"] == 2
+    # Cat existed only in Dynamics: now one Marketo person, linked both ways
+    cat = sync_world.person("cat@example.com")
+    assert (cat["dynamicsRecordId"], cat["dynamicsRecordType"]) == (ids["cat"], "contact")
+    assert sync_world.record("contacts", "cat@example.com")["mdsync_marketopersonid"] == str(int(cat["id"]))
+    # Max was marked for sync as a contact: now one Dynamics contact carrying his person id
+    max_contact = sync_world.record("contacts", "max@example.com")
+    assert max_contact["mdsync_marketopersonid"] == str(ids["max_pid"])
+    assert sync_world.records("leads", "max@example.com").empty
+    # Lena matched her lead by email despite the different case
+    assert sync_world.person("lena@example.com")["dynamicsRecordId"] == ids["lead"]
+    links = sync_world.store().load_links()
+    assert links.loc[ids["ann_pid"], "dynamics_id"] == ids["ann"] and len(links) == 4
+    # A second cycle links and creates nothing more
+    again = sync_world.cycle("run-2").run_all()
+    assert again["created"] == 0 and again["new_links"] == 0
+    assert len(sync_world.persons("cat@example.com")) == 1 and len(sync_world.records("contacts", "max@example.com")) == 1
+
+
+def test_changes_flow_both_ways_collisions_follow_policy_and_rejections_are_logged(sync_world):
+    ids = _seed(sync_world)
+    sync_world.cycle("run-1").run_all()
+    cat_pid = int(sync_world.person("cat@example.com")["id"])
+    sync_world.dataverse_sandbox.admin("PUT", "rules", [{"entity": "contact", "column": "jobtitle", "op": "forbid",
+                                                          "values": ["Intern"], "message": "Interns are not contacts."}])
+    # only Marketo changed / only Dynamics changed
+    sync_world.update_person(ids["lena_pid"], lastName="Leadbetter")
+    sync_world.update_record("contacts", ids["ann"], jobtitle="Principal Engineer")
+    # collisions: the same field on both sides
+    sync_world.update_person(ids["lena_pid"], title="VP Marketing")
+    sync_world.update_record("leads", ids["lead"], jobtitle="Head of Sales")
+    sync_world.update_person(ids["ann_pid"], city="Lisbon")
+    sync_world.update_record("contacts", ids["ann"], address1_city="Porto")
+    # a value Dynamics rejects, next to one it accepts
+    sync_world.update_person(cat_pid, title="Intern", lastName="Diaz-Ruiz")
+
+    report = sync_world.cycle("run-2").run_all()
+
+    lena_lead = sync_world.record("leads", "lena@example.com")
+    assert lena_lead["lastname"] == "Leadbetter"
+    assert lena_lead["jobtitle"] == "VP Marketing" == sync_world.person("lena@example.com")["title"]  # lead: Marketo wins
+    ann = sync_world.person("ann@example.com")
+    assert ann["title"] == "Principal Engineer"
+    assert ann["city"] == "Porto" == sync_world.record("contacts", "ann@example.com")["address1_city"]  # contact: Dynamics wins
+    cat_contact = sync_world.record("contacts", "cat@example.com")
+    assert cat_contact["lastname"] == "Diaz-Ruiz" and cat_contact["jobtitle"] == "VP"
+    assert report["errors"]["dynamics"] == 1
+
+    store = sync_world.store()
+    history = store.activity(email="cat@example.com")
+    error = history[history["action"] == "error"]
+    assert error["field"].tolist() == ["job_title"] and "Interns are not contacts." in error["detail"].iloc[0]
+    open_errors = store.open_errors()
+    assert open_errors[["person_id", "target", "field", "value"]].values.tolist() == [[cat_pid, "dynamics", "job_title", "Intern"]]
+    collisions = store.activity(run_id="run-2")
+    collisions = collisions[collisions["action"] == "collision"].set_index("field")
+    assert collisions.loc["job_title", "winner"] == "marketo" and collisions.loc["job_title", "new_value"] == "VP Marketing"
+    assert collisions.loc["city", "winner"] == "dynamics" and collisions.loc["city", "old_value"] == "Lisbon"
+    # the rejection is in the person's Marketo activity log too
+    type_id = sync_world.marketo().ensure_custom_activity_type(
+        "dynamicsSyncError", "Dynamics Sync Error", {"apiName": "dynamicsField", "name": "Dynamics Field"})
+    token = sync_world.marketo().get_paging_token(pd.Timestamp.now(tz="UTC") - pd.Timedelta(minutes=10))
+    activities, _ = sync_world.marketo().get_activities(token, [type_id], lead_ids=[cat_pid])
+    assert [a["primaryAttributeValue"] for a in activities] == ["job_title"]
+
+    # The next cycle writes nothing, and the rejected value is not re-sent while it stays the same.
+    calls_before = sync_world.dataverse_sandbox.calls()["by_endpoint"]
+    quiet = sync_world.cycle("run-3").run_all()
+    assert quiet["written"] == {"dynamics": 0, "marketo": 0}
+    assert sum(e["to_dynamics"] + e["to_marketo"] for e in quiet["entities"].values()) == 0
+    after = sync_world.dataverse_sandbox.calls()["by_endpoint"]
+    writes = {k: after.get(k, 0) - calls_before.get(k, 0) for k in after if not k.startswith("GET") and "token" not in k}
+    assert sum(writes.values()) == 0, writes
+
+
+def test_dry_run_writes_nothing(sync_world):
+    ids = _seed(sync_world)
+    sync_world.cycle("run-1").run_all()
+    sync_world.update_person(ids["ann_pid"], title="Dry Run Title")
+    before = sync_world.store().activity()
+    report = sync_world.cycle("dry", dry_run=True).run_all()
+    assert report["entities"]["contact"]["to_dynamics"] == 1 and report["written"] == {"dynamics": 0, "marketo": 0}
+    assert sync_world.record("contacts", "ann@example.com")["jobtitle"] == "Engineer"
+    assert len(sync_world.store().activity()) == len(before)
+    # the real run afterwards still sees the change (the dry run moved no watermark or baseline)
+    sync_world.cycle("real").run_all()
+    assert sync_world.record("contacts", "ann@example.com")["jobtitle"] == "Dry Run Title"
+
+
+def test_manual_run_for_one_person_creates_it_in_dynamics_at_once(sync_world):
+    sync_world.cycle("run-1").run_all()
+    pid = sync_world.marketo_sandbox.seed_leads([{"email": "now@example.com", "firstName": "Nora", "lastName": "Now"}])[0]
+    sync_world.cycle("manual", person_ids=[pid], sync_as="lead").run_all()
+    lead = sync_world.record("leads", "now@example.com")
+    assert lead["mdsync_marketopersonid"] == str(pid) and lead["lastname"] == "Now"
+    assert sync_world.person("now@example.com")["dynamicsRecordId"] == lead["leadid"]
+
+
+def test_crash_between_the_two_loads_then_rerun_converges_without_duplicates(sync_world):
+    ids = _seed(sync_world)
+    sync_world.cycle("run-1").run_all()
+    sync_world.update_person(ids["lena_pid"], title="Crash Title")
+    sync_world.update_record("contacts", ids["ann"], jobtitle="Crash Job")
+    sync_world.dataverse_sandbox.seed("contacts", [{"emailaddress1": "new@example.com", "firstname": "New", "lastname": "Contact"}])
+    # run stages up to the Dynamics load, then "crash" before the Marketo load and the commit
+    c = sync_world.cycle("crashed")
+    schema = c.refresh_schema()
+    m, d = c.extract_marketo(schema["access"]), c.extract_dynamics(schema["access"])
+    identity = c.identify(schema["access"], m, d)
+    plans = [c.plan(e, schema["access"], identity, d["full"]) for e in c.config.entities]
+    c.load_dynamics(schema["access"], identity, plans)
+    assert sync_world.record("leads", "lena@example.com")["jobtitle"] == "Crash Title"
+    # the whole run is retried
+    sync_world.cycle("crashed-retry").run_all()
+    assert sync_world.person("ann@example.com")["title"] == "Crash Job"
+    assert len(sync_world.persons("new@example.com")) == 1
+    assert len(sync_world.records("contacts", "new@example.com")) == 1
+    quiet = sync_world.cycle("after").run_all()
+    assert quiet["written"] == {"dynamics": 0, "marketo": 0} and quiet["created"] == 0
+
+
+def test_backfill_over_past_windows_is_safe(sync_world):
+    ids = _seed(sync_world)
+    sync_world.cycle("run-1").run_all()
+    sync_world.update_person(ids["ann_pid"], title="Backfilled")
+    now = pd.Timestamp.now(tz="UTC").floor("5min").to_pydatetime()
+    reports = []
+    for k in (3, 2, 1):  # three past 5-minute windows, oldest first, as a backfill runs them
+        start = now - pd.Timedelta(minutes=5 * k)
+        reports.append(sync_world.cycle(f"backfill-{k}", run_type="backfill", window_start=start,
+                                        window_end=start + pd.Timedelta(minutes=5)).run_all())
+    assert sync_world.record("contacts", "ann@example.com")["jobtitle"] == "Backfilled"
+    assert sum(r["written"]["dynamics"] for r in reports) == 1  # written once, later windows converge to no-ops
+    assert len(sync_world.store().load_links()) == 4
