@@ -30,6 +30,7 @@ past 5-minute windows safely: runs are serialised and every cycle is idempotent.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pendulum
@@ -37,6 +38,9 @@ from airflow.sdk import Param, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 ENTITY_TYPES = ["lead", "contact"]
+# Retries ride out outages longer than the clients' own backoff; overridable (e.g. in tests) by environment.
+RETRIES = int(os.environ.get("MDSYNC_TASK_RETRIES", "3"))
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("MDSYNC_RETRY_DELAY_SECONDS", "30")))
 
 
 @dag(
@@ -48,8 +52,8 @@ ENTITY_TYPES = ["lead", "contact"]
     max_active_runs=1,
     dagrun_timeout=timedelta(minutes=60),
     default_args={
-        "retries": 3,
-        "retry_delay": timedelta(seconds=30),
+        "retries": RETRIES,
+        "retry_delay": RETRY_DELAY,
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=5),
     },

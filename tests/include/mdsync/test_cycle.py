@@ -6,33 +6,11 @@ The same stages run as DAG tasks in tests/dags; here they run in one process so 
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 
-from mdsync.load import LINK_FIELD
-
-
-def _seed(world):
-    """Two linked-by-email pairs (a lead, a contact), one contact only in Dynamics, one person marked for sync."""
-    lead_id, = world.dataverse_sandbox.seed("leads", [
-        {"emailaddress1": "lena@example.com", "firstname": "Lena", "lastname": "Lead", "jobtitle": "Engineer",
-         "companyname": "Acme", "leadsourcecode": 8}])
-    ann_id, cat_id = world.dataverse_sandbox.seed("contacts", [
-        {"emailaddress1": "ann@example.com", "firstname": "Ann", "lastname": "Lee", "jobtitle": "Engineer",
-         "address1_city": "Berlin"},
-        {"emailaddress1": "cat@example.com", "firstname": "Cat", "lastname": "Diaz", "jobtitle": "VP"}])
-    lena_pid, ann_pid = world.marketo_sandbox.seed_leads([
-        {"email": "Lena@Example.com", "firstName": "Lena", "lastName": "Lead", "title": "Engineer", "company": "Acme"},
-        {"email": "ann@example.com", "firstName": "Ann", "lastName": "Lee", "title": "Engineer", "city": "Berlin"}])
-    # marked for sync through the API, so the change shows in Marketo's lead-change activities
-    res = world.marketo().sync_leads([{"email": "max@example.com", "firstName": "Max", "lastName": "Marked",
-                                       "title": "Analyst", "syncToDynamics": True, "dynamicsSyncAs": "contact"}],
-                                     action="createOnly")
-    return {"lead": lead_id, "ann": ann_id, "cat": cat_id, "lena_pid": lena_pid, "ann_pid": ann_pid,
-            "max_pid": int(res["id"].iloc[0])}
 
 
 def test_first_cycle_links_and_creates_both_ways_without_duplicates(sync_world):
-    ids = _seed(sync_world)
+    ids = sync_world.seed_people()
     report = sync_world.cycle("run-1").run_all()
     assert report["new_links"] == 4 and report["created"] == 2
     # Cat existed only in Dynamics: now one Marketo person, linked both ways
@@ -54,7 +32,7 @@ def test_first_cycle_links_and_creates_both_ways_without_duplicates(sync_world):
 
 
 def test_changes_flow_both_ways_collisions_follow_policy_and_rejections_are_logged(sync_world):
-    ids = _seed(sync_world)
+    ids = sync_world.seed_people()
     sync_world.cycle("run-1").run_all()
     cat_pid = int(sync_world.person("cat@example.com")["id"])
     sync_world.dataverse_sandbox.admin("PUT", "rules", [{"entity": "contact", "column": "jobtitle", "op": "forbid",
@@ -110,7 +88,7 @@ def test_changes_flow_both_ways_collisions_follow_policy_and_rejections_are_logg
 
 
 def test_dry_run_writes_nothing(sync_world):
-    ids = _seed(sync_world)
+    ids = sync_world.seed_people()
     sync_world.cycle("run-1").run_all()
     sync_world.update_person(ids["ann_pid"], title="Dry Run Title")
     before = sync_world.store().activity()
@@ -133,7 +111,7 @@ def test_manual_run_for_one_person_creates_it_in_dynamics_at_once(sync_world):
 
 
 def test_crash_between_the_two_loads_then_rerun_converges_without_duplicates(sync_world):
-    ids = _seed(sync_world)
+    ids = sync_world.seed_people()
     sync_world.cycle("run-1").run_all()
     sync_world.update_person(ids["lena_pid"], title="Crash Title")
     sync_world.update_record("contacts", ids["ann"], jobtitle="Crash Job")
@@ -156,7 +134,7 @@ def test_crash_between_the_two_loads_then_rerun_converges_without_duplicates(syn
 
 
 def test_backfill_over_past_windows_is_safe(sync_world):
-    ids = _seed(sync_world)
+    ids = sync_world.seed_people()
     sync_world.cycle("run-1").run_all()
     sync_world.update_person(ids["ann_pid"], title="Backfilled")
     now = pd.Timestamp.now(tz="UTC").floor("5min").to_pydatetime()
