@@ -33,7 +33,7 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv
-	$(PY) -m mdsync.demo
+	$(PY) -m sandbox.demo
 
 bench: venv
 	$(PY) bench/engine_bench.py

@@ -25,14 +25,19 @@ def activity_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
 
 
 def _short(value, limit: int = 80) -> str:
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
+    if _blank(value):
         return "(empty)"
     text = repr(str(value))
     return text if len(text) <= limit else text[: limit - 4] + "…'"
 
 
+def _blank(value) -> bool:
+    return value is None or (not isinstance(value, str) and pd.isna(value)) or value == ""
+
+
 def format_line(row: dict) -> str:
     """One human-readable line for an activity row."""
+    row = {k: (None if _blank(v) else v) for k, v in row.items()}
     who = f"person {row.get('person_id')}" if row.get("person_id") is not None else "no person"
     if row.get("email"):
         who += f" <{row['email']}>"
@@ -42,7 +47,7 @@ def format_line(row: dict) -> str:
     text = f"{action.upper():<9} {who}"
     if row.get("field"):
         text += f" | {row['field']}"
-        if action in ("update", "collision", "error", "skip", "create"):
+        if action in ("update", "collision", "error", "skip"):
             text += f": {_short(row.get('old_value'))} -> {_short(row.get('new_value'))}"
     if row.get("winner"):
         text += f" | winner: {row['winner']}"
