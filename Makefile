@@ -44,7 +44,7 @@ sandbox: venv
 # One cycle now: a manual run of the DAG, against the connections in the environment or, when none are set,
 # the running sandbox's (.sandbox/connections.env). Exits non-zero when the run fails.
 sync: venv
-	@bash scripts/sync.sh
+	@bash scripts/sync.sh $(if $(CONF),--conf '$(CONF)')
 
 activity: venv
 	@test -n "$(EMAIL)$(PERSON)" || { echo "usage: make activity EMAIL=someone@example.com (or PERSON=<Marketo id>)" >&2; exit 2; }
