@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from mdsync.canonical import to_dynamics, to_marketo
-from mdsync.config import EntityConfig, Side, SyncConfig
+from mdsync.config import EntityConfig, SyncConfig
 
 log = logging.getLogger("mdsync.load")
 

@@ -180,7 +180,6 @@ def edits_person(demo: Demo, what: str) -> str:
 
 def make_edits(demo: Demo, marketo: MarketoSandbox, dataverse: DataverseSandbox, seeded: dict) -> list[str]:
     """Edits on both sides through the real APIs (so they show up as changes, as a person's would)."""
-    from mdsync.dynamics import eq
     from mdsync.state import open_store
 
     mk, dy = _clients(demo)

@@ -51,13 +51,14 @@ opportunities (``QualifyLead`` with ``CreateOpportunity``), ``$expand``, FetchXM
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import requests
+
+from sandbox import process
 
 from .identity import Identity
 
@@ -120,9 +121,7 @@ class DataverseSandbox:
                "--data-dir", str(self.data_dir), "--token-ttl", str(self.token_ttl_s),
                "--requests-per-window", str(self.requests_per_window), "--window", str(self.window_s),
                "--max-concurrent", str(self.max_concurrent)]
-        log = open(self.data_dir / "server.log", "ab")
-        self._process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-        log.close()
+        self._process = process.spawn(cmd, self.data_dir / "server.log")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -141,15 +140,8 @@ class DataverseSandbox:
 
     def stop(self) -> None:
         """Terminate the child process and wait for it; no process is left behind."""
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
+        proc, self._process = self._process, None
+        process.stop(proc)
 
     def __enter__(self) -> "DataverseSandbox":
         return self.start()

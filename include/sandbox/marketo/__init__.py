@@ -16,6 +16,8 @@ from pathlib import Path
 
 import requests
 
+from sandbox import process
+
 from .app import load_or_create_credentials
 
 __all__ = ["MarketoSandbox"]
@@ -81,10 +83,7 @@ class MarketoSandbox:
                "--rate-limit", f"{calls}/{seconds}", "--max-concurrent", str(self.max_concurrent),
                "--export-delay", str(self.export_delay_s)]
         env = {**os.environ, "MARKETO_SANDBOX_CLIENT_SECRET": self.client_secret}
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.data_dir / "sandbox.log", "ab")
-        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
+        self._proc = process.spawn(cmd, self.data_dir / "sandbox.log", env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -104,14 +103,7 @@ class MarketoSandbox:
     def stop(self) -> None:
         """Terminate the child and wait for it; leaves no process behind."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        process.stop(proc)
 
     # Admin helpers (the same JSON API a shell user would call with curl).
     def admin(self, method: str, path: str, **kwargs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from mdsync.canonical import canonical_frame, canonical_series, compare_key, to_dynamics, to_marketo
-from mdsync.config import FieldMap, FieldType, Side
+from mdsync.config import FieldMap, Side
 
 
 def _field(type_: str, **kw) -> FieldMap:
