@@ -1,6 +1,8 @@
 # Sourced by the make targets that run Airflow: a project-local AIRFLOW_HOME (.airflow/) that reads the
 # DAG and plugins from this checkout. Variables already set in the environment win.
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# `airflow standalone` starts its components as `airflow …` from PATH
+export PATH="$root/.venv/bin:$PATH"
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$root/.airflow}"
 export AIRFLOW__CORE__DAGS_FOLDER="${AIRFLOW__CORE__DAGS_FOLDER:-$root/dags}"
 export AIRFLOW__CORE__PLUGINS_FOLDER="${AIRFLOW__CORE__PLUGINS_FOLDER:-$root/plugins}"
