@@ -120,10 +120,10 @@ def commit_cycle(
 ) -> dict:
     """Persist a cycle's outcome atomically. Returns counts."""
     with store.transaction() as tx:
-        if links is not None and not links.empty:
-            store.save_links(links, run_id, conn=tx)
         if unlinked:
             store.remove_links(unlinked, conn=tx)
+        if links is not None and not links.empty:
+            store.save_links(links, run_id, conn=tx)
         n_base = store.save_baselines(baselines, run_id, conn=tx)
         store.resolve_errors(resolved, conn=tx)
         n_err = store.record_errors(errors, run_id, conn=tx)

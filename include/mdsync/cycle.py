@@ -190,7 +190,8 @@ class Cycle:
                                  bulk_poll_seconds=self.settings.bulk_poll_seconds)
         return {
             "persons": self.staging.write_frame("marketo-persons", result.persons),
-            "deleted": [int(i) for i in result.deleted], "high_water": _iso(result.high_water),
+            "deleted": self.staging.write_frame("marketo-deleted", pd.DataFrame({"id": result.deleted}, dtype="int64")),
+            "high_water": _iso(result.high_water),
             "since": _iso(since), "extracted": len(result.persons), "full": full, "calls": self._calls(),
         }
 
@@ -204,7 +205,8 @@ class Cycle:
             result = extract_dynamics(self.dynamics, self.config, entity, acc,
                                       delta_link=wm.token if wm else None, full=full)
             out["entities"][name] = {
-                "rows": self.staging.write_frame(f"dynamics-{name}", result.rows), "deleted": result.deleted,
+                "rows": self.staging.write_frame(f"dynamics-{name}", result.rows),
+                "deleted": self.staging.write_frame(f"dynamics-{name}-deleted", pd.DataFrame({"id": result.deleted}, dtype="str")),
                 "delta_link": result.delta_link, "high_water": _iso(result.high_water), "extracted": len(result.rows),
                 "full_read": result.full_read,
             }
@@ -220,8 +222,8 @@ class Cycle:
         records = {e: self.staging.read_frame(d["rows"]) for e, d in dynamics["entities"].items()}
         identity = Identity(self.config, acc, self.marketo, self.dynamics, dry_run=self.run.dry_run)
         result = identity.run(
-            self.store.load_links(), persons, records, marketo["deleted"],
-            {e: d["deleted"] for e, d in dynamics["entities"].items()},
+            self.store.load_links(), persons, records, self.staging.read_frame(marketo["deleted"])["id"].tolist(),
+            {e: self.staging.read_frame(d["deleted"])["id"].tolist() for e, d in dynamics["entities"].items()},
             push_ids=self.run.person_ids, push_as=self.run.sync_as,
         )
         activity = activity_frame(result.activity)
@@ -233,7 +235,7 @@ class Cycle:
             "links": self.staging.write_frame("links", result.links),
             "persons": self.staging.write_frame("persons", result.persons),
             "records": {e: self.staging.write_frame(f"records-{e}", r) for e, r in result.records.items()},
-            "unlinked": result.unlinked,
+            "unlinked": self.staging.write_frame("unlinked", pd.DataFrame({"person_id": result.unlinked}, dtype="int64")),
             "activity": self.staging.write_frame("identity-activity", activity),
             "errors": self.staging.write_frame("identity-errors", pd.DataFrame(result.errors)),
             "marketo_link_writes": self.staging.write_frame("marketo-link-writes", m_links),
@@ -383,7 +385,8 @@ class Cycle:
             watermarks.append((*FULL_RECONCILE, _dt(marketo["high_water"]), None))
         new_links = links[links["new"]].reset_index()
         counts = commit_cycle(self.store, self.run.run_id, baselines=baselines, activity=activity, errors=errors,
-                              resolved=resolved, watermarks=watermarks, links=new_links, unlinked=identity["unlinked"])
+                              resolved=resolved, watermarks=watermarks, links=new_links,
+                              unlinked=s.read_frame(identity["unlinked"])["person_id"].tolist())
         log.info("committed: %s", counts)
         return counts
 

@@ -106,6 +106,8 @@ class Identity:
         records = {e: r.copy() for e, r in records.items()}
         unlinked = self._drop_deleted(links, marketo_deleted, dynamics_deleted)
         links = links.drop(index=unlinked)
+        self.deleted_records = {(e, str(i).lower()) for e, ids in dynamics_deleted.items() for i in ids}
+        self.deleted_persons = {int(i) for i in marketo_deleted}
 
         new_links: list[dict] = []
         new_links += self._rebuild_from_dynamics(links, records)
@@ -121,6 +123,7 @@ class Identity:
         links = _add(links, pushed)
 
         persons, records = self._complete_new_pairs(links, persons, records)
+        links, new_links = self._drop_dangling(links, new_links, persons, records)
         for link in new_links:
             self._note("link", person_id=link["person_id"], entity=link["dynamics_type"], dynamics_id=link["dynamics_id"],
                        detail=f"linked ({link['method'].replace('_', ' ')})" + (" [dry run: not saved]" if self.dry_run else ""))
@@ -159,6 +162,8 @@ class Identity:
                     self._note("error", entity=entity, dynamics_id=did,
                                detail=f"{self.d_link_column} holds {str(mid)!r}, which is not a Marketo person id; not linked")
                     continue
+                if pid in self.deleted_persons:
+                    continue  # the person was deleted in Marketo this window
                 if pid in taken_persons:
                     self._note("ambiguous", person_id=pid, entity=entity, dynamics_id=did,
                                detail=f"{self.d_link_column} names person {pid}, who is already linked to another record; "
@@ -183,6 +188,8 @@ class Identity:
             if kind not in ENTITY_TYPES or kind not in self.config.entities:
                 self._note("error", person_id=pid, detail=f"{self.m_type_field} is {kind!r}, expected lead or contact; not linked")
                 continue
+            if (kind, str(did).lower()) in self.deleted_records:
+                continue  # the record was deleted in Dynamics this window: nothing to link to
             if (kind, str(did).lower()) in taken_records:
                 self._note("ambiguous", person_id=pid, entity=kind, dynamics_id=did,
                            detail=f"{self.m_id_field} names a {kind} that is linked to another person; nothing done")
@@ -382,6 +389,24 @@ class Identity:
                                         "field": None, "value": None, "code": res.get("error_code"), "message": msg})
         return out
 
+    def _drop_dangling(self, links: pd.DataFrame, new_links: list[dict], persons: pd.DataFrame,
+                       records: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list[dict]]:
+        """New links whose record could not be read on one side (a stale link field) are not made."""
+        have_persons = _present(persons, "id")
+        keep = []
+        for link in new_links:
+            entity = link["dynamics_type"]
+            have = _present(records.get(entity), self._id_column(entity), lower=True)
+            if link["person_id"] in have_persons and link["dynamics_id"].lower() in have:
+                keep.append(link)
+                continue
+            missing = "Marketo person" if link["person_id"] not in have_persons else f"Dynamics {entity}"
+            self._note("skip", person_id=link["person_id"], entity=entity, dynamics_id=link["dynamics_id"],
+                       detail=f"link field ({link['method'].replace('_', ' ')}) names a {missing} that does not exist; "
+                              "not linked")
+            links = links.drop(index=link["person_id"])
+        return links, keep
+
     def _complete_new_pairs(self, links: pd.DataFrame, persons: pd.DataFrame, records: dict[str, pd.DataFrame]):
         """Read both records of every new link, so the first diff compares real values on both sides."""
         new = links[links["new"]]
@@ -408,6 +433,13 @@ class Identity:
             fetched = pd.concat(parts, ignore_index=True)
             records[entity] = pd.concat([rows, fetched], ignore_index=True) if not rows.empty else fetched
         return persons, records
+
+
+def _present(frame: pd.DataFrame, column: str, lower: bool = False) -> set:
+    if frame is None or frame.empty or column not in frame:
+        return set()
+    values = frame[column].dropna()
+    return set(values.astype(str).str.lower()) if lower else set(values.astype("int64"))
 
 
 def _add(links: pd.DataFrame, new: list[dict]) -> pd.DataFrame:

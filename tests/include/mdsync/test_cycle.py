@@ -146,3 +146,55 @@ def test_backfill_over_past_windows_is_safe(sync_world):
     assert sync_world.record("contacts", "ann@example.com")["jobtitle"] == "Backfilled"
     assert sum(r["written"]["dynamics"] for r in reports) == 1  # written once, later windows converge to no-ops
     assert len(sync_world.store().load_links()) == 4
+
+
+def test_ambiguous_email_matches_are_logged_not_guessed(sync_world):
+    sync_world.marketo_sandbox.seed_leads([{"email": "twin@example.com", "firstName": "One"},
+                                           {"email": "TWIN@example.com", "firstName": "Two"}])
+    twin_id, = sync_world.dataverse_sandbox.seed("contacts", [{"emailaddress1": "twin@example.com", "lastname": "Twin"}])
+    report = sync_world.cycle("run-1").run_all()
+    assert report["new_links"] == 0 and report["created"] == 0
+    assert len(sync_world.persons("twin@example.com")) == 2  # nobody created a third
+    history = sync_world.store().activity(dynamics_id=twin_id)
+    assert history["action"].tolist() == ["ambiguous"]
+    assert "2 Marketo persons have this email" in history["detail"].iloc[0]
+
+
+def test_fields_the_sync_user_cannot_read_or_update_are_dropped_and_logged(sync_world, caplog):
+    ids = sync_world.seed_people()
+    sync_world.dataverse_sandbox.admin("PUT", "security", {"secured_columns": {"contact": ["jobtitle", "telephone1"]},
+                                                           "readable": {"contact": ["telephone1"]}, "updatable": {}})
+    sync_world.cycle("run-1").run_all()
+    assert "contact.job_title dropped on the dynamics side" in caplog.text
+    assert "cannot update Dataverse column 'telephone1'" in caplog.text
+    sync_world.update_person(ids["ann_pid"], title="Unwritable", lastName="Writable")
+    report = sync_world.cycle("run-2").run_all()
+    record = sync_world.record("contacts", "ann@example.com")
+    assert record["lastname"] == "Writable"
+    assert report["errors"] == {"dynamics": 0, "marketo": 0}
+    # the secured column was neither read nor written, so Marketo's value stays as it is on both sides
+    assert sync_world.person("ann@example.com")["title"] == "Unwritable"
+
+
+def test_deleted_records_drop_their_link_and_keep_the_other_side(sync_world):
+    ids = sync_world.seed_people()
+    sync_world.cycle("run-1").run_all()
+    sync_world.dynamics().request("DELETE", f"contacts({ids['ann']})")
+    sync_world.cycle("run-2").run_all()
+    store = sync_world.store()
+    assert ids["ann_pid"] not in store.load_links().index
+    assert store.activity(person_id=ids["ann_pid"])["action"].tolist()[-1] == "unlink"
+    assert len(sync_world.persons("ann@example.com")) == 1
+
+
+def test_activity_command_prints_a_persons_history(sync_world, capsys):
+    from mdsync.activity import main
+
+    sync_world.seed_people()
+    sync_world.cycle("run-1").run_all()
+    import os
+
+    assert main(["--email", "CAT@example.com", "--state-url", os.environ["MDSYNC_STATE_URL"]]) == 0
+    out = capsys.readouterr().out
+    assert "CREATE" in out and "cat@example.com" in out and "run-1" in out
+    assert main(["--email", "nobody@example.com", "--state-url", os.environ["MDSYNC_STATE_URL"]]) == 1
