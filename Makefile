@@ -48,7 +48,7 @@ sync: venv
 
 activity: venv
 	@test -n "$(EMAIL)$(PERSON)" || { echo "usage: make activity EMAIL=someone@example.com (or PERSON=<Marketo id>)" >&2; exit 2; }
-	$(PY) -m mdsync.activity $(if $(EMAIL),--email "$(EMAIL)",--person "$(PERSON)")
+	AIRFLOW_HOME=$${AIRFLOW_HOME:-$(CURDIR)/.airflow} $(PY) -m mdsync.activity $(if $(EMAIL),--email "$(EMAIL)",--person "$(PERSON)")
 
 clean:
 	rm -rf .sandbox .staging .state .pytest_cache .hypothesis
