@@ -153,8 +153,11 @@ class Identity:
             if rows.empty or self.d_link_column not in rows:
                 continue
             idc = self._id_column(entity)
-            for did, mid in rows[[idc, self.d_link_column]].itertuples(index=False):
-                if mid is None or pd.isna(mid) or str(mid).strip() == "" or (entity, str(did).lower()) in taken_records:
+            # only rows that carry a person id and are not linked yet (a full read holds every row)
+            carrying = rows[rows[self.d_link_column].fillna("").astype(str).str.strip().ne("").to_numpy()]
+            carrying = carrying[~_unlinked_mask(carrying, idc, entity, links, negate=True)]
+            for did, mid in carrying[[idc, self.d_link_column]].itertuples(index=False):
+                if (entity, str(did).lower()) in taken_records:
                     continue
                 try:
                     pid = int(str(mid).strip())
@@ -208,7 +211,8 @@ class Identity:
             email_col = self.config.entity(entity).email_field.dynamics
             idc = self._id_column(entity)
             active = rows[rows["statecode"].fillna(0).astype("int64") == 0] if "statecode" in rows else rows
-            for _, row in active.iterrows():
+            # a full read holds every row: pick the few unlinked ones before looking at rows one by one
+            for _, row in active[_unlinked_mask(active, idc, entity, links)].iterrows():
                 if (entity, str(row[idc]).lower()) in linked:
                     continue
                 email = row.get(email_col)
@@ -433,6 +437,13 @@ class Identity:
             fetched = pd.concat(parts, ignore_index=True)
             records[entity] = pd.concat([rows, fetched], ignore_index=True) if not rows.empty else fetched
         return persons, records
+
+
+def _unlinked_mask(rows: pd.DataFrame, id_column: str, entity: str, links: pd.DataFrame, negate: bool = False) -> np.ndarray:
+    """Rows whose Dynamics id has no link of this entity type (``negate``: rows that have one)."""
+    linked = links.loc[links["dynamics_type"] == entity, "dynamics_id"].str.lower()
+    has = rows[id_column].astype(str).str.lower().isin(linked).to_numpy()
+    return has if negate else ~has
 
 
 def _present(frame: pd.DataFrame, column: str, lower: bool = False) -> set:
