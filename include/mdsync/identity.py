@@ -253,6 +253,14 @@ class Identity:
                            detail=f"{len(group)} Marketo persons have this email (ids {', '.join(map(str, group['id']))}); none is linked")
             else:
                 pid = int(group["id"].iloc[0])
+                if entity == "contact" and self._lead_qualified(pid, links, records):
+                    # The lead this person follows was qualified into this contact: the person follows the contact
+                    # now (sales owns it), as the native sync does on lead conversion.
+                    self._note("link", person_id=pid, entity=entity, dynamics_id=did, email=email,
+                               detail=f"lead {links.loc[pid, 'dynamics_id']} was qualified: the person now follows "
+                                      "the contact created from it")
+                    out.append({"person_id": pid, "dynamics_type": entity, "dynamics_id": did, "method": "lead_qualified"})
+                    continue
                 if pid in links.index or any(o["person_id"] == pid for o in out):
                     self._note("ambiguous", person_id=pid, entity=entity, dynamics_id=did, email=email,
                                detail="the Marketo person with this email is already linked to another record; nothing done")
@@ -260,6 +268,20 @@ class Identity:
                 out.append({"person_id": pid, "dynamics_type": entity, "dynamics_id": did, "method": "email"})
         out += self._create_persons(to_create)
         return out
+
+    def _lead_qualified(self, person_id: int, links: pd.DataFrame, records: dict[str, pd.DataFrame]) -> bool:
+        """Whether the person is linked to a lead that is now qualified (lead ``statecode`` 1)."""
+        if person_id not in links.index or links.loc[person_id, "dynamics_type"] != "lead" or "lead" not in self.config.entities:
+            return False
+        lead_id = str(links.loc[person_id, "dynamics_id"]).lower()
+        leads = records.get("lead")
+        idc = self._id_column("lead")
+        if leads is not None and not leads.empty and "statecode" in leads:
+            hit = leads[leads[idc].astype(str).str.lower() == lead_id]
+            if not hit.empty:
+                return int(hit["statecode"].fillna(0).iloc[0]) == 1
+        states = self.dynamics.states(self.config.entity("lead").entity_set, [lead_id])
+        return not states.empty and int(states["statecode"].fillna(0).iloc[0]) == 1
 
     def _create_persons(self, to_create: list) -> list[dict]:
         if not to_create:

@@ -198,3 +198,16 @@ def test_activity_command_prints_a_persons_history(sync_world, capsys):
     out = capsys.readouterr().out
     assert "CREATE" in out and "cat@example.com" in out and "run-1" in out
     assert main(["--email", "nobody@example.com", "--state-url", os.environ["MDSYNC_STATE_URL"]]) == 1
+
+
+def test_qualified_lead_moves_the_person_to_the_new_contact(sync_world):
+    ids = sync_world.seed_people()
+    sync_world.cycle("run-1").run_all()
+    created = sync_world.dynamics().qualify_lead(ids["lead"], create_contact=True)
+    contact_id = next(r["id"] for r in created if r["entity"] == "contact")
+    report = sync_world.cycle("run-2").run_all()
+    assert report["created"] == 0
+    person = sync_world.person("lena@example.com")
+    assert (person["dynamicsRecordType"], person["dynamicsRecordId"]) == ("contact", contact_id)
+    assert sync_world.store().load_links().loc[ids["lena_pid"], "dynamics_id"] == contact_id
+    assert sync_world.record("contacts", "lena@example.com")["mdsync_marketopersonid"] == str(ids["lena_pid"])
