@@ -211,3 +211,45 @@ def test_qualified_lead_moves_the_person_to_the_new_contact(sync_world):
     assert (person["dynamicsRecordType"], person["dynamicsRecordId"]) == ("contact", contact_id)
     assert sync_world.store().load_links().loc[ids["lena_pid"], "dynamics_id"] == contact_id
     assert sync_world.record("contacts", "lena@example.com")["mdsync_marketopersonid"] == str(ids["lena_pid"])
+
+
+def _data_calls(counts: dict) -> dict:
+    return {k: v for k, v in counts["by_endpoint"].items() if "token" not in k and v}
+
+
+def test_idle_cycle_stays_within_the_api_budget(sync_world):
+    """DESIGN §8: an idle cycle costs at most 3 Marketo and 3 Dataverse calls (tokens aside)."""
+    sync_world.seed_people()
+    sync_world.cycle("run-1").run_all()
+    sync_world.cycle("run-2").run_all()  # our own writes of run 1 come back once
+    import time
+
+    time.sleep(3)  # past the overlap, so nothing of ours is left in the window
+    sync_world.marketo_sandbox.admin("POST", "/calls/reset")
+    sync_world.dataverse_sandbox.admin("POST", "calls/reset")
+    report = sync_world.cycle("idle").run_all()
+    assert report["written"] == {"dynamics": 0, "marketo": 0}
+    marketo_calls = _data_calls(sync_world.marketo_sandbox.calls())
+    dataverse_calls = _data_calls(sync_world.dataverse_sandbox.calls())
+    assert sum(marketo_calls.values()) <= 3, marketo_calls
+    assert sum(dataverse_calls.values()) <= 3, dataverse_calls
+
+
+def test_writes_use_the_minimum_number_of_calls(sync_world):
+    """DESIGN §8: ceil(n/300) Marketo calls and ceil(n/1000) Dataverse bulk calls for n records."""
+    n = 700
+    emails = [f"bulk{i}@example.com" for i in range(n)]
+    ids = sync_world.dataverse_sandbox.seed("contacts", [{"emailaddress1": e, "lastname": f"Bulk {i}"}
+                                                         for i, e in enumerate(emails)])
+    pids = sync_world.marketo_sandbox.seed_leads([{"email": e, "lastName": f"Bulk {i}"} for i, e in enumerate(emails)])
+    sync_world.cycle("run-1").run_all()
+    sync_world.marketo().sync_leads([{"id": p, "title": "Marketo side"} for p in pids[:n // 2]], "updateOnly", "id")
+    sync_world.dynamics().update_multiple("contacts", [{"contactid": i, "jobtitle": "Dynamics side"} for i in ids[n // 2:]])
+    sync_world.marketo_sandbox.admin("POST", "/calls/reset")
+    sync_world.dataverse_sandbox.admin("POST", "calls/reset")
+    report = sync_world.cycle("run-2").run_all()
+    assert report["written"] == {"dynamics": n // 2, "marketo": n - n // 2}
+    marketo_writes = sync_world.marketo_sandbox.calls()["by_endpoint"].get("POST /rest/v1/leads.json", 0)
+    dataverse_writes = {k: v for k, v in _data_calls(sync_world.dataverse_sandbox.calls()).items() if k.startswith("POST")}
+    assert marketo_writes == 2  # 350 records: ceil(350 / 300)
+    assert sum(dataverse_writes.values()) == 1, dataverse_writes  # 350 records: one UpdateMultiple
