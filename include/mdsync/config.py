@@ -227,7 +227,7 @@ class SyncConfig(_Strict):
         try:
             return self.entities[name]
         except KeyError:
-            raise ConfigError(f"entity type {name!r} is not configured (configured: {', '.join(self.entities)})")
+            raise ConfigError(f"entity type {name!r} is not configured (configured: {', '.join(self.entities)})") from None
 
 
 def _format_location(loc: tuple[Any, ...], data: Any) -> str:

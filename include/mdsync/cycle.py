@@ -336,7 +336,7 @@ class Cycle:
         results = load_marketo(self.config, self.config.entities, writes, link_writes, max_length, self.marketo,
                                dry_run=self.run.dry_run)
         rejected_in_dynamics = []
-        for name, path in dynamics_loaded["results"].items():
+        for path in dynamics_loaded["results"].values():
             r = self.staging.read_frame(path)
             rejected_in_dynamics.append(r[~r["ok"].astype(bool) & r["error_code"].ne("dry_run")])
         rejected = pd.concat(rejected_in_dynamics, ignore_index=True) if rejected_in_dynamics else pd.DataFrame()
