@@ -97,13 +97,13 @@ def marketo_dynamics_sync():
         return cycle_for(context).identify(schema["access"], marketo, dynamics)
 
     @task
-    def plan(entity: str, schema: dict, identity: dict, dynamics: dict, **context) -> dict | None:
+    def plan(entity: str, schema: dict, identity: dict, **context) -> dict | None:
         from mdsync_airflow.runtime import cycle_for
 
         cycle = cycle_for(context)
         if entity not in cycle.config.entities:
             return None
-        return cycle.plan(entity, schema["access"], identity, dynamics["full"])
+        return cycle.plan(entity, schema["access"], identity)
 
     @task
     def load_dynamics(schema: dict, identity: dict, plans: list, **context) -> dict:
@@ -139,7 +139,7 @@ def marketo_dynamics_sync():
     marketo = extract_marketo(schema)
     dynamics = extract_dynamics(schema)
     identity = identify(schema, marketo, dynamics)
-    plans = [plan.override(task_id=f"plan_{entity}")(entity, schema, identity, dynamics) for entity in ENTITY_TYPES]
+    plans = [plan.override(task_id=f"plan_{entity}")(entity, schema, identity) for entity in ENTITY_TYPES]
     dynamics_loaded = load_dynamics(schema, identity, plans)
     marketo_loaded = load_marketo(schema, identity, plans, dynamics_loaded)
     committed = commit(marketo, dynamics, identity, plans, dynamics_loaded, marketo_loaded)

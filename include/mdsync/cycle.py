@@ -247,7 +247,7 @@ class Cycle:
 
     # -- 4. diff, resolve, plan -----------------------------------------------------------------------
 
-    def plan(self, entity_name: str, access_path: str, identity: dict, full: bool) -> dict:
+    def plan(self, entity_name: str, access_path: str, identity: dict) -> dict:
         entity = self.config.entity(entity_name)
         acc = self._access(access_path).entities[entity_name]
         links = self.staging.read_frame(identity["links"])
@@ -398,7 +398,7 @@ class Cycle:
         marketo = self.extract_marketo(schema["access"])
         dynamics = self.extract_dynamics(schema["access"])
         identity = self.identify(schema["access"], marketo, dynamics)
-        plans = [self.plan(e, schema["access"], identity, dynamics["full"]) for e in self.config.entities]
+        plans = [self.plan(e, schema["access"], identity) for e in self.config.entities]
         dyn_loaded = self.load_dynamics(schema["access"], identity, plans)
         mkt_loaded = self.load_marketo(schema["access"], identity, plans, dyn_loaded)
         committed = self.commit(marketo, dynamics, identity, plans, dyn_loaded, mkt_loaded)

@@ -121,7 +121,7 @@ def test_crash_between_the_two_loads_then_rerun_converges_without_duplicates(syn
     schema = c.refresh_schema()
     m, d = c.extract_marketo(schema["access"]), c.extract_dynamics(schema["access"])
     identity = c.identify(schema["access"], m, d)
-    plans = [c.plan(e, schema["access"], identity, d["full"]) for e in c.config.entities]
+    plans = [c.plan(e, schema["access"], identity) for e in c.config.entities]
     c.load_dynamics(schema["access"], identity, plans)
     assert sync_world.record("leads", "lena@example.com")["jobtitle"] == "Crash Title"
     # the whole run is retried
