@@ -127,13 +127,16 @@ def marketo_dynamics_sync():
 
     @task
     def report(schema: dict, marketo: dict, dynamics: dict, identity: dict, plans: list, dynamics_loaded: dict,
-               marketo_loaded: dict, committed: dict) -> dict:
-        from mdsync.cycle import Cycle
+               marketo_loaded: dict, committed: dict, **context) -> dict:
+        from mdsync_airflow.runtime import cycle_for
 
+        cycle = cycle_for(context)
         calls = [schema["calls"], marketo["calls"], dynamics["calls"], identity["calls"], dynamics_loaded["calls"],
                  marketo_loaded["calls"]]
-        return Cycle.report(marketo, dynamics, identity, [p for p in plans if p], dynamics_loaded, marketo_loaded,
-                            committed, calls)
+        summary = cycle.report(marketo, dynamics, identity, [p for p in plans if p], dynamics_loaded, marketo_loaded,
+                               committed, calls)
+        cycle.finish()
+        return summary
 
     schema = refresh_schema()
     marketo = extract_marketo(schema)

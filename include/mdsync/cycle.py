@@ -403,7 +403,15 @@ class Cycle:
         mkt_loaded = self.load_marketo(schema["access"], identity, plans, dyn_loaded)
         committed = self.commit(marketo, dynamics, identity, plans, dyn_loaded, mkt_loaded)
         # one client per cycle here, so the last stage's counters hold the whole cycle's calls
-        return self.report(marketo, dynamics, identity, plans, dyn_loaded, mkt_loaded, committed, [self._calls()])
+        summary = self.report(marketo, dynamics, identity, plans, dyn_loaded, mkt_loaded, committed, [self._calls()])
+        self.finish()
+        return summary
+
+    def finish(self) -> None:
+        """After a successful run: drop its staged frames unless ``MDSYNC_KEEP_STAGING`` is set."""
+        if not self.settings.keep_staging:
+            self.staging.remove()
+            log.info("removed this run's staging folder %s (set MDSYNC_KEEP_STAGING=1 to keep it)", self.staging.folder)
 
     # -- 7. report ------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@
 | ``MDSYNC_SCHEMA_CACHE_MINUTES`` | ``60`` | how long a field-access refresh (describe both sides) is reused |
 | ``MDSYNC_FULL_LOOKBACK_DAYS`` | ``0`` | a full reconcile also bulk-exports Marketo persons updated in this many days |
 | ``MDSYNC_BULK_POLL_SECONDS`` | ``60`` | how often a Marketo bulk export job is polled |
+| ``MDSYNC_KEEP_STAGING`` | off | keep a successful run's staged frames (failed runs always keep theirs) |
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Settings:
     schema_cache_minutes: int
     full_lookback_days: float
     bulk_poll_seconds: float
+    keep_staging: bool
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -44,4 +46,5 @@ class Settings:
             schema_cache_minutes=int(os.environ.get("MDSYNC_SCHEMA_CACHE_MINUTES", "60")),
             full_lookback_days=float(os.environ.get("MDSYNC_FULL_LOOKBACK_DAYS", "0")),
             bulk_poll_seconds=float(os.environ.get("MDSYNC_BULK_POLL_SECONDS", "60")),
+            keep_staging=os.environ.get("MDSYNC_KEEP_STAGING", "").lower() in ("1", "true", "yes"),
         )

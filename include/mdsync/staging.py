@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from typing import Any
 
 import pandas as pd
@@ -56,6 +57,17 @@ class Staging:
     def read_json(self, path: str) -> Any:
         with self._resolve(path).open("r") as fh:
             return json.load(fh)
+
+    def remove(self) -> None:
+        """Delete this run's folder (after a successful run; failed runs keep theirs for inspection)."""
+        fs = getattr(self.folder, "fs", None)  # ObjectStoragePath: local folder or object storage
+        try:
+            if fs is not None:
+                fs.rm(self.folder.path, recursive=True)
+            else:
+                shutil.rmtree(self.folder)
+        except FileNotFoundError:
+            pass
 
     def _resolve(self, path: str):
         # Paths come back from XCom as strings; rebuild them with the root's own type.

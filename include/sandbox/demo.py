@@ -127,6 +127,7 @@ def main() -> int:
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "MDSYNC_STATE_URL": f"sqlite:///{workdir / 'state.sqlite'}", "MDSYNC_STAGING_URL": f"file://{workdir / 'staging'}",
         "MDSYNC_OVERLAP_SECONDS": "2", "MDSYNC_TASK_RETRIES": "1", "MDSYNC_RETRY_DELAY_SECONDS": "5",
+        "MDSYNC_KEEP_STAGING": "1",
     })
     print("preparing Airflow's metadata database (.demo/airflow) ...")
     subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=demo.env, check=True,

@@ -42,6 +42,9 @@ def test_dag_syncs_both_ways_dry_runs_pushes_on_demand_and_keeps_secrets_out_of_
     assert run_once({"person_ids": [pid], "sync_as": "contact"}) == "success"
     assert sync_world.record("contacts", "on.demand@example.com")["mdsync_marketopersonid"] == str(pid)
 
+    # successful runs removed their staged frames (through ObjectStoragePath)
+    assert [p.name for p in (sync_world.tmp / "staging").iterdir() if p.is_dir()] == []
+
     out = capfd.readouterr()
     # task logs reach the terminal and Python logging (which one depends on how logging was set up earlier)
     logs = out.out + out.err + caplog.text

@@ -13,6 +13,8 @@ def test_first_cycle_links_and_creates_both_ways_without_duplicates(sync_world):
     ids = sync_world.seed_people()
     report = sync_world.cycle("run-1").run_all()
     assert report["new_links"] == 4 and report["created"] == 2
+    staging = sync_world.tmp / "staging"
+    assert not (staging / "run-1").exists() and any(staging.glob("field-access-*.json"))  # run folder cleaned up
     # Cat existed only in Dynamics: now one Marketo person, linked both ways
     cat = sync_world.person("cat@example.com")
     assert (cat["dynamicsRecordId"], cat["dynamicsRecordType"]) == (ids["cat"], "contact")
