@@ -221,12 +221,13 @@ def _data_calls(counts: dict) -> dict:
 
 def test_idle_cycle_stays_within_the_api_budget(sync_world):
     """DESIGN §8: an idle cycle costs at most 3 Marketo and 3 Dataverse calls (tokens aside)."""
-    sync_world.seed_people()
-    sync_world.cycle("run-1").run_all()
-    sync_world.cycle("run-2").run_all()  # our own writes of run 1 come back once
     import time
 
-    time.sleep(3)  # past the overlap, so nothing of ours is left in the window
+    sync_world.seed_people()
+    sync_world.cycle("run-1").run_all()
+    time.sleep(3)  # past the 2 s overlap, so each window holds only what came after the last one
+    sync_world.cycle("run-2").run_all()  # our own writes of run 1 come back once
+    time.sleep(3)
     sync_world.marketo_sandbox.admin("POST", "/calls/reset")
     sync_world.dataverse_sandbox.admin("POST", "calls/reset")
     report = sync_world.cycle("idle").run_all()
