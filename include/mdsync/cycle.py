@@ -11,7 +11,6 @@ refresh_schema -> extract_marketo || extract_dynamics -> identify -> plan (per e
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,12 +134,11 @@ class Cycle:
         # one cache per pair of instances and config, so pointing the sync elsewhere never reuses it
         key = hashlib.sha1(repr((getattr(self.marketo, "base_url", ""), getattr(self.dynamics, "org_url", ""),
                                  self.config.model_dump_json())).encode()).hexdigest()[:12]
-        cache = self.staging.root / f"field-access-{key}.json"
+        cache = f"field-access-{key}"
         max_age = timedelta(minutes=self.settings.schema_cache_minutes)
         if not self.run.full_resync:
             try:
-                with cache.open("r") as fh:
-                    data = json.load(fh)
+                data = self.staging.read_json(self.staging.shared_path(cache))
                 refreshed = datetime.fromisoformat(data["refreshed_at"])
                 if datetime.now(timezone.utc) - refreshed < max_age:
                     path = self.staging.write_json("field-access", data)
@@ -159,9 +157,7 @@ class Cycle:
         acc.refreshed_at = datetime.now(timezone.utc).isoformat()
         data = acc.to_json()
         path = self.staging.write_json("field-access", data)
-        self.staging.root.mkdir(parents=True, exist_ok=True)
-        with cache.open("w") as fh:
-            json.dump(data, fh, default=str)
+        self.staging.write_json(cache, data, shared=True)
         dropped = sum(len(e.dropped) for e in acc.entities.values())
         return {"access": path, "refreshed": True, "dropped_fields": dropped, "calls": self._calls()}
 

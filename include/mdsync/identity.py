@@ -27,8 +27,8 @@ from mdsync.extract import dynamics_columns, marketo_fields
 
 log = logging.getLogger("mdsync.identity")
 
-#: how many email values go into one Dataverse ``$filter`` (keeps the URL short)
-EMAILS_PER_QUERY = 50
+#: how many values go into one Dataverse ``column in (...)`` ``$filter`` (keeps the URL short)
+VALUES_PER_QUERY = 50
 
 
 @dataclass
@@ -365,19 +365,23 @@ class Identity:
         out += self._create_records(create)
         return out
 
-    def _dynamics_by_email(self, entity: str, emails: list[str]) -> dict[str, list[str]]:
+    def _query_in(self, entity: str, columns: list[str], column: str, values: list[str]) -> pd.DataFrame:
+        """Dataverse rows of ``entity`` whose ``column`` is one of ``values`` (escaped, in URL-sized chunks)."""
         from mdsync.dynamics import isin
 
+        entity_set = self.config.entity(entity).entity_set
+        parts = [self.dynamics.query(entity_set, columns, filter=isin(column, values[i : i + VALUES_PER_QUERY]))
+                 for i in range(0, len(values), VALUES_PER_QUERY)]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+    def _dynamics_by_email(self, entity: str, emails: list[str]) -> dict[str, list[str]]:
         ent = self.config.entity(entity)
         col = ent.email_field.dynamics
+        rows = self._query_in(entity, [ent.id_column, col], col, sorted({e.lower() for e in emails}))
         hits: dict[str, list[str]] = {}
-        unique = sorted({e.lower() for e in emails})
-        for i in range(0, len(unique), EMAILS_PER_QUERY):
-            chunk = unique[i : i + EMAILS_PER_QUERY]
-            rows = self.dynamics.query(ent.entity_set, [ent.id_column, col], filter=isin(col, chunk))
-            for did, addr in rows[[ent.id_column, col]].itertuples(index=False):
-                if addr is not None and not pd.isna(addr):
-                    hits.setdefault(str(addr).lower(), []).append(str(did))
+        for did, addr in rows[[ent.id_column, col]].itertuples(index=False):
+            if addr is not None and not pd.isna(addr):
+                hits.setdefault(str(addr).lower(), []).append(str(did))
         return hits
 
     def _create_records(self, create: list) -> list[dict]:
@@ -443,8 +447,6 @@ class Identity:
         if missing:
             fetched = self.marketo.get_leads("id", missing, self.fields)
             persons = pd.concat([persons, fetched], ignore_index=True) if not persons.empty else fetched
-        from mdsync.dynamics import isin
-
         for entity in self.config.entities:
             ent = self.config.entity(entity)
             ids = new.loc[new["dynamics_type"] == entity, "dynamics_id"]
@@ -454,9 +456,7 @@ class Identity:
             if not want:
                 continue
             columns = dynamics_columns(self.config, ent, self.access.entities[entity])
-            parts = [self.dynamics.query(ent.entity_set, columns, filter=isin(ent.id_column, want[i : i + EMAILS_PER_QUERY]))
-                     for i in range(0, len(want), EMAILS_PER_QUERY)]
-            fetched = pd.concat(parts, ignore_index=True)
+            fetched = self._query_in(entity, columns, ent.id_column, want)
             records[entity] = pd.concat([rows, fetched], ignore_index=True) if not rows.empty else fetched
         return persons, records
 

@@ -42,9 +42,11 @@ class Staging:
             frame.to_parquet(fh, index=True)
         return str(target)
 
-    def write_json(self, name: str, data: Any) -> str:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        target = self.folder / f"{_safe(name)}.json"
+    def write_json(self, name: str, data: Any, *, shared: bool = False) -> str:
+        """Write ``data`` as ``<name>.json`` in this run's folder, or at the root when ``shared`` (kept across runs)."""
+        folder = self.root if shared else self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{_safe(name)}.json"
         with target.open("w") as fh:
             json.dump(data, fh, default=str)
         return str(target)
@@ -53,6 +55,10 @@ class Staging:
         """Read a frame written by :meth:`write_frame` (``path`` as returned there)."""
         with self._resolve(path).open("rb") as fh:
             return pd.read_parquet(fh)
+
+    def shared_path(self, name: str) -> str:
+        """The path of a file written with ``write_json(name, shared=True)``."""
+        return str(self.root / f"{_safe(name)}.json")
 
     def read_json(self, path: str) -> Any:
         with self._resolve(path).open("r") as fh:
