@@ -31,24 +31,34 @@ class ActivitiesMixin:
         body = self._get("/rest/v1/activities/pagingtoken.json", {"sinceDatetime": json_value(since)})
         return body["nextPageToken"]
 
-    def _activity_pages(self, path: str, token: str, params: dict) -> tuple[list[dict], str]:
-        """Every activity from ``token`` to the end; returns them and the token to continue from next time."""
+    def _activity_pages(self, path: str, token: str, params: dict, max_pages: int | None = None
+                        ) -> tuple[list[dict], str, bool]:
+        """Every activity from ``token`` to the end (or ``max_pages`` pages); returns them, the token to continue
+        from next time, and whether more remained."""
         out: list[dict] = []
+        pages = 0
         while True:
             body = self._get(path, {**params, "nextPageToken": token, "batchSize": 300})
             out.extend(body.get("result") or [])
             token = body.get("nextPageToken") or token
+            pages += 1
             # Marketo may return fewer than 300 items with moreResult true: only moreResult ends the walk.
             if not body.get("moreResult"):
-                return out, token
+                return out, token, False
+            if max_pages is not None and pages >= max_pages:
+                return out, token, True
 
-    def get_lead_changes(self, paging_token: str, fields: Iterable[str]) -> tuple[pd.DataFrame, str]:
+    def get_lead_changes(self, paging_token: str, fields: Iterable[str], max_pages: int | None = None
+                         ) -> tuple[pd.DataFrame, str]:
         """Data Value Change (13) and New Lead (12) activities for ``fields``, from the token to the end.
 
+        :param max_pages: stop after this many pages (300 activities each); the frame's
+            ``attrs["more_result"]`` then says whether activities remained (the caller may read the window
+            in bulk instead).
         :returns: one row per field change (New Lead rows have no field) and the next paging token to store.
         """
-        activities, token = self._activity_pages("/rest/v1/activities/leadchanges.json", paging_token,
-                                                 {"fields": ",".join(fields)})
+        activities, token, more = self._activity_pages("/rest/v1/activities/leadchanges.json", paging_token,
+                                                       {"fields": ",".join(fields)}, max_pages)
         rows = []
         for act in activities:
             base = {"id": act.get("id"), "marketo_guid": act.get("marketoGUID"), "lead_id": act.get("leadId"),
@@ -60,11 +70,13 @@ class ActivitiesMixin:
             for ch in changes:
                 rows.append({**base, "field": ch.get("name"), "field_id": ch.get("id"),
                              "old_value": ch.get("oldValue"), "new_value": ch.get("newValue")})
-        return typed_frame(rows, CHANGE_COLUMNS, ACTIVITY_TYPES), token
+        frame = typed_frame(rows, CHANGE_COLUMNS, ACTIVITY_TYPES)
+        frame.attrs["more_result"] = more
+        return frame, token
 
     def get_deleted_leads(self, paging_token: str) -> tuple[pd.DataFrame, str]:
         """Delete Lead activities from the token to the end, and the next paging token."""
-        activities, token = self._activity_pages("/rest/v1/activities/deletedleads.json", paging_token, {})
+        activities, token, _ = self._activity_pages("/rest/v1/activities/deletedleads.json", paging_token, {})
         rows = [{"id": a.get("id"), "marketo_guid": a.get("marketoGUID"), "lead_id": a.get("leadId"),
                  "activity_date": a.get("activityDate"), "activity_type_id": a.get("activityTypeId"),
                  "primary_attribute_value": a.get("primaryAttributeValue")} for a in activities]
@@ -76,7 +88,7 @@ class ActivitiesMixin:
         params = {"activityTypeIds": ",".join(str(int(t)) for t in activity_type_ids)}
         if lead_ids is not None:
             params["leadIds"] = ",".join(str(int(i)) for i in lead_ids)
-        return self._activity_pages("/rest/v1/activities.json", paging_token, params)
+        return self._activity_pages("/rest/v1/activities.json", paging_token, params)[:2]
 
     # ------------------------------------------------------------------ custom activities
     def ensure_custom_activity_type(self, api_name: str, name: str, primary_attribute: dict,
