@@ -1,7 +1,27 @@
-"""The Marketo sandbox HTTP API: identity, Lead Database REST paths, bulk lead export and the admin path.
+"""The Marketo sandbox HTTP API: identity, Lead Database REST paths, bulk lead and activity export, bulk
+lead import, and the admin path.
 
 Paths, parameters, envelopes, record statuses and error codes follow ``reference/marketo`` (Swagger spec and
 developer docs). Marketo answers most errors with HTTP 200 and ``success: false``; so does the sandbox.
+
+Bulk jobs run in background threads, two at a time per kind: lead and activity exports share one queue of 10
+(1029 "Too many jobs in queue"), imports have their own queue of 10 (1016 "Too many imports") and a 10 MB file
+limit (HTTP 413).
+
+Admin calls (not part of Marketo; never under ``/rest``, ``/bulk`` or ``/identity``):
+
+- ``GET /_sandbox/health``: ``{"status": "ok", "service": "marketo"}``.
+- ``POST /_sandbox/leads`` ``{"leads": [...]}``: insert leads without activities; ``{"ids": [...]}`` (or
+  ``{"count", "first_id", "last_id"}`` above 10,000 leads).
+- ``GET /_sandbox/calls``: calls by endpoint, limited (606/615/607) and injected counts, peak concurrency.
+- ``POST /_sandbox/calls/reset``: zero the call counters.
+- ``POST /_sandbox/faults`` ``{"kind", "count", "path_prefix", "seconds", "status"}``: inject faults
+  (kinds: rate_limit, concurrency, server_error, delay, expire_tokens, quota_exhausted);
+  ``DELETE /_sandbox/faults`` clears them.
+- ``POST /_sandbox/reset``: wipe all data, counters, faults and bulk jobs.
+- ``GET /_sandbox/bulk``: ``{"hold": bool, "peak_importing": n}`` (the most imports seen importing at once).
+- ``POST /_sandbox/bulk/hold`` ``{"hold": true|false}``: while held, queued bulk jobs (exports and imports)
+  are not started, so queue limits can be observed; returns the same body as ``GET /_sandbox/bulk``.
 """
 
 from __future__ import annotations
@@ -22,6 +42,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .fields import DEFAULT_LEAD_FIELDS, LEAD_FIELDS
 from .guard import FAULT_KINDS, Fault, Guard
+from .imports import IMPORT_MAX_FILE, ImportJobs
 from .store import (CHANGE_DATA_VALUE, DELETE_LEAD, NEW_LEAD, STANDARD_ACTIVITY_TYPES, ApiError, MarketoStore,
                     decode_token, encode_token, quota_day)
 from .values import parse_datetime
@@ -139,36 +160,69 @@ def render_activity(row, *, lead_change: bool = False) -> dict:
     return out
 
 
+def file_range(path: Path, rng: str | None) -> Response:
+    """A file, whole or the byte range a ``Range: bytes=a-b`` header asks for (206), as bulk-extract.md says."""
+    size = path.stat().st_size
+    start, end = 0, size - 1
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip()) if rng else None
+    if rng and not match:
+        return PlainTextResponse("Invalid Range", status_code=416)
+    if match:
+        if match.group(1):
+            start = int(match.group(1))
+            end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+        else:
+            start = max(0, size - int(match.group(2)))
+        if start > end:
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        data = fh.read(end - start + 1)
+    headers = {"Accept-Ranges": "bytes"}
+    if match:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return Response(data, status_code=206 if match else 200, media_type="text/csv", headers=headers)
+
+
 def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: str | None = None,
                token_ttl_s: int = 3600, daily_quota: int = 50000, rate_limit=(100, 20), max_concurrent: int = 10,
                export_delay_s: float = 0.0) -> FastAPI:
     """Build the sandbox app on the SQLite database in ``data_dir``."""
     store = MarketoStore(Path(data_dir))
+    imports = ImportJobs(store)
     cid, secret = load_or_create_credentials(Path(data_dir), client_id, client_secret)
     guard = Guard(tuple(rate_limit), max_concurrent, token_ttl_s)
     stop = threading.Event()
 
-    def export_worker() -> None:
-        # Runs queued export jobs, two at a time at most, like Marketo's bulk extract service.
+    def run_export(job_id: str) -> None:
+        if export_delay_s:
+            time.sleep(export_delay_s)
+        try:
+            store.run_export(job_id)
+        except Exception as exc:  # recorded on the job, as Marketo reports a Failed export
+            store.fail_export(job_id, f"{type(exc).__name__}: {exc}")
+
+    def run_import(batch_id: int) -> None:
+        try:
+            imports.run(batch_id)
+        except Exception as exc:  # recorded on the job, as Marketo reports a Failed import
+            imports.fail(batch_id, f"{type(exc).__name__}: {exc}")
+
+    def bulk_worker() -> None:
+        # Starts queued export and import jobs, two of each kind at a time at most, like Marketo's bulk services.
         while not stop.is_set():
-            job = store.next_export()
-            if job is None:
-                stop.wait(0.1)
-                continue
-
-            def run(job_id=job):
-                if export_delay_s:
-                    time.sleep(export_delay_s)
-                try:
-                    store.run_export(job_id)
-                except Exception as exc:  # recorded on the job, as Marketo reports a Failed export
-                    store.fail_export(job_id, f"{type(exc).__name__}: {exc}")
-
-            threading.Thread(target=run, daemon=True).start()
+            started = False
+            for take, run in ((store.next_export, run_export), (imports.next_job, run_import)):
+                job = take()
+                if job is not None:
+                    started = True
+                    threading.Thread(target=run, args=(job,), daemon=True).start()
+            if not started:
+                stop.wait(0.05)
 
     @asynccontextmanager
     async def lifespan(_app):
-        worker = threading.Thread(target=export_worker, name="marketo-export", daemon=True)
+        worker = threading.Thread(target=bulk_worker, name="marketo-bulk", daemon=True)
         worker.start()
         yield
         stop.set()
@@ -465,61 +519,78 @@ def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: s
             out.append(item)
         return envelope(out)
 
-    # ------------------------------------------------------------------ bulk lead export
-    @app.post("/bulk/v1/leads/export/create.json")
-    async def export_create(request: Request):
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise ApiError("1003", "Invalid export request")
-        return envelope([await run_in_threadpool(store.create_export, body)])
+    # ------------------------------------------------------------------ bulk export (leads, activities)
+    def export_routes(prefix: str, kind: str, create) -> None:
+        @app.post(f"{prefix}/create.json", name=f"{kind}_export_create")
+        async def export_create(request: Request):
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise ApiError("1003", "Invalid export request")
+            return envelope([await run_in_threadpool(create, body)])
 
-    @app.post("/bulk/v1/leads/export/{export_id}/enqueue.json")
-    async def export_enqueue(export_id: str):
-        return envelope([await run_in_threadpool(store.enqueue_export, export_id)])
+        @app.post(f"{prefix}/{{export_id}}/enqueue.json", name=f"{kind}_export_enqueue")
+        async def export_enqueue(export_id: str):
+            return envelope([await run_in_threadpool(store.enqueue_export, export_id, kind)])
 
-    @app.post("/bulk/v1/leads/export/{export_id}/cancel.json")
-    async def export_cancel(export_id: str):
-        return envelope([await run_in_threadpool(store.cancel_export, export_id)])
+        @app.post(f"{prefix}/{{export_id}}/cancel.json", name=f"{kind}_export_cancel")
+        async def export_cancel(export_id: str):
+            return envelope([await run_in_threadpool(store.cancel_export, export_id, kind)])
 
-    @app.get("/bulk/v1/leads/export/{export_id}/status.json")
-    async def export_status(export_id: str):
-        return envelope([await run_in_threadpool(store.export_status, export_id)])
+        @app.get(f"{prefix}/{{export_id}}/status.json", name=f"{kind}_export_status")
+        async def export_status(export_id: str):
+            return envelope([await run_in_threadpool(store.export_status, export_id, kind)])
 
-    @app.get("/bulk/v1/leads/export.json")
-    async def export_list(status: str | None = None):
-        return envelope(await run_in_threadpool(store.list_exports, _csv_param(status)))
+        @app.get(f"{prefix}.json", name=f"{kind}_export_list")
+        async def export_list(status: str | None = None):
+            return envelope(await run_in_threadpool(store.list_exports, _csv_param(status), kind))
 
-    @app.get("/bulk/v1/leads/export/{export_id}/file.json")
-    async def export_file(export_id: str, request: Request):
+        @app.get(f"{prefix}/{{export_id}}/file.json", name=f"{kind}_export_file")
+        async def export_file(export_id: str, request: Request):
+            try:
+                job = store.export_status(export_id, kind)
+            except ApiError:
+                job = {}
+            if job.get("status") != "Completed":
+                return PlainTextResponse("Export file not found: the job does not exist or is not completed",
+                                         status_code=404)
+            return file_range(store.export_file(export_id), request.headers.get("range"))
+
+    export_routes("/bulk/v1/leads/export", "leads", store.create_export)
+    export_routes("/bulk/v1/activities/export", "activities", store.create_activity_export)
+
+    # ------------------------------------------------------------------ bulk lead import
+    @app.post("/bulk/v1/leads.json")
+    async def import_leads(request: Request):
+        if "multipart/form-data" not in request.headers.get("content-type", ""):
+            raise ApiError("612", "Invalid Content Type: Import Leads takes multipart/form-data")
         try:
-            job = store.export_status(export_id)
-        except ApiError:
-            job = {}
-        if job.get("status") != "Completed":
-            return PlainTextResponse("Export file not found: the job does not exist or is not completed",
-                                     status_code=404)
-        path = store.export_file(export_id)
-        size = path.stat().st_size
-        rng = request.headers.get("range")
-        start, end = 0, size - 1
-        match = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip()) if rng else None
-        if rng and not match:
-            return PlainTextResponse("Invalid Range", status_code=416)
-        if match:
-            if match.group(1):
-                start = int(match.group(1))
-                end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
-            else:
-                start = max(0, size - int(match.group(2)))
-            if start > end:
-                return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
-        with open(path, "rb") as fh:
-            fh.seek(start)
-            data = fh.read(end - start + 1)
-        headers = {"Accept-Ranges": "bytes"}
-        if match:
-            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-        return Response(data, status_code=206 if match else 200, media_type="text/csv", headers=headers)
+            form = await request.form(max_files=1)
+        except Exception:
+            raise ApiError("613", "Invalid Multipart Request") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError("701", "file cannot be blank")
+        data = await upload.read()
+        if len(data) > IMPORT_MAX_FILE:
+            return PlainTextResponse("Request Entity Too Large", status_code=413)
+
+        def param(name: str):
+            value = request.query_params.get(name)
+            return value if value is not None else form.get(name)
+
+        return envelope([await run_in_threadpool(imports.create, data, param("format"), param("lookupField"),
+                                                 param("listId"), param("partitionName"))])
+
+    @app.get("/bulk/v1/leads/batch/{batch_id:int}.json")
+    async def import_status(batch_id: int):
+        return envelope([await run_in_threadpool(imports.status, batch_id)])
+
+    @app.get("/bulk/v1/leads/batch/{batch_id:int}/{which}.json")
+    async def import_report(batch_id: int, which: str):
+        if which not in ("failures", "warnings"):
+            raise ApiError("610", "Requested resource not found")
+        data, media = await run_in_threadpool(imports.report, batch_id, which)
+        return Response(data, media_type=media)
 
     # ------------------------------------------------------------------ admin (not part of Marketo)
     @app.get("/_sandbox/health")
@@ -565,9 +636,26 @@ def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: s
         guard.clear_faults()
         return {"status": "ok"}
 
+    def bulk_state() -> dict:
+        return {"hold": store.bulk_hold.is_set(), "peak_importing": imports.peak_importing}
+
+    @app.get("/_sandbox/bulk")
+    async def bulk_info():
+        return bulk_state()
+
+    @app.post("/_sandbox/bulk/hold")
+    async def bulk_hold(request: Request):
+        body = json.loads(await request.body() or b"{}")
+        if not isinstance(body, dict) or not isinstance(body.get("hold"), bool):
+            return JSONResponse({"error": "body must be {\"hold\": true|false}"}, status_code=400)
+        (store.bulk_hold.set if body["hold"] else store.bulk_hold.clear)()
+        return bulk_state()
+
     @app.post("/_sandbox/reset")
     async def reset():
         await run_in_threadpool(store.reset)
+        store.bulk_hold.clear()
+        imports.peak_importing = 0
         guard.reset()
         return {"status": "ok"}
 

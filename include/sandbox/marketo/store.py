@@ -1,4 +1,4 @@
-"""SQLite storage of the Marketo sandbox: leads, activities, custom activity types and bulk export jobs.
+"""SQLite storage of the Marketo sandbox: leads, activities, custom activity types, bulk export and import jobs.
 
 Designed for a million leads: one wide, indexed ``leads`` table, keyset paging on ``id``, bulk inserts via
 ``executemany``. One connection guarded by a lock: SQLite serialises writers anyway, and the lock keeps a
@@ -47,6 +47,12 @@ EXPORT_QUEUE_LIMIT = 10
 EXPORT_MAX_PROCESSING = 2
 EXPORT_DAILY_BYTES = 500 * 1024 * 1024
 EXPORT_MAX_RANGE = timedelta(days=31)
+#: Columns of a bulk activity export file, in the default order (bulk-activity-extract.md "fields").
+ACTIVITY_EXPORT_FIELDS = ("marketoGUID", "leadId", "activityDate", "activityTypeId", "campaignId",
+                          "primaryAttributeValueId", "primaryAttributeValue", "attributes")
+ACTIVITY_EXPORT_OPTIONAL = ("actionResult",)
+#: primaryAttributeValueIds / primaryAttributeValues take at most 50 entries each (bulk-activity-extract.md).
+ACTIVITY_EXPORT_MAX_PRIMARY = 50
 ACTIVITY_TYPE_FIELDS = ("string", "boolean", "integer", "float", "link", "email", "currency", "date", "datetime",
                         "phone", "text")
 
@@ -108,6 +114,10 @@ class MarketoStore:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.export_dir = self.data_dir / "exports"
         self.export_dir.mkdir(exist_ok=True)
+        self.import_dir = self.data_dir / "imports"
+        self.import_dir.mkdir(exist_ok=True)
+        #: While set, queued bulk jobs (exports and imports) are not started (admin ``/_sandbox/bulk/hold``).
+        self.bulk_hold = threading.Event()
         self.lock = threading.RLock()
         self.db = sqlite3.connect(self.data_dir / "marketo.sqlite3", check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -142,9 +152,19 @@ class MarketoStore:
                 exportId TEXT PRIMARY KEY, status TEXT NOT NULL, request TEXT NOT NULL, format TEXT NOT NULL,
                 createdAt TEXT NOT NULL, queuedAt TEXT, startedAt TEXT, finishedAt TEXT, numberOfRecords INTEGER,
                 fileSize INTEGER, fileChecksum TEXT, errorMsg TEXT);
+            CREATE TABLE IF NOT EXISTS imports (
+                batchId INTEGER PRIMARY KEY AUTOINCREMENT, status TEXT NOT NULL, format TEXT NOT NULL,
+                lookupField TEXT NOT NULL, createdAt TEXT NOT NULL, startedAt TEXT, finishedAt TEXT,
+                numOfLeadsProcessed INTEGER NOT NULL DEFAULT 0, numOfRowsFailed INTEGER NOT NULL DEFAULT 0,
+                numOfRowsWithWarning INTEGER NOT NULL DEFAULT 0, message TEXT);
+            CREATE INDEX IF NOT EXISTS activities_date ON activities(activityDate);
             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
             """
         )
+        # Lead and activity exports share one queue (bulk-extract.md "Queue"); ``kind`` tells them apart.
+        # Databases written before activity exports existed get the column, their jobs being lead exports.
+        if "kind" not in {r[1] for r in self.db.execute("PRAGMA table_info(exports)")}:
+            self.db.execute("ALTER TABLE exports ADD COLUMN kind TEXT NOT NULL DEFAULT 'leads'")
         # Keep activity and custom type ids in Marketo's ranges.
         self.db.execute(
             "INSERT OR IGNORE INTO sqlite_sequence(name, seq) SELECT 'activities', 1000 "
@@ -156,10 +176,11 @@ class MarketoStore:
         with self.lock:
             self.db.executescript(
                 "DELETE FROM leads; DELETE FROM activities; DELETE FROM activity_types; DELETE FROM exports;"
-                "DELETE FROM meta; DELETE FROM sqlite_sequence WHERE name='leads';"
+                "DELETE FROM imports; DELETE FROM meta; DELETE FROM sqlite_sequence WHERE name IN ('leads', 'imports');"
             )
-            for f in self.export_dir.glob("*"):
-                f.unlink()
+            for folder in (self.export_dir, self.import_dir):
+                for f in folder.glob("*"):
+                    f.unlink()
 
     @contextmanager
     def transaction(self):
@@ -263,21 +284,18 @@ class MarketoStore:
             rows.append(row)
         sql = f"INSERT INTO leads ({', '.join(_q(n) for n in names)}) VALUES ({', '.join('?' * len(names))})"
         with self.transaction():
-            start = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM leads").fetchone()[0]
+            start = self.last_lead_id()
             self.db.executemany(sql, rows)
-            end = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM leads").fetchone()[0]
+            end = self.last_lead_id()
         return start + 1, end
 
-    def _record_activity(self, lead_id: int, type_id: int, when: str, *, primary_id=None, primary=None,
-                         attributes=(), field_name=None, old=None, new=None) -> int:
-        cur = self.db.execute(
-            "INSERT INTO activities (leadId, activityDate, activityTypeId, primaryAttributeValueId,"
-            " primaryAttributeValue, field, oldValue, newValue, attributes, insertedAt)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (lead_id, when, type_id, primary_id, primary, field_name, old, new, json.dumps(list(attributes)),
-             format_datetime(utc_now())),
-        )
-        return cur.lastrowid
+    def last_lead_id(self) -> int:
+        """The highest lead id ever given (AUTOINCREMENT never reuses the id of a deleted lead)."""
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'leads'").fetchone()
+        return max(row[0] if row else 0, self.db.execute("SELECT COALESCE(MAX(id), 0) FROM leads").fetchone()[0])
+
+    def _record_activity(self, lead_id: int, type_id: int, when: str, **kwargs) -> int:
+        return self.db.execute(ACTIVITY_INSERT, activity_row(lead_id, type_id, when, **kwargs)).lastrowid
 
     def _validate_record(self, record: dict) -> dict[str, object]:
         values = {}
@@ -296,14 +314,8 @@ class MarketoStore:
             return False
         sets = ", ".join(f"{_q(n)} = ?" for n in changed)
         self.db.execute(f"UPDATE leads SET {sets}, updatedAt = ? WHERE id = ?", [*changed.values(), when, lead_id])
-        for n, v in changed.items():
-            f = FIELDS_BY_NAME[n]
-            old, new = to_text(f, current.get(n)), to_text(f, v)
-            attrs = [{"name": "New Value", "value": new}, {"name": "Old Value", "value": old},
-                     {"name": "Reason", "value": reason}, {"name": "Source", "value": API_SOURCE}]
-            self._record_activity(lead_id, CHANGE_DATA_VALUE, when, primary_id=f.id, primary=f.display_name,
-                                  attributes=[a for a in attrs if a["value"] is not None], field_name=n,
-                                  old=old, new=new)
+        self.db.executemany(ACTIVITY_INSERT, [change_activity(lead_id, FIELDS_BY_NAME[n], current.get(n), v, when,
+                                                              reason) for n, v in changed.items()])
         return True
 
     def _create_lead(self, values: dict, when: str) -> int:
@@ -314,9 +326,7 @@ class MarketoStore:
             [*values.values(), when, when],
         )
         lead_id = cur.lastrowid
-        self._record_activity(lead_id, NEW_LEAD, when, primary_id=lead_id, primary=str(lead_id),
-                              attributes=[{"name": "Created Date", "value": when[:10]},
-                                          {"name": "Source Type", "value": API_SOURCE}])
+        self.db.execute(ACTIVITY_INSERT, new_lead_activity(lead_id, when))
         return lead_id
 
     def _full_row(self, where: str, params) -> list[dict]:
@@ -585,79 +595,122 @@ class MarketoStore:
                 "primaryAttributeValue": str(rec["primaryAttributeValue"]), "attributes": attrs, "errors": []}
         return SyncResult("added", id=act_id, echo=echo)
 
-    # ------------------------------------------------------------------ bulk export
+    # ------------------------------------------------------------------ bulk export (leads and activities)
     def create_export(self, body: dict) -> dict:
+        """Create a lead export job (Create Export Lead Job)."""
         fields = body.get("fields")
         if not isinstance(fields, list) or not fields:
             raise ApiError("1003", "fields cannot be blank")
         unknown = [f for f in fields if f not in FIELDS_BY_NAME]
         if unknown:
             raise ApiError("1003", f"Invalid fields: {', '.join(map(str, unknown))}")
-        fmt = body.get("format") or "CSV"
-        if fmt not in ("CSV", "TSV", "SSV"):
-            raise ApiError("1003", f"Invalid format '{fmt}': must be CSV, TSV or SSV")
+        fmt = _export_format(body)
         flt = body.get("filter") or {}
         date_filters = [k for k in ("createdAt", "updatedAt") if k in flt]
         if len(flt) != 1 or not date_filters:
             raise ApiError("1003", "Exactly one filter is required: createdAt or updatedAt "
                                    "(static and smart list filters are not emulated)")
-        rng = flt[date_filters[0]]
-        try:
-            start, end = parse_datetime(rng["startAt"]), parse_datetime(rng["endAt"])
-        except (KeyError, TypeError, ValueError):
-            raise ApiError("1003", f"Invalid {date_filters[0]} filter: startAt and endAt must be ISO-8601") from None
-        if end < start or end - start > EXPORT_MAX_RANGE:
-            raise ApiError("1003", f"{date_filters[0]} filter date range must be between 0 and 31 days")
+        _date_range(flt, date_filters[0])
+        return self._new_export("leads", body, fmt)
+
+    def create_activity_export(self, body: dict) -> dict:
+        """Create an activity export job (Create Export Activity Job, bulk-activity-extract.md)."""
+        fmt = _export_format(body)
+        fields = body.get("fields")
+        if fields is not None:
+            if not isinstance(fields, list) or not fields:
+                raise ApiError("1003", "fields must be a non-empty array")
+            unknown = [f for f in fields if f not in ACTIVITY_EXPORT_FIELDS + ACTIVITY_EXPORT_OPTIONAL]
+            if unknown:
+                raise ApiError("1003", f"Invalid fields: {', '.join(map(str, unknown))}; allowed: "
+                                       f"{', '.join(ACTIVITY_EXPORT_FIELDS + ACTIVITY_EXPORT_OPTIONAL)}")
+        flt = body.get("filter")
+        if not isinstance(flt, dict) or "createdAt" not in flt:
+            raise ApiError("1003", "filter.createdAt is required")
+        extra = set(flt) - {"createdAt", "activityTypeIds", "primaryAttributeValueIds", "primaryAttributeValues"}
+        if extra:
+            raise ApiError("1003", f"Invalid filter: {', '.join(sorted(extra))}")
+        _date_range(flt, "createdAt")
+        types = flt.get("activityTypeIds")
+        if types is not None:
+            if not isinstance(types, list) or not types or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                                   for t in types):
+                raise ApiError("1003", "activityTypeIds must be a non-empty array of integers")
+            if DELETE_LEAD in types:
+                raise ApiError("1003", f"Activity type {DELETE_LEAD} (Delete Lead) is not supported by bulk "
+                                       "activity export; use Get Deleted Leads")
+        ids, names = flt.get("primaryAttributeValueIds"), flt.get("primaryAttributeValues")
+        if ids is not None and names is not None:
+            raise ApiError("1003", "primaryAttributeValueIds and primaryAttributeValues cannot be used together")
+        for key, kind in (("primaryAttributeValueIds", int), ("primaryAttributeValues", str)):
+            given = flt.get(key)
+            if given is None:
+                continue
+            if types is None:
+                raise ApiError("1003", f"{key} requires the activityTypeIds filter")
+            if not isinstance(given, list) or not given or not all(isinstance(v, kind) for v in given):
+                raise ApiError("1003", f"{key} must be a non-empty array of {kind.__name__} values")
+            if len(given) > ACTIVITY_EXPORT_MAX_PRIMARY:
+                raise ApiError("1003", f"{key} accepts at most {ACTIVITY_EXPORT_MAX_PRIMARY} values, "
+                                       f"{len(given)} given")
+        return self._new_export("activities", body, fmt)
+
+    def _new_export(self, kind: str, body: dict, fmt: str) -> dict:
         self._check_export_quota()
         now = format_datetime(utc_now())
         export_id = str(uuid.uuid4())
         with self.lock:
-            self.db.execute("INSERT INTO exports (exportId, status, request, format, createdAt) "
-                            "VALUES (?, 'Created', ?, ?, ?)", (export_id, json.dumps(body), fmt, now))
-        return self.export_status(export_id)
+            self.db.execute("INSERT INTO exports (exportId, kind, status, request, format, createdAt) "
+                            "VALUES (?, ?, 'Created', ?, ?, ?)", (export_id, kind, json.dumps(body), fmt, now))
+        return self.export_status(export_id, kind)
 
     def _check_export_quota(self) -> None:
         if self.counter(f"export-bytes:{quota_day()}") >= EXPORT_DAILY_BYTES:
             raise ApiError("1029", "Export daily quota exceeded")
 
-    def export_status(self, export_id: str) -> dict:
+    def export_status(self, export_id: str, kind: str = "leads") -> dict:
+        """A job of ``kind`` (``leads`` or ``activities``) as the status endpoints return it."""
         row = self.db.execute("SELECT exportId, status, format, createdAt, queuedAt, startedAt, finishedAt, "
-                              "numberOfRecords, fileSize, fileChecksum, errorMsg FROM exports WHERE exportId = ?",
-                              (export_id,)).fetchone()
+                              "numberOfRecords, fileSize, fileChecksum, errorMsg FROM exports "
+                              "WHERE exportId = ? AND kind = ?", (export_id, kind)).fetchone()
         if row is None:
             raise ApiError("1029", f"Export job '{export_id}' not found")
         keys = ("exportId", "status", "format", "createdAt", "queuedAt", "startedAt", "finishedAt",
                 "numberOfRecords", "fileSize", "fileChecksum", "errorMsg")
         return {k: v for k, v in zip(keys, row) if v is not None}
 
-    def list_exports(self, statuses: list[str] | None) -> list[dict]:
-        ids = [r[0] for r in self.db.execute("SELECT exportId, status FROM exports ORDER BY createdAt").fetchall()
+    def list_exports(self, statuses: list[str] | None, kind: str = "leads") -> list[dict]:
+        ids = [r[0] for r in self.db.execute("SELECT exportId, status FROM exports WHERE kind = ? ORDER BY createdAt",
+                                             (kind,)).fetchall()
                if not statuses or r[1] in statuses]
-        return [self.export_status(i) for i in ids]
+        return [self.export_status(i, kind) for i in ids]
 
-    def enqueue_export(self, export_id: str) -> dict:
+    def enqueue_export(self, export_id: str, kind: str = "leads") -> dict:
         with self.lock:
-            job = self.export_status(export_id)
+            job = self.export_status(export_id, kind)
             if job["status"] != "Created":
                 raise ApiError("1029", "Job already queued")
             self._check_export_quota()
+            # One queue for every export kind (bulk-extract.md "Queue").
             queued = self.db.execute("SELECT COUNT(*) FROM exports WHERE status IN ('Queued', 'Processing')"
                                      ).fetchone()[0]
             if queued >= EXPORT_QUEUE_LIMIT:
                 raise ApiError("1029", "Too many jobs in queue")
             self.db.execute("UPDATE exports SET status = 'Queued', queuedAt = ? WHERE exportId = ?",
                             (format_datetime(utc_now()), export_id))
-        return self.export_status(export_id)
+        return self.export_status(export_id, kind)
 
-    def cancel_export(self, export_id: str) -> dict:
+    def cancel_export(self, export_id: str, kind: str = "leads") -> dict:
         with self.lock:
-            job = self.export_status(export_id)
+            job = self.export_status(export_id, kind)
             if job["status"] in ("Created", "Queued", "Processing"):
                 self.db.execute("UPDATE exports SET status = 'Cancelled' WHERE exportId = ?", (export_id,))
-        return self.export_status(export_id)
+        return self.export_status(export_id, kind)
 
     def next_export(self) -> str | None:
         """Move the oldest queued job to Processing if a slot is free (2 run at once) and return its id."""
+        if self.bulk_hold.is_set():
+            return None
         with self.lock:
             running = self.db.execute("SELECT COUNT(*) FROM exports WHERE status = 'Processing'").fetchone()[0]
             if running >= EXPORT_MAX_PROCESSING:
@@ -675,26 +728,34 @@ class MarketoStore:
 
     def run_export(self, export_id: str) -> None:
         """Write the job's file (streamed from SQLite, nulls as ``null``) and mark it Completed."""
-        body = json.loads(self.db.execute("SELECT request FROM exports WHERE exportId = ?",
-                                          (export_id,)).fetchone()[0])
-        fields = [FIELDS_BY_NAME[n] for n in body["fields"]]
+        kind, request = self.db.execute("SELECT kind, request FROM exports WHERE exportId = ?",
+                                        (export_id,)).fetchone()
+        body = json.loads(request)
         headers = body.get("columnHeaderNames") or {}
         delimiter = {"CSV": ",", "TSV": "\t", "SSV": " "}[body.get("format") or "CSV"]
-        (key, rng), = body["filter"].items()
-        start, end = format_datetime(parse_datetime(rng["startAt"])), format_datetime(parse_datetime(rng["endAt"]))
+        if kind == "activities":
+            names, sql, params, render = _activity_export_query(body)
+        else:
+            fields = [FIELDS_BY_NAME[n] for n in body["fields"]]
+            names = [f.name for f in fields]
+            (key, rng), = body["filter"].items()
+            sql = f"SELECT {self._select(fields)} FROM leads WHERE {_q(key)} >= ? AND {_q(key)} <= ? ORDER BY id"
+            params = (format_datetime(parse_datetime(rng["startAt"])), format_datetime(parse_datetime(rng["endAt"])))
+
+            def render(row):
+                return ["null" if v is None else to_text(f, v) for f, v in zip(fields, row)]
         path = self.export_file(export_id)
         digest = hashlib.sha256()
         count = 0
-        sql = f"SELECT {self._select(fields)} FROM leads WHERE {_q(key)} >= ? AND {_q(key)} <= ? ORDER BY id"
         # A separate read connection: the export must not hold the lock other calls need.
         reader = sqlite3.connect(self.data_dir / "marketo.sqlite3")
         try:
             with open(path, "wb") as out:
                 buf = io.StringIO()
                 writer = csv.writer(buf, delimiter=delimiter, lineterminator="\n")
-                writer.writerow([headers.get(f.name, f.name) for f in fields])
-                for row in reader.execute(sql, (start, end)):
-                    writer.writerow(["null" if v is None else to_text(f, v) for f, v in zip(fields, row)])
+                writer.writerow([headers.get(n, n) for n in names])
+                for row in reader.execute(sql, params):
+                    writer.writerow(render(row))
                     count += 1
                     if buf.tell() > 1 << 20:
                         data = buf.getvalue().encode()
@@ -722,6 +783,86 @@ class MarketoStore:
         with self.lock:
             self.db.execute("UPDATE exports SET status = 'Failed', finishedAt = ?, errorMsg = ? WHERE exportId = ?",
                             (format_datetime(utc_now()), message, export_id))
+
+
+def _export_format(body: dict) -> str:
+    fmt = body.get("format") or "CSV"
+    if fmt not in ("CSV", "TSV", "SSV"):
+        raise ApiError("1003", f"Invalid format '{fmt}': must be CSV, TSV or SSV")
+    return fmt
+
+
+def _date_range(flt: dict, key: str) -> tuple[datetime, datetime]:
+    """A filter's ``{startAt, endAt}``: ISO 8601, in order, at most 31 days apart (1003 otherwise)."""
+    rng = flt[key]
+    try:
+        start, end = parse_datetime(rng["startAt"]), parse_datetime(rng["endAt"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ApiError("1003", f"Invalid {key} filter: startAt and endAt must be ISO-8601") from None
+    if end < start or end - start > EXPORT_MAX_RANGE:
+        raise ApiError("1003", f"{key} filter date range must be between 0 and 31 days")
+    return start, end
+
+
+def _activity_export_query(body: dict):
+    """Columns, SQL, parameters and row renderer of an activity export (attributes as a JSON object)."""
+    names = list(body.get("fields") or ACTIVITY_EXPORT_FIELDS)
+    flt = body["filter"]
+    start, end = _date_range(flt, "createdAt")
+    where = ["activityDate >= ?", "activityDate <= ?"]
+    params: list = [format_datetime(start), format_datetime(end)]
+    types = flt.get("activityTypeIds")
+    if types:
+        where.append(f"activityTypeId IN ({','.join('?' * len(types))})")
+        params += types
+    else:  # Delete Lead is never exported (bulk-activity-extract.md)
+        where.append(f"activityTypeId != {DELETE_LEAD}")
+    for key, col in (("primaryAttributeValueIds", "primaryAttributeValueId"),
+                     ("primaryAttributeValues", "primaryAttributeValue")):
+        if flt.get(key):
+            where.append(f"{col} IN ({','.join('?' * len(flt[key]))})")
+            params += flt[key]
+    sql = ("SELECT id, leadId, activityDate, activityTypeId, primaryAttributeValueId, primaryAttributeValue, "
+           f"attributes FROM activities WHERE {' AND '.join(where)} ORDER BY id")
+
+    def render(row):
+        act_id, lead_id, date, type_id, prim_id, prim, attrs = row
+        values = {"marketoGUID": act_id, "leadId": lead_id, "activityDate": date, "activityTypeId": type_id,
+                  "campaignId": None, "primaryAttributeValueId": prim_id, "primaryAttributeValue": prim,
+                  "attributes": json.dumps({a["name"]: a.get("value") for a in json.loads(attrs)},
+                                           separators=(",", ":"), ensure_ascii=False),
+                  "actionResult": "succeeded"}
+        return ["null" if values[n] is None else values[n] for n in names]
+
+    return names, sql, params, render
+
+
+ACTIVITY_INSERT = ("INSERT INTO activities (leadId, activityDate, activityTypeId, primaryAttributeValueId,"
+                   " primaryAttributeValue, field, oldValue, newValue, attributes, insertedAt)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def activity_row(lead_id: int, type_id: int, when: str, *, primary_id=None, primary=None, attributes=(),
+                 field_name=None, old=None, new=None) -> tuple:
+    """The parameters of :data:`ACTIVITY_INSERT` for one activity."""
+    return (lead_id, when, type_id, primary_id, primary, field_name, old, new, json.dumps(list(attributes)),
+            format_datetime(utc_now()))
+
+
+def change_activity(lead_id: int, f: LeadField, old, new, when: str, reason: str) -> tuple:
+    """A Change Data Value activity (13) for ``f`` going from stored value ``old`` to ``new``."""
+    old, new = to_text(f, old), to_text(f, new)
+    attrs = [{"name": "New Value", "value": new}, {"name": "Old Value", "value": old},
+             {"name": "Reason", "value": reason}, {"name": "Source", "value": API_SOURCE}]
+    return activity_row(lead_id, CHANGE_DATA_VALUE, when, primary_id=f.id, primary=f.display_name,
+                        attributes=[a for a in attrs if a["value"] is not None], field_name=f.name, old=old, new=new)
+
+
+def new_lead_activity(lead_id: int, when: str) -> tuple:
+    """A New Lead activity (12) for a lead created at ``when``."""
+    return activity_row(lead_id, NEW_LEAD, when, primary_id=lead_id, primary=str(lead_id),
+                        attributes=[{"name": "Created Date", "value": when[:10]},
+                                    {"name": "Source Type", "value": API_SOURCE}])
 
 
 def quota_day() -> str:
