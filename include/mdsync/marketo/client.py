@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterable, Iterator
 from urllib.parse import urlencode
@@ -26,6 +27,7 @@ from mdsync.errors import QuotaExhausted, ServiceError
 from .activities import ActivitiesMixin
 from .auth import TokenManager
 from .bulk import BulkExportMixin
+from .imports import BulkImportMixin
 from .frames import json_value, records_of, typed_frame
 from .limits import shared_limits
 
@@ -38,6 +40,11 @@ MAX_BODY = 1_000_000  # Marketo's limit is 1 MB per request body
 # (608), system error (611), transient (713); plus HTTP 5xx and transport errors.
 RETRY_CODES = {"604", "606", "608", "611", "615", "713"}
 AUTH_CODES = {"601", "602"}
+# Request-level codes with which Get Leads by Filter Type refuses a value in filterValues (a type mismatch 1001,
+# invalid data 1003): the chunk is bisected to find the value.
+INVALID_VALUE_CODES = {"1001", "1003"}
+REFUSED_COLUMNS = ["value", "code", "message"]
+NOT_SENT = "not-sent"
 CENTRAL = ZoneInfo("America/Chicago")
 
 
@@ -71,10 +78,11 @@ def _reason_columns(reasons: list[dict] | None) -> tuple[str | None, str | None]
 
 
 RESULT_COLUMNS = ["seq", "id", "status", "reason_code", "reason_message"]
+_SHOWN = 20
 RESULT_TYPES = {"seq": "integer", "id": "integer"}
 
 
-class MarketoClient(ActivitiesMixin, BulkExportMixin):
+class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
     """Client of one Marketo instance's REST API.
 
     :param base_url: REST base URL, ``https://<munchkin>.mktorest.com`` (identity, ``/rest`` and ``/bulk`` below it).
@@ -209,8 +217,7 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin):
                           headers={"Content-Type": "application/x-www-form-urlencoded"})
 
     def _post_json(self, path: str, body: dict):
-        return self._call("POST", path, data=json.dumps(body, separators=(",", ":")).encode(),
-                          headers={"Content-Type": "application/json"})
+        return self._call("POST", path, data=_json_bytes(body), headers={"Content-Type": "application/json"})
 
     # ------------------------------------------------------------------ describe
     def describe_leads(self, refresh: bool = False) -> pd.DataFrame:
@@ -255,33 +262,82 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin):
     def get_leads(self, filter_type: str, values: Iterable, fields: list[str] | None = None) -> pd.DataFrame:
         """Leads whose ``filter_type`` field matches any of ``values`` (batches of 300, every page).
 
+        Values the service refuses (see :meth:`lookup_leads`) are logged as a warning, each with the service's
+        reason, and the leads of all other values are returned.
+
         :param filter_type: a searchable field (``id``, ``email``, custom string/integer fields).
         :param fields: REST field names to return; Marketo's defaults when None.
         :returns: one row per lead, columns typed per describe.
+        """
+        found, refused = self.lookup_leads(filter_type, values, fields)
+        if not refused.empty:
+            shown = "; ".join(f"{v!r}: {c} {m}" for v, c, m in refused.head(_SHOWN).itertuples(index=False))
+            log.warning("Marketo lookup by %s: %d values refused and left out (%s%s)", filter_type, len(refused),
+                        shown, "; ..." if len(refused) > _SHOWN else "")
+        return found
+
+    def lookup_leads(self, filter_type: str, values: Iterable, fields: list[str] | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Leads matching ``values`` on ``filter_type``, and the values that could not be looked up.
+
+        ``filterValues`` is a comma-separated list with no escape, so a value containing a comma (or blank)
+        cannot be sent: it is refused up front with code ``not-sent``. Values go 300 to a call; when the
+        service refuses a call as a whole for an invalid value (1001/1003, e.g. an email that is not one), the
+        chunk is split in halves until the offending values are alone, and those are refused with the service's
+        code and message; every other value's leads are returned. A chunk with one bad value costs about
+        ``2 * log2(300)`` extra calls.
+
+        :param filter_type: a searchable field (``id``, ``email``, custom string/integer fields).
+        :param values: values to match (None and duplicates are dropped).
+        :param fields: REST field names to return; Marketo's defaults when None.
+        :returns: ``(found, refused)``: one row per lead (columns typed per describe), and one row per refused
+            value with columns ``value``, ``code``, ``message``.
         """
         values = list(dict.fromkeys(str(json_value(v)) for v in values if json_value(v) is not None))
         columns = ["id", *[f for f in (fields or ["email", "updatedAt", "createdAt", "firstName", "lastName"])
                            if f != "id"]]
         types = self.field_types()
+        refused = [{"value": v, "code": NOT_SENT,
+                    "message": "contains a comma: filterValues is comma-separated, so the value would be read as "
+                               "several" if "," in v else "blank after trimming"}
+                   for v in values if "," in v or not v.strip()]
+        sendable = [v for v in values if "," not in v and v.strip()]
         records: list[dict] = []
-        for chunk in _chunks(values, BATCH):
-            token = None
-            while True:
-                body = self._get("/rest/v1/leads.json", {
-                    "filterType": filter_type, "filterValues": ",".join(chunk), "fields": ",".join(columns),
-                    "batchSize": BATCH, "nextPageToken": token})
-                records.extend(body.get("result") or [])
-                token = body.get("nextPageToken")
-                if not body.get("moreResult") or not token:
-                    break
-        return typed_frame(records, columns, types)
+        chunks = deque(_chunks(sendable, BATCH))
+        while chunks:
+            chunk = chunks.popleft()
+            try:
+                records.extend(self._leads_by_filter(filter_type, chunk, columns))
+            except ServiceError as exc:
+                if exc.code not in INVALID_VALUE_CODES:
+                    raise
+                if len(chunk) == 1:
+                    refused.append({"value": chunk[0], "code": exc.code, "message": exc.service_message})
+                    continue
+                half = len(chunk) // 2
+                chunks.extendleft([chunk[half:], chunk[:half]])
+        return (typed_frame(records, columns, types),
+                typed_frame(refused, REFUSED_COLUMNS, {}))
+
+    def _leads_by_filter(self, filter_type: str, chunk: list[str], columns: list[str]) -> list[dict]:
+        """Every page of Get Leads by Filter Type for up to 300 values."""
+        records: list[dict] = []
+        token = None
+        while True:
+            body = self._get("/rest/v1/leads.json", {
+                "filterType": filter_type, "filterValues": ",".join(chunk), "fields": ",".join(columns),
+                "batchSize": BATCH, "nextPageToken": token})
+            records.extend(body.get("result") or [])
+            token = body.get("nextPageToken")
+            if not body.get("moreResult") or not token:
+                return records
 
     def _batches_by_size(self, records: list[dict], overhead: int) -> Iterator[list[tuple[int, dict]]]:
         """Groups of (input position, record) with at most 300 records and under 1 MB of JSON each."""
         batch: list[tuple[int, dict]] = []
         size = overhead
         for seq, rec in enumerate(records):
-            rec_size = len(json.dumps(rec, separators=(",", ":")).encode()) + 1
+            rec_size = len(_json_bytes(rec)) + 1
             if batch and (len(batch) == BATCH or size + rec_size > MAX_BODY):
                 yield batch
                 batch, size = [], overhead
@@ -293,9 +349,9 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin):
     def _write_batches(self, path: str, records: list[dict], envelope: dict, reason_key: str = "reasons"
                        ) -> pd.DataFrame:
         rows = []
-        overhead = len(json.dumps(envelope)) + 20
+        overhead = len(_json_bytes(envelope)) + 20
         for batch in self._batches_by_size(records, overhead):
-            if overhead + len(json.dumps(batch[0][1])) > MAX_BODY:
+            if overhead + len(_json_bytes(batch[0][1])) > MAX_BODY:
                 seq, _ = batch[0]
                 rows.append({"seq": seq, "id": None, "status": "skipped", "reason_code": "413",
                              "reason_message": "record alone exceeds Marketo's 1 MB request limit; not sent"})
@@ -336,6 +392,11 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin):
         for chunk in _chunks(losers, 25):
             self._call("POST", f"/rest/v1/leads/{int(winner_id)}/merge.json?" +
                        urlencode({"leadIds": ",".join(map(str, chunk))}))
+
+
+def _json_bytes(body) -> bytes:
+    """Compact UTF-8 JSON: non-ASCII text as itself (2-4 bytes a character), not as 6-12 byte escapes."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _next_step(code: str) -> str:
