@@ -133,6 +133,14 @@ class MarketoSandbox:
     def clear_faults(self) -> None:
         self.admin("DELETE", "/faults")
 
+    def hold_bulk(self, hold: bool = True) -> dict:
+        """Keep queued bulk jobs (exports, imports) from starting, or let them go; returns the bulk state."""
+        return self.admin("POST", "/bulk/hold", json={"hold": hold})
+
+    def bulk(self) -> dict:
+        """``{"hold": bool, "peak_importing": n}``."""
+        return self.admin("GET", "/bulk")
+
     def __enter__(self) -> "MarketoSandbox":
         return self.start()
 

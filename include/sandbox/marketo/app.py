@@ -16,7 +16,9 @@ Admin calls (not part of Marketo; never under ``/rest``, ``/bulk`` or ``/identit
 - ``GET /_sandbox/calls``: calls by endpoint, limited (606/615/607) and injected counts, peak concurrency.
 - ``POST /_sandbox/calls/reset``: zero the call counters.
 - ``POST /_sandbox/faults`` ``{"kind", "count", "path_prefix", "seconds", "status"}``: inject faults
-  (kinds: rate_limit, concurrency, server_error, delay, expire_tokens, quota_exhausted);
+  (kinds: rate_limit, concurrency, server_error, delay, expire_tokens, quota_exhausted, and job_failure:
+  the next ``count`` bulk jobs created through a path under ``path_prefix`` end Failed when they start,
+  e.g. ``/bulk/v1/leads.json`` for imports, ``/bulk/v1/activities/export`` for activity exports);
   ``DELETE /_sandbox/faults`` clears them.
 - ``POST /_sandbox/reset``: wipe all data, counters, faults and bulk jobs.
 - ``GET /_sandbox/bulk``: ``{"hold": bool, "peak_importing": n}`` (the most imports seen importing at once).
@@ -198,12 +200,17 @@ def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: s
         if export_delay_s:
             time.sleep(export_delay_s)
         try:
+            kind = store.db.execute("SELECT kind FROM exports WHERE exportId = ?", (job_id,)).fetchone()[0]
+            if guard.take_faults(f"/bulk/v1/{kind}/export", job=True):
+                raise RuntimeError("injected job failure")
             store.run_export(job_id)
         except Exception as exc:  # recorded on the job, as Marketo reports a Failed export
             store.fail_export(job_id, f"{type(exc).__name__}: {exc}")
 
     def run_import(batch_id: int) -> None:
         try:
+            if guard.take_faults("/bulk/v1/leads.json", job=True):
+                raise RuntimeError("injected job failure")
             imports.run(batch_id)
         except Exception as exc:  # recorded on the job, as Marketo reports a Failed import
             imports.fail(batch_id, f"{type(exc).__name__}: {exc}")

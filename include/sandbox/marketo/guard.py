@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from pyrate_limiter import InMemoryBucket, Limiter, Rate
 
-FAULT_KINDS = ("rate_limit", "concurrency", "server_error", "delay", "expire_tokens", "quota_exhausted")
+FAULT_KINDS = ("rate_limit", "concurrency", "server_error", "delay", "expire_tokens", "quota_exhausted", "job_failure")
+#: Faults that hit bulk jobs when they start (matched against the path that created the job), not requests.
+JOB_FAULTS = frozenset({"job_failure"})
 
 
 @dataclass
@@ -115,13 +117,16 @@ class Guard:
         with self._lock:
             self.faults = []
 
-    def take_faults(self, path: str) -> list[Fault]:
-        """Consume the faults that apply to this call: every matching delay, plus the first other fault."""
+    def take_faults(self, path: str, *, job: bool = False) -> list[Fault]:
+        """Consume the faults that apply to this call: every matching delay, plus the first other fault.
+
+        With ``job``, the faults that apply to a bulk job created through ``path`` (``job_failure``) instead.
+        """
         taken: list[Fault] = []
         with self._lock:
             blocking_taken = False
             for f in self.faults:
-                if f.count <= 0 or not path.startswith(f.path_prefix):
+                if f.count <= 0 or not path.startswith(f.path_prefix) or (f.kind in JOB_FAULTS) != job:
                     continue
                 if f.kind == "delay" or not blocking_taken:
                     f.count -= 1
