@@ -1,4 +1,6 @@
-"""Marketo sandbox at scale: seed 1,000,000 leads, then time paging, lookups, lead changes and a bulk export.
+"""Marketo sandbox at scale: seed 1,000,000 leads, then time paging, lookups, lead changes, a bulk lead export,
+a bulk import of 1,000,000 rows through the client (update by id: two fields each) and a bulk activity export of
+the changes it recorded.
 
 Run: ``.venv/bin/python bench/marketo_sandbox_bench.py [--leads 1000000]`` (not part of the test run).
 Paging uses the real client with limits raised (the emulator's limiter is widened to match), because at
@@ -27,6 +29,10 @@ def lead(i: int) -> dict:
             "dynamicsRecordType": "contact" if i % 3 == 0 else "lead",
             "createdAt": (datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=i * 2)).strftime(
                 "%Y-%m-%dT%H:%M:%SZ")}
+
+
+def client_calls(sb: MarketoSandbox, endpoint: str) -> int:
+    return sb.calls()["by_endpoint"].get(endpoint, 0)
 
 
 def main() -> None:
@@ -80,6 +86,21 @@ def main() -> None:
                                                  datetime(2026, 1, 31, tzinfo=timezone.utc)),
                                      poll_interval_s=0.5)
         print(f"bulk-exported {len(export):,} leads (31 days) in {time.monotonic() - started:.1f} s")
+
+        since = datetime.now(timezone.utc) - timedelta(seconds=5)
+        started = time.monotonic()
+        updates = [{"id": i, "title": f"Title {i}", "leadScore": (i * 7) % 100} for i in range(1, args.leads + 1)]
+        imported = client.import_leads(updates, poll_interval_s=0.5)
+        import_s = time.monotonic() - started
+        jobs = client_calls(sb, "POST /bulk/v1/leads.json")
+        print(f"bulk-imported {len(imported):,} rows in {jobs} files of <10 MB in {import_s:.1f} s "
+              f"({len(imported) / import_s:,.0f} rows/s; {(imported['status'] == 'updated').sum():,} updated, "
+              f"{(imported['status'] == 'skipped').sum():,} skipped; {import_s / jobs:.1f} s per file end to end)")
+
+        started = time.monotonic()
+        activities = client.export_activities([12, 13], created_at=(since, datetime.now(timezone.utc)),
+                                              poll_interval_s=0.5)
+        print(f"bulk-exported {len(activities):,} activities in {time.monotonic() - started:.1f} s")
 
 
 if __name__ == "__main__":

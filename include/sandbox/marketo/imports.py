@@ -287,12 +287,12 @@ class _Import:
                 lead = {**values, "id": next_id}
                 next_id += 1
                 created[lead["id"]] = lead
-                activities.append(new_lead_activity(lead["id"], when))
+                activities.append(new_lead_activity(lead["id"], when, when))
             else:
                 for name, value in values.items():
                     if name != "id" and lead.get(name) != value:
                         activities.append(change_activity(lead["id"], FIELDS_BY_NAME[name], lead.get(name), value,
-                                                          when, IMPORT_REASON))
+                                                          when, IMPORT_REASON, when))
                         lead[name] = value
                         if lead["id"] not in created:
                             updated[lead["id"]] = lead
