@@ -72,69 +72,68 @@ RETRY_DELAY = timedelta(seconds=float(os.environ.get("MDSYNC_RETRY_DELAY_SECONDS
     tags=["marketo", "dynamics365", "sync"],
 )
 def marketo_dynamics_sync():
+    # Each task runs one stage of mdsync.cycle.Cycle and returns its typed result (mdsync.results) as JSON;
+    # commit and report take the run's manifest (every result so far) instead of loose dicts.
+
     @task
     def refresh_schema(**context) -> dict:
         from mdsync_airflow.runtime import cycle_for
 
-        return cycle_for(context).refresh_schema()
+        return cycle_for(context).refresh_schema().dump()
 
     @task
     def extract_marketo(schema: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for
+        from mdsync_airflow.runtime import cycle_for, manifest_of
 
-        return cycle_for(context).extract_marketo(schema["access"])
+        return cycle_for(context).extract_marketo(manifest_of(context, schema=schema).schema_).dump()
 
     @task
     def extract_dynamics(schema: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for
+        from mdsync_airflow.runtime import cycle_for, manifest_of
 
-        return cycle_for(context).extract_dynamics(schema["access"])
+        return cycle_for(context).extract_dynamics(manifest_of(context, schema=schema).schema_).dump()
 
     @task
     def identify(schema: dict, marketo: dict, dynamics: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for
+        from mdsync_airflow.runtime import cycle_for, manifest_of
 
-        return cycle_for(context).identify(schema["access"], marketo, dynamics)
+        m = manifest_of(context, schema=schema, marketo=marketo, dynamics=dynamics)
+        return cycle_for(context).identify(m.schema_, m.marketo, m.dynamics).dump()
 
     @task
     def plan(entity: str, schema: dict, identity: dict, **context) -> dict | None:
-        from mdsync_airflow.runtime import cycle_for
+        from mdsync_airflow.runtime import cycle_for, manifest_of
 
         cycle = cycle_for(context)
         if entity not in cycle.config.entities:
             return None
-        return cycle.plan(entity, schema["access"], identity)
+        m = manifest_of(context, schema=schema, identity=identity)
+        return cycle.plan(entity, m.schema_, m.identity).dump()
 
     @task
-    def load_dynamics(schema: dict, identity: dict, plans: list, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for
+    def load_dynamics(run: dict, **context) -> dict:
+        from mdsync_airflow.runtime import cycle_for, manifest_of
 
-        return cycle_for(context).load_dynamics(schema["access"], identity, [p for p in plans if p])
-
-    @task
-    def load_marketo(schema: dict, identity: dict, plans: list, dynamics_loaded: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for
-
-        return cycle_for(context).load_marketo(schema["access"], identity, [p for p in plans if p], dynamics_loaded)
+        return cycle_for(context).load_dynamics(manifest_of(context, **run)).dump()
 
     @task
-    def commit(marketo: dict, dynamics: dict, identity: dict, plans: list, dynamics_loaded: dict,
-               marketo_loaded: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for
+    def load_marketo(run: dict, **context) -> dict:
+        from mdsync_airflow.runtime import cycle_for, manifest_of
 
-        return cycle_for(context).commit(marketo, dynamics, identity, [p for p in plans if p], dynamics_loaded,
-                                         marketo_loaded)
+        return cycle_for(context).load_marketo(manifest_of(context, **run)).dump()
 
     @task
-    def report(schema: dict, marketo: dict, dynamics: dict, identity: dict, plans: list, dynamics_loaded: dict,
-               marketo_loaded: dict, committed: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for
+    def commit(run: dict, **context) -> dict:
+        from mdsync_airflow.runtime import cycle_for, manifest_of
+
+        return cycle_for(context).commit(manifest_of(context, **run)).dump()
+
+    @task
+    def report(run: dict, **context) -> dict:
+        from mdsync_airflow.runtime import cycle_for, manifest_of
 
         cycle = cycle_for(context)
-        calls = [schema["calls"], marketo["calls"], dynamics["calls"], identity["calls"], dynamics_loaded["calls"],
-                 marketo_loaded["calls"]]
-        summary = cycle.report(marketo, dynamics, identity, [p for p in plans if p], dynamics_loaded, marketo_loaded,
-                               committed, calls)
+        summary = cycle.report(manifest_of(context, **run))
         cycle.finish()
         return summary
 
@@ -143,10 +142,13 @@ def marketo_dynamics_sync():
     dynamics = extract_dynamics(schema)
     identity = identify(schema, marketo, dynamics)
     plans = [plan.override(task_id=f"plan_{entity}")(entity, schema, identity) for entity in ENTITY_TYPES]
-    dynamics_loaded = load_dynamics(schema, identity, plans)
-    marketo_loaded = load_marketo(schema, identity, plans, dynamics_loaded)
-    committed = commit(marketo, dynamics, identity, plans, dynamics_loaded, marketo_loaded)
-    report(schema, marketo, dynamics, identity, plans, dynamics_loaded, marketo_loaded, committed)
+    run = {"schema": schema, "marketo": marketo, "dynamics": dynamics, "identity": identity, "plans": plans}
+    dynamics_loaded = load_dynamics(run)
+    run = {**run, "dynamics_loaded": dynamics_loaded}
+    marketo_loaded = load_marketo(run)
+    run = {**run, "marketo_loaded": marketo_loaded}
+    committed = commit(run)
+    report({**run, "committed": committed})
 
 
 marketo_dynamics_sync()

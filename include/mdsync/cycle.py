@@ -1,8 +1,9 @@
-"""One sync cycle, stage by stage, as the DAG's tasks run it (DESIGN §4).
+"""One sync cycle, stage by stage, as the DAG's tasks run it (DESIGN §4): a thin runner.
 
-Each method is one task: it reads what earlier tasks staged (paths come in through XCom), does its stage,
-stages its frames as parquet and returns only paths and counts. Clients are built by factories the DAG
-passes in (Airflow hooks), so this module never imports Airflow.
+Each method is one task: it reads what earlier tasks staged (named by their typed results, see
+:mod:`mdsync.results`), calls its stage module (``access``, ``extract``, ``identity``, ``plan``, ``load``,
+``commit``), stages the frames it produced as parquet and returns one small typed result. Clients are built
+by factories the DAG passes in (Airflow hooks), so this module never imports Airflow.
 
 refresh_schema -> extract_marketo || extract_dynamics -> identify -> plan (per entity type)
 -> load_dynamics -> load_marketo -> commit -> report
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -21,15 +24,18 @@ import numpy as np
 import pandas as pd
 
 from mdsync import access as access_stage
+from mdsync import identity as identity_stage
 from mdsync.activity import activity_frame, log_activity
 from mdsync.canonical import canonical_frame
 from mdsync.commit import (collision_activity, commit_cycle, error_rows, held_activity, resolved_keys,
                            succeeded_baselines, write_activity)
 from mdsync.config import Side, SyncConfig, load_config
-from mdsync.extract import extract_dynamics, extract_marketo
-from mdsync.identity import Identity, link_field_writes
-from mdsync.load import load_dynamics, load_marketo, record_rejections_in_marketo
-from mdsync.plan import plan_entity, suppress_known_rejections
+from mdsync.extract import dynamics_columns, extract_dynamics, extract_marketo, marketo_fields
+from mdsync.load import (create_in_dynamics, create_in_marketo, load_dynamics, load_marketo,
+                         record_rejections_in_marketo)
+from mdsync.plan import REQUIRES_NOTHING, plan_entity, suppress_known_rejections
+from mdsync.results import (Committed, DynamicsEntityExtracted, DynamicsExtracted, Identified, Loaded,
+                            MarketoExtracted, Planned, RunManifest, SchemaResult, StageResult)
 from mdsync.settings import Settings
 from mdsync.staging import Staging
 from mdsync.state import StateStore, open_store
@@ -37,6 +43,11 @@ from mdsync.state import StateStore, open_store
 log = logging.getLogger("mdsync.cycle")
 
 FULL_RECONCILE = ("full", "all")
+#: the tasks of a cycle, in order (``plan_<entity>`` for each configured entity type)
+STAGES = ["refresh_schema", "extract_marketo", "extract_dynamics", "identify", "plan_lead", "plan_contact",
+          "load_dynamics", "load_marketo", "commit"]
+#: how many values go into one Dataverse ``column in (...)`` ``$filter`` (keeps the URL short)
+VALUES_PER_QUERY = 50
 
 
 @dataclass
@@ -53,14 +64,6 @@ class RunInfo:
     person_ids: list[int] = field(default_factory=list)
     sync_as: str | None = None
     retry_failed: bool = False
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-def _dt(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
 
 
 class Cycle:
@@ -100,16 +103,32 @@ class Cycle:
     def dynamics(self):
         if self._dynamics is None:
             self._dynamics = self._dynamics_factory()
-            self._dynamics_preloaded = False
         return self._dynamics
 
     def _calls(self) -> dict[str, int]:
         return {"marketo": getattr(self._marketo, "calls_made", 0) or 0,
                 "dynamics": getattr(self._dynamics, "calls_made", 0) or 0}
 
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[dict]:
+        """Time a stage, count its calls, and name the stage (and run) on any failure."""
+        before, started = self._calls(), time.monotonic()
+        box: dict = {}
+        try:
+            yield box
+        except Exception as exc:
+            exc.add_note(f"mdsync: stage {name!r} of run {self.run.run_id!r} failed; its staged inputs are kept "
+                         f"in {self.staging.folder} for inspection and retries")
+            raise
+        result: StageResult = box["result"]
+        after = self._calls()
+        result.calls = {k: after[k] - before.get(k, 0) for k in after}
+        result.elapsed_s = round(time.monotonic() - started, 3)
+        log.info("%s done in %.1f s (API calls: Marketo %d, Dataverse %d)", name, result.elapsed_s,
+                 result.calls["marketo"], result.calls["dynamics"])
+
     def _access(self, path: str) -> access_stage.FieldAccess:
-        acc = access_stage.FieldAccess.from_json(self.staging.read_json(path))
-        return acc
+        return access_stage.FieldAccess.from_json(self.staging.read_json(path))
 
     def _use_metadata(self, acc: access_stage.FieldAccess, marketo: bool = False) -> None:
         """Hand the refreshed metadata to the clients, so reads need no describe/metadata calls."""
@@ -127,10 +146,18 @@ class Cycle:
         period = timedelta(hours=self.config.schedule.full_reconcile_every_hours)
         return datetime.now(timezone.utc) - wm.high_water >= period
 
+    def _log_activity(self, activity: pd.DataFrame) -> None:
+        log_activity(activity, log, limit=self.settings.log_limit)
+
     # -- 1. refresh schema ----------------------------------------------------------------------------
 
-    def refresh_schema(self) -> dict:
+    def refresh_schema(self) -> SchemaResult:
         """Describe both sides (or reuse a recent refresh) and decide field access for this run."""
+        with self._stage("refresh_schema") as box:
+            box["result"] = self._refresh_schema()
+        return box["result"]
+
+    def _refresh_schema(self) -> SchemaResult:
         # one cache per pair of instances and config, so pointing the sync elsewhere never reuses it
         key = hashlib.sha1(repr((getattr(self.marketo, "base_url", ""), getattr(self.dynamics, "org_url", ""),
                                  self.config.model_dump_json())).encode()).hexdigest()[:12]
@@ -143,7 +170,7 @@ class Cycle:
                 if datetime.now(timezone.utc) - refreshed < max_age:
                     path = self.staging.write_json("field-access", data)
                     log.info("field access: reusing the refresh of %s (younger than %s)", data["refreshed_at"], max_age)
-                    return {"access": path, "refreshed": False, "calls": self._calls()}
+                    return SchemaResult(access=path, refreshed=False)
             except (FileNotFoundError, KeyError, ValueError):
                 pass
         describe = self.marketo.describe_leads(refresh=True)
@@ -159,7 +186,7 @@ class Cycle:
         path = self.staging.write_json("field-access", data)
         self.staging.write_json(cache, data, shared=True)
         dropped = sum(len(e.dropped) for e in acc.entities.values())
-        return {"access": path, "refreshed": True, "dropped_fields": dropped, "calls": self._calls()}
+        return SchemaResult(access=path, refreshed=True, dropped_fields=dropped)
 
     # -- 2. extract -----------------------------------------------------------------------------------
 
@@ -176,80 +203,147 @@ class Cycle:
             start = now - timedelta(days=1)
         return start - overlap
 
-    def extract_marketo(self, access_path: str) -> dict:
-        self.marketo.use_describe(pd.DataFrame(self._access(access_path).marketo_describe))
-        full = self.full_reconcile_due()
-        known = self.store.load_links().index.tolist() if full else []
-        since = self.window_since()
-        result = extract_marketo(self.marketo, self.config, since=since, extra_ids=self.run.person_ids, known_ids=known,
-                                 lookback_days=self.settings.full_lookback_days if full else 0,
-                                 bulk_poll_seconds=self.settings.bulk_poll_seconds)
-        return {
-            "persons": self.staging.write_frame("marketo-persons", result.persons),
-            "deleted": self.staging.write_frame("marketo-deleted", pd.DataFrame({"id": result.deleted}, dtype="int64")),
-            "high_water": _iso(result.high_water),
-            "since": _iso(since), "extracted": len(result.persons), "full": full, "calls": self._calls(),
-        }
+    def extract_marketo(self, schema: SchemaResult) -> MarketoExtracted:
+        with self._stage("extract_marketo") as box:
+            self.marketo.use_describe(pd.DataFrame(self._access(schema.access).marketo_describe))
+            full = self.full_reconcile_due()
+            since = self.window_since()
+            result = extract_marketo(self.marketo, self.config, since=since, extra_ids=self.run.person_ids, full=full,
+                                     lookback_days=self.settings.full_lookback_days if full else 0,
+                                     bulk_poll_seconds=self.settings.bulk_poll_seconds,
+                                     bootstrap_since=self.settings.bootstrap_since)
+            box["result"] = MarketoExtracted(
+                persons=self.staging.write_frame("marketo-persons", result.persons),
+                deleted=self.staging.write_frame("marketo-deleted", pd.DataFrame({"id": result.deleted}, dtype="int64")),
+                high_water=result.high_water, since=since, extracted=len(result.persons), full=full,
+                mode=result.mode, complete=result.complete)
+        return box["result"]
 
-    def extract_dynamics(self, access_path: str) -> dict:
-        acc = self._access(access_path)
-        self._use_metadata(acc)
-        full = self.full_reconcile_due()
-        out = {"entities": {}, "full": full}
-        for name, entity in self.config.entities.items():
-            wm = self.store.watermark("dynamics", name)
-            result = extract_dynamics(self.dynamics, self.config, entity, acc,
-                                      delta_link=wm.token if wm else None, full=full)
-            out["entities"][name] = {
-                "rows": self.staging.write_frame(f"dynamics-{name}", result.rows),
-                "deleted": self.staging.write_frame(f"dynamics-{name}-deleted", pd.DataFrame({"id": result.deleted}, dtype="str")),
-                "delta_link": result.delta_link, "high_water": _iso(result.high_water), "extracted": len(result.rows),
-                "full_read": result.full_read,
-            }
-        out["calls"] = self._calls()
-        return out
+    def extract_dynamics(self, schema: SchemaResult) -> DynamicsExtracted:
+        with self._stage("extract_dynamics") as box:
+            acc = self._access(schema.access)
+            self._use_metadata(acc)
+            full = self.full_reconcile_due()
+            out = DynamicsExtracted(full=full)
+            for name, entity in self.config.entities.items():
+                wm = self.store.watermark("dynamics", name)
+                result = extract_dynamics(self.dynamics, self.config, entity, acc,
+                                          delta_link=wm.token if wm else None, full=full)
+                out.entities[name] = DynamicsEntityExtracted(
+                    rows=self.staging.write_frame(f"dynamics-{name}", result.rows),
+                    deleted=self.staging.write_frame(f"dynamics-{name}-deleted",
+                                                     pd.DataFrame({"id": result.deleted}, dtype="str")),
+                    delta_link=result.delta_link, high_water=result.high_water, extracted=len(result.rows),
+                    full_read=result.full_read)
+            box["result"] = out
+        return box["result"]
 
     # -- 3. identity ----------------------------------------------------------------------------------
 
-    def identify(self, access_path: str, marketo: dict, dynamics: dict) -> dict:
-        acc = self._access(access_path)
-        self._use_metadata(acc, marketo=True)
-        persons = self.staging.read_frame(marketo["persons"])
-        records = {e: self.staging.read_frame(d["rows"]) for e, d in dynamics["entities"].items()}
-        identity = Identity(self.config, acc, self.marketo, self.dynamics, dry_run=self.run.dry_run)
-        result = identity.run(
-            self.store.load_links(), persons, records, self.staging.read_frame(marketo["deleted"])["id"].tolist(),
-            {e: self.staging.read_frame(d["deleted"])["id"].tolist() for e, d in dynamics["entities"].items()},
-            push_ids=self.run.person_ids, push_as=self.run.sync_as,
-        )
-        activity = activity_frame(result.activity)
-        emails = _emails(result.persons)
+    def identify(self, schema: SchemaResult, marketo: MarketoExtracted, dynamics: DynamicsExtracted) -> Identified:
+        with self._stage("identify") as box:
+            box["result"] = self._identify(schema, marketo, dynamics)
+        return box["result"]
+
+    def _identify(self, schema: SchemaResult, marketo: MarketoExtracted, dynamics: DynamicsExtracted) -> Identified:
+        s = self.staging
+        acc = self._access(schema.access)
+        persons = s.read_frame(marketo.persons)
+        records = {e: s.read_frame(d.rows) for e, d in dynamics.entities.items()}
+        links = self.store.load_links()
+        lookups = identity_stage.plan_lookups(
+            self.config, links, persons, records, marketo_complete=marketo.complete,
+            dynamics_complete=all(d.full_read for d in dynamics.entities.values()), push_ids=self.run.person_ids)
+        refused = activity_frame([])
+        if not lookups.empty:
+            log.info("identity: looking up %s", lookups.counts())
+            self._use_metadata(acc, marketo=True)
+            persons, records, refused = self._look_up(lookups, acc, persons, records)
+        decisions = identity_stage.decide(
+            self.config, links, persons, records, s.read_frame(marketo.deleted)["id"].tolist(),
+            {e: s.read_frame(d.deleted)["id"].tolist() for e, d in dynamics.entities.items()},
+            push_ids=self.run.person_ids, push_as=self.run.sync_as)
+        activity = pd.concat([decisions.activity, refused], ignore_index=True)
+        emails = _emails(persons)
         activity["email"] = activity["email"].where(activity["email"].notna(), activity["person_id"].map(emails))
-        log_activity(activity, log)
-        m_links, d_links = link_field_writes(self.config, result.links, result.persons, result.records)
-        return {
-            "links": self.staging.write_frame("links", result.links),
-            "persons": self.staging.write_frame("persons", result.persons),
-            "records": {e: self.staging.write_frame(f"records-{e}", r) for e, r in result.records.items()},
-            "unlinked": self.staging.write_frame("unlinked", pd.DataFrame({"person_id": result.unlinked}, dtype="int64")),
-            "activity": self.staging.write_frame("identity-activity", activity),
-            "errors": self.staging.write_frame("identity-errors", pd.DataFrame(result.errors)),
-            "marketo_link_writes": self.staging.write_frame("marketo-link-writes", m_links),
-            "dynamics_link_writes": {e: self.staging.write_frame(f"dynamics-link-writes-{e}", w) for e, w in d_links.items()},
-            "new_links": int(result.links["new"].sum()),
-            "created": int(activity["action"].eq("create").sum()) if not activity.empty else 0,
-            "calls": self._calls(),
-        }
+        if self.run.dry_run:
+            activity["detail"] = activity["detail"].where(activity["action"] != "link",
+                                                          activity["detail"] + " [dry run: not saved]")
+        self._log_activity(activity)
+        m_links, d_links = identity_stage.link_field_writes(self.config, decisions.links, persons, records)
+        new = decisions.new_links
+        log.info("identity: %d links (%d new), %d dropped; creates wanted: %d in Marketo, %d in Dynamics",
+                 len(decisions.links), len(new), len(decisions.unlinked), len(decisions.marketo_creates),
+                 len(decisions.dynamics_creates))
+        return Identified(
+            links=s.write_frame("links", decisions.links),
+            persons=s.write_frame("persons", persons),
+            records={e: s.write_frame(f"records-{e}", r) for e, r in records.items()},
+            unlinked=s.write_frame("unlinked", pd.DataFrame({"person_id": decisions.unlinked}, dtype="int64")),
+            activity=s.write_frame("identity-activity", activity),
+            errors=s.write_frame("identity-errors", pd.DataFrame()),
+            marketo_creates=s.write_frame("marketo-creates", decisions.marketo_creates),
+            dynamics_creates=s.write_frame("dynamics-creates", decisions.dynamics_creates),
+            marketo_link_writes=s.write_frame("marketo-link-writes", m_links),
+            dynamics_link_writes={e: s.write_frame(f"dynamics-link-writes-{e}", w) for e, w in d_links.items()},
+            new_links=len(new), refused=len(refused),
+            creates_wanted={"marketo": len(decisions.marketo_creates), "dynamics": len(decisions.dynamics_creates)})
+
+    def _look_up(self, lookups: identity_stage.Lookups, acc, persons: pd.DataFrame, records: dict[str, pd.DataFrame]):
+        """Read what identity needs besides the extracts; values a service refuses are set aside, logged."""
+        fields = marketo_fields(self.config)
+        found, refused = [], []
+        if lookups.marketo_ids:
+            found.append(self.marketo.get_leads("id", lookups.marketo_ids, fields))
+        if lookups.marketo_emails:
+            frame, bad = self.marketo.lookup_leads("email", lookups.marketo_emails, fields)
+            found.append(frame)
+            if not bad.empty:
+                refused.append(activity_frame(pd.DataFrame({
+                    "action": "error", "email": bad["value"].to_numpy(),
+                    "detail": ("Marketo refused this email in a lookup: " + bad["code"].fillna("").astype(str) + " "
+                               + bad["message"].fillna("").astype(str)
+                               + "; the Dynamics record with it is not matched this cycle").to_numpy()})))
+        if found:
+            persons = pd.concat([persons, *found], ignore_index=True)
+            persons = persons[persons["id"].notna()].drop_duplicates("id", keep="first").reset_index(drop=True)
+        for entity in self.config.entities:
+            ent = self.config.entity(entity)
+            columns = dynamics_columns(self.config, ent, acc.entities[entity])
+            parts = []
+            if lookups.dynamics_emails:
+                parts.append(self._query_in(entity, columns, ent.email_field.dynamics, lookups.dynamics_emails))
+            if lookups.dynamics_ids.get(entity):
+                parts.append(self._query_in(entity, columns, ent.id_column, lookups.dynamics_ids[entity]))
+            if parts:
+                rows = records.get(entity, pd.DataFrame())
+                merged = pd.concat([rows, *parts], ignore_index=True) if not rows.empty else pd.concat(parts, ignore_index=True)
+                records[entity] = merged.drop_duplicates(ent.id_column, keep="first").reset_index(drop=True)
+        return persons, records, pd.concat(refused, ignore_index=True) if refused else activity_frame([])
+
+    def _query_in(self, entity: str, columns: list[str], column: str, values: list[str]) -> pd.DataFrame:
+        """Dataverse rows of ``entity`` whose ``column`` is one of ``values`` (escaped, in URL-sized chunks)."""
+        from mdsync.dynamics import isin
+
+        entity_set = self.config.entity(entity).entity_set
+        parts = [self.dynamics.query(entity_set, columns, filter=isin(column, values[i: i + VALUES_PER_QUERY]))
+                 for i in range(0, len(values), VALUES_PER_QUERY)]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
     # -- 4. diff, resolve, plan -----------------------------------------------------------------------
 
-    def plan(self, entity_name: str, access_path: str, identity: dict) -> dict:
+    def plan(self, entity_name: str, schema: SchemaResult, identity: Identified) -> Planned:
+        with self._stage(f"plan_{entity_name}") as box:
+            box["result"] = self._plan(entity_name, schema, identity)
+        return box["result"]
+
+    def _plan(self, entity_name: str, schema: SchemaResult, identity: Identified) -> Planned:
         entity = self.config.entity(entity_name)
-        acc = self._access(access_path).entities[entity_name]
-        links = self.staging.read_frame(identity["links"])
+        acc = self._access(schema.access).entities[entity_name]
+        links = self.staging.read_frame(identity.links)
         links = links[links["dynamics_type"] == entity_name]
-        persons = self.staging.read_frame(identity["persons"])
-        records = self.staging.read_frame(identity["records"][entity_name])
+        persons = self.staging.read_frame(identity.persons)
+        records = self.staging.read_frame(identity.records[entity_name])
 
         m_fields = [f for f in entity.fields if f.name in acc.marketo_read]
         d_fields = [f for f in entity.fields if f.name in acc.dynamics_read]
@@ -262,6 +356,7 @@ class Cycle:
             pid = by_record.reindex(records[entity.id_column].astype(str).str.lower().to_numpy())
             d_raw = records[pid.notna().to_numpy()].copy()
             d_raw.index = pd.Index(pid.dropna().astype("int64").to_numpy(), name="person_id")
+            d_raw = d_raw[~d_raw.index.duplicated(keep="last")]
         else:
             d_raw = pd.DataFrame(index=pd.Index([], dtype="int64", name="person_id"))
         dynamics, d_problems = canonical_frame(d_raw, d_fields, Side.DYNAMICS)
@@ -287,119 +382,183 @@ class Cycle:
             held = [held_activity(entity_name, d_held, "dynamics"), held_activity(entity_name, m_held, "marketo")]
         collisions = collision_activity(entity_name, plan.collisions)
         notes = pd.concat([*skipped, *held, collisions], ignore_index=True)
-        emails = _emails(persons)
-        notes["email"] = notes["person_id"].map(emails)
-        log_activity(notes, log)
+        notes["email"] = notes["person_id"].map(_emails(persons))
+        self._log_activity(notes)
         summary = plan.summary()
         log.info("plan %s: compared %d linked pairs: %d fields to Dynamics, %d fields to Marketo, %d collisions",
                  entity_name, summary["compared"], len(d_writes), len(m_writes), summary["collisions"])
         s = self.staging
-        return {
-            "entity": entity_name,
-            "dynamics_writes": s.write_frame(f"plan-{entity_name}-dynamics", d_writes),
-            "marketo_writes": s.write_frame(f"plan-{entity_name}-marketo", m_writes.assign(entity_type=entity_name)),
-            "baseline_updates": s.write_frame(f"plan-{entity_name}-baselines", plan.baseline_updates),
-            "activity": s.write_frame(f"plan-{entity_name}-activity", notes),
-            "compared": summary["compared"], "to_dynamics": len(d_writes), "to_marketo": len(m_writes),
-            "collisions": summary["collisions"], "held": int(sum(len(h) for h in held)),
-        }
+        return Planned(
+            entity=entity_name,
+            dynamics_writes=s.write_frame(f"plan-{entity_name}-dynamics", d_writes),
+            marketo_writes=s.write_frame(f"plan-{entity_name}-marketo", m_writes.assign(entity_type=entity_name)),
+            baseline_updates=s.write_frame(f"plan-{entity_name}-baselines", plan.baseline_updates),
+            activity=s.write_frame(f"plan-{entity_name}-activity", notes),
+            compared=summary["compared"], to_dynamics=len(d_writes), to_marketo=len(m_writes),
+            collisions=summary["collisions"], held=int(sum(len(h) for h in held)))
 
     # -- 5. load --------------------------------------------------------------------------------------
 
-    def load_dynamics(self, access_path: str, identity: dict, plans: list[dict]) -> dict:
-        acc = self._access(access_path)
+    def load_dynamics(self, manifest: RunManifest) -> Loaded:
+        with self._stage("load_dynamics") as box:
+            box["result"] = self._load_dynamics(manifest)
+        return box["result"]
+
+    def _load_dynamics(self, manifest: RunManifest) -> Loaded:
+        s, identity = self.staging, manifest.identity
+        acc = self._access(manifest.schema_.access)
         self._use_metadata(acc)
-        out = {"results": {}, "written": 0, "rejected": 0}
-        for p in plans:
-            name = p["entity"]
-            writes = self.staging.read_frame(p["dynamics_writes"])
-            link_writes = self.staging.read_frame(identity["dynamics_link_writes"][name])
+        out = Loaded(side="dynamics")
+        created = create_in_dynamics(self.config, acc, s.read_frame(identity.dynamics_creates),
+                                     s.read_frame(identity.persons), self.dynamics, dry_run=self.run.dry_run)
+        self._log_activity(created.activity)
+        for p in manifest.plans:
+            name = p.entity
+            writes = s.read_frame(p.dynamics_writes)
+            link_writes = s.read_frame(identity.dynamics_link_writes[name])
             results = load_dynamics(self.config, self.config.entity(name), writes, link_writes,
                                     acc.entities[name].dynamics_max_length, self.dynamics, dry_run=self.run.dry_run)
-            out["results"][name] = self.staging.write_frame(f"results-{name}-dynamics", results)
-            out["written"] += int(results["ok"].sum())
-            out["rejected"] += int((~results["ok"].astype(bool) & results["error_code"].ne("dry_run")).sum())
-        out["calls"] = self._calls()
+            out.results[name] = s.write_frame(f"results-{name}-dynamics", results)
+            out.written += int(results["ok"].sum())
+            out.rejected += _rejected(results)
+        return self._with_creates(out, created, "dynamics")
+
+    def _with_creates(self, out: Loaded, created, side: str) -> Loaded:
+        s = self.staging
+        out.created_links = s.write_frame(f"created-links-{side}", created.links)
+        out.created_values = s.write_frame(f"created-values-{side}", created.values)
+        out.activity = s.write_frame(f"create-activity-{side}", created.activity)
+        out.errors = s.write_frame(f"create-errors-{side}", created.errors)
+        out.created = len(created.links)
+        out.create_errors = int(created.activity["action"].eq("error").sum()) if not created.activity.empty else 0
         return out
 
-    def load_marketo(self, access_path: str, identity: dict, plans: list[dict], dynamics_loaded: dict) -> dict:
-        acc = self._access(access_path)
-        writes = pd.concat([self.staging.read_frame(p["marketo_writes"]) for p in plans], ignore_index=True)
-        link_writes = self.staging.read_frame(identity["marketo_link_writes"])
+    def load_marketo(self, manifest: RunManifest) -> Loaded:
+        with self._stage("load_marketo") as box:
+            box["result"] = self._load_marketo(manifest)
+        return box["result"]
+
+    def _load_marketo(self, manifest: RunManifest) -> Loaded:
+        s, identity, dyn_loaded = self.staging, manifest.identity, manifest.dynamics_loaded
+        acc = self._access(manifest.schema_.access)
+        self._use_metadata(acc, marketo=True)
+        writes = pd.concat([s.read_frame(p.marketo_writes) for p in manifest.plans], ignore_index=True) \
+            if manifest.plans else pd.DataFrame(columns=["person_id", "dynamics_id", "field", "value", "entity_type"])
+        link_writes = s.read_frame(identity.marketo_link_writes)
+        if dyn_loaded.created_links:  # persons whose Dynamics record was just created get their link fields
+            new = s.read_frame(dyn_loaded.created_links)
+            link_writes = pd.concat([link_writes, new[["person_id", "dynamics_id", "dynamics_type"]]], ignore_index=True)
         max_length = {}
         for e in acc.entities.values():
             max_length.update(e.marketo_max_length)
-        results = load_marketo(self.config, self.config.entities, writes, link_writes, max_length, self.marketo,
-                               dry_run=self.run.dry_run)
-        rejected_in_dynamics = []
-        for path in dynamics_loaded["results"].values():
-            r = self.staging.read_frame(path)
-            rejected_in_dynamics.append(r[~r["ok"].astype(bool) & r["error_code"].ne("dry_run")])
-        rejected = pd.concat(rejected_in_dynamics, ignore_index=True) if rejected_in_dynamics else pd.DataFrame()
+        results, method = load_marketo(self.config, self.config.entities, writes, link_writes, max_length, self.marketo,
+                                       dry_run=self.run.dry_run, bulk_threshold=self.settings.marketo_bulk_threshold)
+        records = {e: s.read_frame(p) for e, p in identity.records.items()}
+        created = create_in_marketo(self.config, acc, s.read_frame(identity.marketo_creates), records, self.marketo,
+                                    self.dynamics, dry_run=self.run.dry_run,
+                                    bulk_threshold=self.settings.marketo_bulk_threshold,
+                                    poll_seconds=self.settings.bulk_poll_seconds)
+        self._log_activity(created.activity)
+        rejected = [r[~r["ok"].astype(bool) & r["error_code"].ne("dry_run")]
+                    for r in (s.read_frame(p) for p in dyn_loaded.results.values())]
+        rejected = pd.concat(rejected, ignore_index=True) if rejected else pd.DataFrame()
         logged = 0 if self.run.dry_run else record_rejections_in_marketo(self.config, rejected, self.marketo)
-        return {"results": self.staging.write_frame("results-marketo", results), "written": int(results["ok"].sum()),
-                "rejected": int((~results["ok"].astype(bool) & results["error_code"].ne("dry_run")).sum()),
-                "rejections_logged_in_marketo": logged, "calls": self._calls()}
+        out = Loaded(side="marketo", results={"all": s.write_frame("results-marketo", results)},
+                     written=int(results["ok"].sum()), rejected=_rejected(results),
+                     rejections_logged_in_marketo=logged, method=method)
+        return self._with_creates(out, created, "marketo")
 
     # -- 6. commit ------------------------------------------------------------------------------------
 
-    def commit(self, marketo: dict, dynamics: dict, identity: dict, plans: list[dict], dyn_loaded: dict,
-               mkt_loaded: dict) -> dict:
-        s = self.staging
-        persons = s.read_frame(identity["persons"])
-        emails = _emails(persons)
-        links = s.read_frame(identity["links"])
+    def commit(self, manifest: RunManifest) -> Committed:
+        with self._stage("commit") as box:
+            box["result"] = self._commit(manifest)
+        return box["result"]
+
+    def _commit(self, manifest: RunManifest) -> Committed:
+        s, identity = self.staging, manifest.identity
+        persons = s.read_frame(identity.persons)
+        links = s.read_frame(identity.links)
         entity_of = links["dynamics_type"]
-        m_results = s.read_frame(mkt_loaded["results"])
-        baselines, activity, errors, resolved = [], [s.read_frame(identity["activity"])], [s.read_frame(identity["errors"])], []
-        for p in plans:
-            name = p["entity"]
-            d_results = s.read_frame(dyn_loaded["results"][name])
+        loads = [manifest.dynamics_loaded, manifest.marketo_loaded]
+        m_results = s.read_frame(manifest.marketo_loaded.results["all"])
+        baselines, errors, resolved = [], [s.read_frame(identity.errors)], []
+        activity = [s.read_frame(identity.activity)] + [s.read_frame(ld.activity) for ld in loads if ld.activity]
+        for p in manifest.plans:
+            name = p.entity
+            d_results = s.read_frame(manifest.dynamics_loaded.results[name])
             m_mine = m_results[m_results["entity_type"] == name] if not m_results.empty else m_results
-            baselines.append(succeeded_baselines(s.read_frame(p["baseline_updates"]), d_results, m_mine))
-            activity += [s.read_frame(p["activity"]),
-                         write_activity(name, s.read_frame(p["dynamics_writes"]), d_results, "dynamics"),
-                         write_activity(name, s.read_frame(p["marketo_writes"]), m_mine, "marketo")]
+            baselines.append(succeeded_baselines(s.read_frame(p.baseline_updates), d_results, m_mine))
+            activity += [s.read_frame(p.activity),
+                         write_activity(name, s.read_frame(p.dynamics_writes), d_results, "dynamics"),
+                         write_activity(name, s.read_frame(p.marketo_writes), m_mine, "marketo")]
             errors += [error_rows(d_results, "dynamics", entity_of), error_rows(m_mine, "marketo", entity_of)]
             resolved += [resolved_keys(d_results, "dynamics"), resolved_keys(m_mine, "marketo")]
-        activity = pd.concat([a for a in activity if not a.empty], ignore_index=True) if any(
-            not a.empty for a in activity) else activity_frame([])
-        activity["email"] = activity["email"].where(activity["email"].notna(), activity["person_id"].map(emails))
-        # identity and plan notes were logged by their tasks; log the write outcomes here
-        log_activity(activity[activity["action"].isin(["update", "error"]) & activity["field"].notna()], log)
-        baselines = pd.concat(baselines, ignore_index=True)
-        errors = pd.concat([e for e in errors if not e.empty], ignore_index=True) if any(not e.empty for e in errors) else pd.DataFrame()
-        resolved = pd.concat(resolved, ignore_index=True)
+        created_links = [s.read_frame(ld.created_links) for ld in loads if ld.created_links]
+        for ld in loads:  # a create's values are the new pair's first baseline
+            if ld.created_values:
+                baselines.append(s.read_frame(ld.created_values).assign(requires=REQUIRES_NOTHING))
+            if ld.errors:
+                errors.append(s.read_frame(ld.errors))
+        activity = _concat([a for a in activity if not a.empty]) if any(not a.empty for a in activity) else activity_frame([])
+        activity["email"] = activity["email"].where(activity["email"].notna(), activity["person_id"].map(_emails(persons)))
+        # identity, plan and create notes were logged by their tasks; log the write outcomes here
+        self._log_activity(activity[activity["action"].isin(["update", "error"]) & activity["field"].notna()])
+        baselines = _concat([b for b in baselines if not b.empty]) if any(not b.empty for b in baselines) else \
+            pd.DataFrame(columns=["person_id", "field", "value", "requires"])
+        errors = _concat([e for e in errors if not e.empty]) if any(not e.empty for e in errors) else pd.DataFrame()
+        resolved = _concat(resolved) if resolved else pd.DataFrame(columns=["person_id", "target", "field"])
+        new_links = pd.concat([links[links["new"].astype(bool)].reset_index(), *created_links], ignore_index=True)
         if self.run.dry_run:
-            log.info("dry run: nothing committed (%d baseline updates, %d activity rows, %d errors would be recorded)",
-                     len(baselines), len(activity), len(errors))
-            return {"dry_run": True, "baselines": len(baselines), "activity": len(activity), "errors": len(errors)}
-        watermarks = [("marketo", "persons", _dt(marketo["high_water"]), None)]
-        for name, d in dynamics["entities"].items():
-            watermarks.append(("dynamics", name, _dt(d["high_water"]), d["delta_link"]))
-        if marketo.get("full") and dynamics.get("full"):
-            watermarks.append((*FULL_RECONCILE, _dt(marketo["high_water"]), None))
-        new_links = links[links["new"]].reset_index()
+            log.info("dry run: nothing committed (%d links, %d baseline updates, %d activity rows, %d errors would be "
+                     "recorded)", len(new_links), len(baselines), len(activity), len(errors))
+            return Committed(dry_run=True, baselines=len(baselines), activity=len(activity), errors=len(errors),
+                             links=len(new_links))
+        marketo, dynamics = manifest.marketo, manifest.dynamics
+        watermarks = [("marketo", "persons", marketo.high_water, None)]
+        for name, d in dynamics.entities.items():
+            watermarks.append(("dynamics", name, d.high_water, d.delta_link))
+        if marketo.full and dynamics.full:
+            watermarks.append((*FULL_RECONCILE, marketo.high_water, None))
         counts = commit_cycle(self.store, self.run.run_id, baselines=baselines, activity=activity, errors=errors,
                               resolved=resolved, watermarks=watermarks, links=new_links,
-                              unlinked=s.read_frame(identity["unlinked"])["person_id"].tolist())
+                              unlinked=s.read_frame(identity.unlinked)["person_id"].tolist())
         log.info("committed: %s", counts)
-        return counts
+        return Committed(links=len(new_links), **counts)
 
-    # -- all stages ----------------------------------------------------------------------------------
+    # -- running stages -------------------------------------------------------------------------------
+
+    def run_stage(self, name: str, manifest: RunManifest) -> RunManifest:
+        """Run one task of :data:`STAGES` on a manifest of the earlier ones; returns the manifest with its result."""
+        m = manifest.model_copy(deep=True)
+        if name == "refresh_schema":
+            m.schema_ = self.refresh_schema()
+        elif name == "extract_marketo":
+            m.marketo = self.extract_marketo(m.schema_)
+        elif name == "extract_dynamics":
+            m.dynamics = self.extract_dynamics(m.schema_)
+        elif name == "identify":
+            m.identity = self.identify(m.schema_, m.marketo, m.dynamics)
+        elif name.startswith("plan_"):
+            entity = name.removeprefix("plan_")
+            if entity in self.config.entities:
+                m.plans = [p for p in m.plans if p.entity != entity] + [self.plan(entity, m.schema_, m.identity)]
+        elif name == "load_dynamics":
+            m.dynamics_loaded = self.load_dynamics(m)
+        elif name == "load_marketo":
+            m.marketo_loaded = self.load_marketo(m)
+        elif name == "commit":
+            m.committed = self.commit(m)
+        else:
+            raise ValueError(f"no stage {name!r}; the stages are {', '.join(STAGES)}")
+        return m
 
     def run_all(self) -> dict:
         """Every stage in order, in this process (the DAG runs the same stages as separate tasks)."""
-        schema = self.refresh_schema()
-        marketo = self.extract_marketo(schema["access"])
-        dynamics = self.extract_dynamics(schema["access"])
-        identity = self.identify(schema["access"], marketo, dynamics)
-        plans = [self.plan(e, schema["access"], identity) for e in self.config.entities]
-        dyn_loaded = self.load_dynamics(schema["access"], identity, plans)
-        mkt_loaded = self.load_marketo(schema["access"], identity, plans, dyn_loaded)
-        committed = self.commit(marketo, dynamics, identity, plans, dyn_loaded, mkt_loaded)
-        # one client per cycle here, so the last stage's counters hold the whole cycle's calls
-        summary = self.report(marketo, dynamics, identity, plans, dyn_loaded, mkt_loaded, committed, [self._calls()])
+        manifest = RunManifest(run_id=self.run.run_id)
+        for name in STAGES:
+            manifest = self.run_stage(name, manifest)
+        summary = self.report(manifest)
         self.finish()
         return summary
 
@@ -412,41 +571,56 @@ class Cycle:
     # -- 7. report ------------------------------------------------------------------------------------
 
     @staticmethod
-    def report(marketo: dict, dynamics: dict, identity: dict, plans: list[dict], dyn_loaded: dict, mkt_loaded: dict,
-               committed: dict, calls: list[dict]) -> dict:
+    def report(manifest: RunManifest) -> dict:
         """A per-entity summary of the run (returned so it shows in the UI, and logged)."""
+        m = manifest
         per_entity = {}
-        for p in plans:
-            name = p["entity"]
-            per_entity[name] = {
-                "extracted_dynamics": dynamics["entities"][name]["extracted"],
-                "compared": p["compared"], "to_dynamics": p["to_dynamics"], "to_marketo": p["to_marketo"],
-                "collisions": p["collisions"], "held_back": p["held"],
+        for p in m.plans:
+            per_entity[p.entity] = {
+                "extracted_dynamics": m.dynamics.entities[p.entity].extracted,
+                "compared": p.compared, "to_dynamics": p.to_dynamics, "to_marketo": p.to_marketo,
+                "collisions": p.collisions, "held_back": p.held,
             }
-        used = {"marketo": sum(c.get("marketo", 0) for c in calls), "dynamics": sum(c.get("dynamics", 0) for c in calls)}
+        used = m.calls()
+        dyn, mkt = m.dynamics_loaded, m.marketo_loaded
+        created = dyn.created + mkt.created
         summary = {
-            "extracted_marketo_persons": marketo["extracted"], "created": identity["created"],
-            "new_links": identity["new_links"], "entities": per_entity,
-            "written": {"dynamics": dyn_loaded["written"], "marketo": mkt_loaded["written"]},
-            "errors": {"dynamics": dyn_loaded["rejected"], "marketo": mkt_loaded["rejected"]},
-            "api_calls": used, "committed": committed,
+            "extracted_marketo_persons": m.marketo.extracted, "marketo_read": m.marketo.mode, "created": created,
+            "created_in": {"dynamics": dyn.created, "marketo": mkt.created},
+            "new_links": m.identity.new_links + created, "entities": per_entity,
+            "written": {"dynamics": dyn.written, "marketo": mkt.written},
+            "errors": {"dynamics": dyn.rejected + dyn.create_errors, "marketo": mkt.rejected + mkt.create_errors},
+            "marketo_write_method": mkt.method,
+            "api_calls": used, "committed": m.committed.model_dump() if m.committed else {},
+            "tasks": {name: {"seconds": r.elapsed_s, **r.calls} for name, r in m.stage_results()},
         }
         lines = [f"sync summary (API calls: Marketo {used['marketo']}, Dynamics {used['dynamics']})",
-                 f"  Marketo persons extracted: {marketo['extracted']}; created: {identity['created']}; new links: {identity['new_links']}"]
+                 f"  Marketo persons read: {m.marketo.extracted} ({m.marketo.mode}); created: {created} "
+                 f"(Dynamics {dyn.created}, Marketo {mkt.created}); new links: {summary['new_links']}"]
         for name, e in per_entity.items():
             lines.append(f"  {name:<8} extracted from Dynamics {e['extracted_dynamics']}, compared {e['compared']}, "
                          f"to Dynamics {e['to_dynamics']} fields, to Marketo {e['to_marketo']} fields, "
                          f"collisions {e['collisions']}, held back {e['held_back']}")
-        lines.append(f"  written: Dynamics {dyn_loaded['written']}, Marketo {mkt_loaded['written']}; "
-                     f"rejected: Dynamics {dyn_loaded['rejected']}, Marketo {mkt_loaded['rejected']}")
+        lines.append(f"  written: Dynamics {dyn.written}, Marketo {mkt.written} ({mkt.method}); "
+                     f"rejected: Dynamics {summary['errors']['dynamics']}, Marketo {summary['errors']['marketo']}")
+        lines.append("  tasks: " + ", ".join(f"{n} {r.elapsed_s:.1f} s" for n, r in m.stage_results()))
         log.info("\n".join(lines))
         return summary
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True)
+
+
+def _rejected(results: pd.DataFrame) -> int:
+    return int((~results["ok"].astype(bool) & results["error_code"].ne("dry_run")).sum())
 
 
 def _emails(persons: pd.DataFrame) -> pd.Series:
     if persons.empty or "email" not in persons:
         return pd.Series(dtype=object)
-    return pd.Series(persons["email"].astype(object).to_numpy(), index=persons["id"].astype("int64").to_numpy())
+    p = persons[persons["id"].notna()].drop_duplicates("id", keep="last")
+    return pd.Series(p["email"].astype(object).to_numpy(), index=p["id"].astype("int64").to_numpy())
 
 
 def _invalid(problems) -> pd.DataFrame | None:
@@ -456,16 +630,18 @@ def _invalid(problems) -> pd.DataFrame | None:
                          "field": np.concatenate([[p.field] * len(p.keys) for p in problems])})
 
 
-def _problem_rows(entity: str, problems, links: pd.DataFrame) -> list[dict]:
-    rows = []
-    for p in problems:
+def _problem_rows(entity: str, problems, links: pd.DataFrame) -> pd.DataFrame:
+    parts = []
+    for p in problems:  # one frame per field with unreadable values
         where = "Marketo" if p.side is Side.MARKETO else "Dynamics"
-        for pid, value in zip(p.keys, p.values):
-            rows.append({"entity_type": entity, "person_id": int(pid), "dynamics_type": entity,
-                         "dynamics_id": links["dynamics_id"].get(pid), "action": "skip", "field": p.field,
-                         "new_value": None if pd.isna(value) else str(value),
-                         "detail": f"{where} value {value!r} left alone: {p.reason}"})
-    return rows
+        values = pd.Series(p.values.to_numpy(), dtype=object)
+        shown = values.map(repr)
+        parts.append(pd.DataFrame({
+            "entity_type": entity, "person_id": p.keys.to_numpy(), "dynamics_type": entity,
+            "dynamics_id": links["dynamics_id"].reindex(p.keys).to_numpy(), "action": "skip", "field": p.field,
+            "new_value": values.where(values.notna(), None).astype(object).map(lambda v: None if v is None else str(v)).to_numpy(),
+            "detail": (where + " value " + shown + " left alone: " + p.reason).to_numpy()}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def _split(writes: pd.DataFrame, allowed: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pandas as pd
 
 from mdsync.access import EntityAccess, FieldAccess
@@ -34,6 +35,13 @@ def marketo_fields(config: SyncConfig) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def change_fields(config: SyncConfig) -> list[str]:
+    """The Marketo fields whose changes are work: mapped fields and the sync marker, never the link fields
+    (the sync writes those itself, so asking for them would bring its own writes back every cycle)."""
+    link = config.marketo.link_fields
+    return [f for f in marketo_fields(config) if f not in (link.dynamics_id, link.dynamics_type, "updatedAt")]
+
+
 def dynamics_columns(config: SyncConfig, entity: EntityConfig, access: EntityAccess) -> list[str]:
     """The Dataverse columns a cycle reads for one entity type (``$select`` of mapped, readable columns only)."""
     readable = set(access.dynamics_read)
@@ -47,6 +55,13 @@ class MarketoExtract:
     deleted: list[int]
     high_water: datetime
     changed: int
+    #: ``changes``, ``bulk_window`` or ``bulk_all`` (see :class:`mdsync.results.MarketoExtracted`)
+    mode: str = "changes"
+
+    @property
+    def complete(self) -> bool:
+        """Every Marketo person is in :attr:`persons`."""
+        return self.mode == "bulk_all"
 
 
 @dataclass
@@ -59,41 +74,129 @@ class DynamicsExtract:
     high_water: datetime
 
 
+#: Marketo's founding year: no subscription holds a person created before it
+MARKETO_EPOCH = datetime(2006, 1, 1, tzinfo=timezone.utc)
+
+
+def oldest_person_created(client) -> datetime:
+    """When the oldest Marketo person was created, to start a bulk export of every person there.
+
+    Lead ids grow with creation, so the lowest ids hold the oldest persons. One lookup of ids 1-300; when none
+    of them exists (deleted, or a subscription that numbers from elsewhere), one lookup of 300 ids spread
+    geometrically up to 2^31 finds the lowest existing id, and a lookup of the 300 ids up to it gives the
+    oldest creation date. Set ``MDSYNC_BOOTSTRAP_SINCE`` to start elsewhere. An empty database exports
+    nothing older than a day.
+    """
+    def created(ids) -> pd.DataFrame:
+        found = client.get_leads("id", ids, ["createdAt"])
+        if found.empty:
+            return found
+        return found.assign(createdAt=pd.to_datetime(found["createdAt"], utc=True, errors="coerce"))
+
+    found = created(range(1, 301))
+    if found.empty:
+        probe = sorted(set(np.unique(np.geomspace(301, 2**31, 300).astype("int64")).tolist()))
+        hits = created(probe)
+        if hits.empty:
+            log.info("marketo: no persons found by id: the database looks empty")
+            return datetime.now(timezone.utc) - timedelta(days=1)
+        lowest = int(hits["id"].min())
+        found = pd.concat([hits, created(range(max(1, lowest - 299), lowest))], ignore_index=True)
+    oldest = found["createdAt"].dropna().min()
+    if pd.isna(oldest):
+        log.warning("marketo: the oldest persons have no createdAt; exporting every person created since %s",
+                    MARKETO_EPOCH.date())
+        return MARKETO_EPOCH
+    return oldest.to_pydatetime() - timedelta(days=1)
+
+
 def extract_marketo(
     client, config: SyncConfig, *, since: datetime, extra_ids: list[int] = (), known_ids: list[int] = (),
-    lookback_days: float = 0, bulk_poll_seconds: float = 60,
+    lookback_days: float = 0, bulk_poll_seconds: float = 5, full: bool = False,
+    bootstrap_since: datetime | None = None, max_change_pages: int = 10, bulk_read_over: int = 3000,
 ) -> MarketoExtract:
-    """Persons changed in Marketo since ``since``, read in full.
+    """Persons changed in Marketo since ``since`` (or every person, for a full reconcile), read in full.
 
-    :param since: window start, already moved back by the overlap.
+    - ``full``: a bulk lead export of every person (``createdAt`` in 31-day windows from the oldest person);
+    - a window with few changes: lead-change activities for the mapped fields, then those persons by id;
+    - a window with many (more than ``max_change_pages`` pages of activities): a bulk activity export of the
+      window, then the changed persons by a bulk lead export (``updatedAt``) or by id.
+
+    :param since: window start, already moved back by the overlap (deleted leads are read from there too).
     :param extra_ids: persons to read whatever changed (a manual run's ``person_ids``).
-    :param known_ids: for a full reconcile: every linked person.
-    :param lookback_days: for a full reconcile: also bulk-export persons updated in this many days.
-    :param bulk_poll_seconds: how often a bulk export job's status is polled.
+    :param known_ids: persons to read by id besides the changes (kept for callers that reconcile by id).
+    :param lookback_days: also bulk-export persons updated in this many days.
+    :param bulk_poll_seconds: how often a bulk job's status is polled.
     """
     started = datetime.now(timezone.utc)
     fields = marketo_fields(config)
     token = client.get_paging_token(since)
-    changes, _ = client.get_lead_changes(token, fields)
     deleted_frame, _ = client.get_deleted_leads(token)
     deleted = sorted({int(i) for i in deleted_frame.get("lead_id", pd.Series(dtype="Int64")).dropna()})
-    changed_ids = set(int(i) for i in changes.get("lead_id", pd.Series(dtype="Int64")).dropna())
+    frames, mode, changed_ids = [], "changes", set()
+    if full:
+        start = bootstrap_since or oldest_person_created(client)
+        log.info("marketo: full reconcile: bulk export of every person created since %s", start.isoformat())
+        frames.append(client.export_leads(fields, created_at=(start, started), poll_interval_s=bulk_poll_seconds))
+        mode = "bulk_all"
+        log.info("marketo: bulk export read %d persons", len(frames[-1]))
+    else:
+        changes, _ = client.get_lead_changes(token, change_fields(config), max_pages=max_change_pages)
+        if changes.attrs.get("more_result"):
+            log.info("marketo: more than %d pages of lead changes since %s: reading the window in bulk instead",
+                     max_change_pages, since.isoformat())
+            changes = client.export_activities([NEW_LEAD, CHANGE_DATA_VALUE], created_at=(since, started),
+                                               poll_interval_s=bulk_poll_seconds)
+            changes = _mapped_changes(changes, config, client)
+            mode = "bulk_window"
+        changed_ids = set(int(i) for i in changes.get("lead_id", pd.Series(dtype="Int64")).dropna())
+        log.info("marketo: %d change activities for %d persons since %s", len(changes), len(changed_ids),
+                 since.isoformat())
     wanted = (changed_ids | {int(i) for i in extra_ids} | {int(i) for i in known_ids}) - set(deleted)
-    frames = []
     if lookback_days:
-        exported = client.export_leads(fields, updated_at=(started - timedelta(days=lookback_days), started),
-                                      poll_interval_s=bulk_poll_seconds)
-        frames.append(exported)
-        wanted -= set(exported["id"].astype("int64"))
+        frames.append(client.export_leads(fields, updated_at=(started - timedelta(days=lookback_days), started),
+                                          poll_interval_s=bulk_poll_seconds))
+    have = set(pd.concat(frames)["id"].astype("int64")) if frames else set()
+    wanted -= have
+    if len(wanted) > bulk_read_over:
+        frames.append(_read_window_in_bulk(client, fields, since, started, wanted, bulk_poll_seconds))
+        wanted -= set(frames[-1]["id"].astype("int64"))
     if wanted:
         frames.append(client.get_leads("id", sorted(wanted), fields))
     persons = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", *fields])
     if not persons.empty:
         persons = persons.drop_duplicates("id", keep="last")
         persons = persons[~persons["id"].isin(deleted)].reset_index(drop=True)
-    log.info("marketo: %d change activities for %d persons since %s, %d deleted; read %d persons in full",
-             len(changes), len(changed_ids), since.isoformat(), len(deleted), len(persons))
-    return MarketoExtract(persons=persons, deleted=deleted, high_water=started, changed=len(changed_ids))
+    log.info("marketo: %d deleted since %s; read %d persons in full (%s)", len(deleted), since.isoformat(),
+             len(persons), mode)
+    return MarketoExtract(persons=persons, deleted=deleted, high_water=started, changed=len(changed_ids), mode=mode)
+
+
+NEW_LEAD, CHANGE_DATA_VALUE = 12, 13
+
+
+def _mapped_changes(changes: pd.DataFrame, config: SyncConfig, client) -> pd.DataFrame:
+    """Keep New Lead activities and value changes of the fields that are work (see :func:`change_fields`)."""
+    if changes.empty or "primary_attribute_value" not in changes:
+        return changes
+    describe = client.describe_leads()
+    wanted = set(change_fields(config))
+    names = set(describe.loc[describe["rest_name"].isin(wanted), "display_name"].dropna()) | wanted
+    keep = changes["activity_type_id"].eq(NEW_LEAD).to_numpy() | changes["primary_attribute_value"].isin(names).to_numpy()
+    return changes[keep]
+
+
+def _read_window_in_bulk(client, fields, since, until, wanted: set[int], poll_seconds: float) -> pd.DataFrame:
+    """Many changed persons: one bulk lead export of the window (``updatedAt``) instead of ids 300 at a time;
+    subscriptions without the ``updatedAt`` filter read by id."""
+    from mdsync.errors import ServiceError
+
+    try:
+        exported = client.export_leads(fields, updated_at=(since, until), poll_interval_s=poll_seconds)
+    except ServiceError as exc:
+        log.info("marketo: bulk export by updatedAt not available (%s); reading %d persons by id", exc, len(wanted))
+        return client.get_leads("id", sorted(wanted), fields)
+    return exported[exported["id"].astype("int64").isin(wanted)]
 
 
 def extract_dynamics(

@@ -1,15 +1,25 @@
-"""Stage 3 of the cycle: identity (DESIGN §3): keep links, rebuild lost ones, match by email, create.
+"""Stage 3 of the cycle: identity (DESIGN §3), a pure stage on frames.
+
+Frames in (links from the state store, extracted persons and Dynamics rows, deletions) -> typed decisions
+out (:class:`IdentityDecisions`: links kept, rebuilt, made and dropped; creates wanted on each side;
+ambiguities and record-level errors as activity rows). Nothing here calls a service: the cycle first asks
+:func:`plan_lookups` which records it must read so that every decision can be made from frames, reads
+them, then calls :func:`decide`. Creates and link-field writes are done by the load stage.
 
 - Deleted on either side: the link is dropped (the record on the other side is kept) and logged.
 - Links lost from the state store are rebuilt from the link fields on the records: the Dataverse
   ``mdsync_marketopersonid`` column, the Marketo ``dynamicsRecordId`` / ``dynamicsRecordType`` fields.
 - An unlinked Dynamics record links by email to exactly one Marketo person (case-insensitive), or becomes a
-  new Marketo person; several matches are logged as ambiguous and nothing is done.
-- An unlinked Marketo person is created in Dynamics only when marked for sync (or named by a manual run):
-  an existing contact, then lead, with that email is linked instead; otherwise it is upserted by the
-  alternate key on the Marketo-id column, so a retried create can never duplicate.
-- Newly linked pairs get both records read in full, so the first diff sees both sides; the link fields on
-  both records are (re)written by the load stages.
+  new Marketo person; several matches are logged as ambiguous and nothing is done. When a contact and a lead
+  share an email, the contact gets the person. A contact whose person follows a lead that was qualified
+  takes the person over.
+- An unlinked Marketo person gets a Dynamics record only when marked for sync (or named by a manual run): an
+  existing contact, then lead, with that email is linked instead; otherwise a create is wanted (upserted by
+  the alternate key in the load stage, so a retried create can never duplicate). An empty or unknown
+  ``dynamicsSyncAs`` means the marker's default type.
+
+Every step is column-wise over the frames (no per-row Python), so a first sync of a whole database is
+decided in seconds.
 """
 
 from __future__ import annotations
@@ -20,467 +30,487 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from mdsync.access import FieldAccess
-from mdsync.canonical import canonical_frame, to_dynamics, to_marketo
-from mdsync.config import ENTITY_TYPES, Side, SyncConfig
-from mdsync.extract import dynamics_columns, marketo_fields
+from mdsync.activity import activity_frame
+from mdsync.config import ENTITY_TYPES, SyncConfig
 
 log = logging.getLogger("mdsync.identity")
 
-#: how many values go into one Dataverse ``column in (...)`` ``$filter`` (keeps the URL short)
-VALUES_PER_QUERY = 50
+LINK_COLUMNS = ["dynamics_type", "dynamics_id", "method", "new"]
+MARKETO_CREATE_COLUMNS = ["entity_type", "dynamics_id", "email"]
+DYNAMICS_CREATE_COLUMNS = ["person_id", "entity_type", "email"]
+_TRUE = ("true", "1", "yes")
 
 
-@dataclass
-class IdentityResult:
-    #: every link after this stage: index person_id; dynamics_type, dynamics_id, method, new
-    links: pd.DataFrame
-    #: Marketo persons (raw API columns), extracted plus those read for new links
-    persons: pd.DataFrame
-    #: per entity type, Dynamics rows (raw API columns), extracted plus those read for new links
-    records: dict[str, pd.DataFrame]
-    #: person ids whose link was dropped (deleted on a side)
-    unlinked: list[int]
-    activity: list[dict] = field(default_factory=list)
-    #: errors to open in the state store (creations that were refused)
-    errors: list[dict] = field(default_factory=list)
+# -- small column helpers --------------------------------------------------------------------------------
+
+def _text(series: pd.Series) -> pd.Series:
+    """Stripped text with NA kept (object dtype, so mixed inputs compare as strings)."""
+    s = series.astype(object)
+    return s.where(s.isna(), s.astype(str).str.strip())
 
 
 def _lower(series: pd.Series) -> pd.Series:
-    return series.astype("str").str.strip().str.lower()
+    return _text(series).str.lower()
 
 
-def _flag(value) -> bool:
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return False
-    return str(value).strip().lower() in ("true", "1", "yes")
+def _blank(series: pd.Series) -> np.ndarray:
+    s = _text(series)
+    return (s.isna() | s.eq("")).to_numpy(dtype=bool)
 
 
-class Identity:
-    """Runs the identity stage for one cycle.
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    return frame[name] if name in frame else pd.Series(None, index=frame.index, dtype=object)
 
-    :param marketo: a :class:`~mdsync.marketo.MarketoClient` (lookups and person creation).
-    :param dynamics: a :class:`~mdsync.dynamics.DynamicsClient` (lookups and record creation).
-    :param dry_run: look things up but create nothing; proposed links are used for the plan only.
+
+def _record_key(entity, ids: pd.Series) -> pd.Series:
+    """``entity:lowercased id`` keys (entity a scalar or a series aligned with ``ids``)."""
+    return (entity if isinstance(entity, str) else entity.astype(str)) + ":" + ids.astype(str).str.lower()
+
+
+def empty_links() -> pd.DataFrame:
+    return pd.DataFrame({"dynamics_type": pd.Series(dtype=object), "dynamics_id": pd.Series(dtype=object),
+                         "method": pd.Series(dtype=object), "new": pd.Series(dtype=bool)},
+                        index=pd.Index([], dtype="int64", name="person_id"))
+
+
+def _notes(action: str, detail, **columns) -> pd.DataFrame:
+    """Activity rows for one kind of decision (columns are equal-length arrays or scalars)."""
+    size = max((len(v) for v in columns.values() if hasattr(v, "__len__") and not isinstance(v, str)), default=0)
+    if size == 0:
+        return activity_frame([])
+    data = {k: (np.asarray(v, dtype=object) if hasattr(v, "__len__") and not isinstance(v, str) else v)
+            for k, v in columns.items()}
+    detail = np.asarray(detail, dtype=object) if hasattr(detail, "__len__") and not isinstance(detail, str) else detail
+    frame = pd.DataFrame({**data, "action": action, "detail": detail}, index=range(size))
+    if "entity_type" in frame and "dynamics_type" not in frame:
+        frame["dynamics_type"] = frame["entity_type"]
+    return activity_frame(frame)
+
+
+def _normal_persons(persons: pd.DataFrame) -> pd.DataFrame:
+    if persons.empty or "id" not in persons:
+        return pd.DataFrame({"id": pd.Series(dtype="int64"), "email": pd.Series(dtype=object)})
+    out = persons[persons["id"].notna()]
+    out = out.assign(id=out["id"].astype("int64"))
+    return out.drop_duplicates("id", keep="last")
+
+
+# -- lookups: what must be read before deciding --------------------------------------------------------
+
+@dataclass
+class Lookups:
+    """Records the cycle reads before :func:`decide`, so every decision can be made from frames."""
+
+    #: emails to look up among Marketo persons (unlinked Dynamics records wanting a person)
+    marketo_emails: list[str] = field(default_factory=list)
+    #: Marketo person ids named by Dynamics link columns or a manual run, not extracted
+    marketo_ids: list[int] = field(default_factory=list)
+    #: emails to look up among Dynamics contacts and leads (persons wanting a Dynamics record)
+    dynamics_emails: list[str] = field(default_factory=list)
+    #: per entity type, Dynamics ids named by Marketo link fields, not extracted
+    dynamics_ids: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.marketo_emails or self.marketo_ids or self.dynamics_emails
+                    or any(self.dynamics_ids.values()))
+
+    def counts(self) -> dict[str, int]:
+        return {"marketo_emails": len(self.marketo_emails), "marketo_ids": len(self.marketo_ids),
+                "dynamics_emails": len(self.dynamics_emails),
+                "dynamics_ids": sum(len(v) for v in self.dynamics_ids.values())}
+
+
+def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame, records: dict[str, pd.DataFrame],
+                 *, marketo_complete: bool = False, dynamics_complete: bool = False,
+                 push_ids=()) -> Lookups:
+    """Which records to read so that :func:`decide` sees everything it decides about.
+
+    :param marketo_complete: ``persons`` holds every Marketo person (a bulk export of all): no Marketo lookups.
+    :param dynamics_complete: every Dynamics row is in ``records`` (full reads): no Dynamics lookups.
     """
+    persons = _normal_persons(persons)
+    link_col = config.dynamics.marketo_id_column
+    mlink = config.marketo.link_fields
+    marker = config.marketo.sync_marker
+    linked_persons = links.index
+    linked_records = _record_key(links["dynamics_type"], links["dynamics_id"]) if not links.empty else pd.Series([], dtype=str)
+    out = Lookups()
+    named_persons, emails = [], []
+    for entity, rows in records.items():
+        if rows.empty:
+            continue
+        ent = config.entity(entity)
+        unlinked = rows[~_record_key(entity, rows[ent.id_column]).isin(linked_records).to_numpy()]
+        named = pd.to_numeric(_text(_column(unlinked, link_col)), errors="coerce").dropna()
+        named_persons.append(named[named % 1 == 0].astype("int64"))
+        active = unlinked[_active(unlinked)]
+        email = _text(_column(active, ent.email_field.dynamics))
+        emails.append(email[~_blank(email)])
+    named = pd.concat(named_persons) if named_persons else pd.Series([], dtype="int64")
+    wanted_ids = pd.Index(named).union(pd.Index([int(i) for i in push_ids], dtype="int64"))
+    out.marketo_ids = sorted(int(i) for i in wanted_ids.difference(pd.Index(persons["id"])))
+    if not marketo_complete and emails:
+        out.marketo_emails = sorted(set(pd.concat(emails).str.lower()))
 
-    def __init__(self, config: SyncConfig, access: FieldAccess, marketo, dynamics, *, dry_run: bool = False) -> None:
-        self.config, self.access = config, access
-        self.marketo, self.dynamics = marketo, dynamics
-        self.dry_run = dry_run
-        self.activity: list[dict] = []
-        self.errors: list[dict] = []
-        link = config.marketo.link_fields
-        self.m_id_field, self.m_type_field = link.dynamics_id, link.dynamics_type
-        self.d_link_column = config.dynamics.marketo_id_column
-        self.fields = marketo_fields(config)
-
-    # -- helpers ----------------------------------------------------------------------------------------
-
-    def _note(self, action: str, *, person_id=None, email=None, entity=None, dynamics_id=None, detail="", **extra) -> None:
-        self.activity.append({"action": action, "person_id": None if person_id is None else int(person_id),
-                              "email": email, "entity_type": entity, "dynamics_type": entity,
-                              "dynamics_id": None if dynamics_id is None else str(dynamics_id), "detail": detail, **extra})
-
-    def _id_column(self, entity: str) -> str:
-        return self.config.entity(entity).id_column
-
-    # -- the stage --------------------------------------------------------------------------------------
-
-    def run(
-        self, links: pd.DataFrame, persons: pd.DataFrame, records: dict[str, pd.DataFrame],
-        marketo_deleted: list[int], dynamics_deleted: dict[str, list[str]],
-        push_ids: list[int] = (), push_as: str | None = None,
-    ) -> IdentityResult:
-        """Work out the links for this cycle.
-
-        :param links: the state store's links (index person_id; dynamics_type, dynamics_id, method).
-        :param persons: extracted Marketo persons (raw).
-        :param records: extracted Dynamics rows per entity type (raw).
-        :param push_ids: persons to sync now (manual run), created in Dynamics when unlinked.
-        :param push_as: ``lead`` or ``contact`` for ``push_ids`` (default: the sync marker's default type).
-        """
-        links = links[["dynamics_type", "dynamics_id", "method"]].copy()
-        links["new"] = False
-        persons = persons.copy()
-        records = {e: r.copy() for e, r in records.items()}
-        unlinked = self._drop_deleted(links, marketo_deleted, dynamics_deleted)
-        links = links.drop(index=unlinked)
-        self.deleted_records = {(e, str(i).lower()) for e, ids in dynamics_deleted.items() for i in ids}
-        self.deleted_persons = {int(i) for i in marketo_deleted}
-
-        new_links: list[dict] = []
-        new_links += self._rebuild_from_dynamics(links, records)
-        links = _add(links, new_links)
-        rebuilt = self._rebuild_from_marketo(links, persons)
-        new_links += rebuilt
-        links = _add(links, rebuilt)
-        matched = self._match_dynamics_records(links, records, persons)
-        new_links += matched
-        links = _add(links, matched)
-        pushed = self._push_marketo_persons(links, persons, push_ids, push_as or self.config.marketo.sync_marker.default_type)
-        new_links += pushed
-        links = _add(links, pushed)
-
-        persons, records = self._complete_new_pairs(links, persons, records)
-        links, new_links = self._drop_dangling(links, new_links, persons, records)
-        for link in new_links:
-            self._note("link", person_id=link["person_id"], entity=link["dynamics_type"], dynamics_id=link["dynamics_id"],
-                       detail=f"linked ({link['method'].replace('_', ' ')})" + (" [dry run: not saved]" if self.dry_run else ""))
-        return IdentityResult(links=links, persons=persons, records=records, unlinked=unlinked,
-                              activity=self.activity, errors=self.errors)
-
-    def _drop_deleted(self, links: pd.DataFrame, marketo_deleted: list[int], dynamics_deleted: dict[str, list[str]]) -> list[int]:
-        gone = set()
-        for pid in set(map(int, marketo_deleted)) & set(links.index):
-            gone.add(pid)
-            self._note("unlink", person_id=pid, entity=links.loc[pid, "dynamics_type"], dynamics_id=links.loc[pid, "dynamics_id"],
-                       detail="person deleted in Marketo; the Dynamics record is kept")
-        for entity, ids in dynamics_deleted.items():
-            hit = links[(links["dynamics_type"] == entity) & links["dynamics_id"].str.lower().isin([i.lower() for i in ids])]
-            for pid, row in hit.iterrows():
-                gone.add(int(pid))
-                self._note("unlink", person_id=pid, entity=entity, dynamics_id=row["dynamics_id"],
-                           detail=f"{entity} deleted in Dynamics; the Marketo person is kept")
-        return sorted(gone)
-
-    def _rebuild_from_dynamics(self, links: pd.DataFrame, records: dict[str, pd.DataFrame]) -> list[dict]:
-        """Unlinked Dynamics rows that carry a Marketo person id (state store lost, or set by hand)."""
-        out = []
-        taken_persons = set(links.index)
-        taken_records = set(zip(links["dynamics_type"], links["dynamics_id"].str.lower()))
-        for entity, rows in records.items():
-            if rows.empty or self.d_link_column not in rows:
-                continue
-            idc = self._id_column(entity)
-            # only rows that carry a person id and are not linked yet (a full read holds every row)
-            carrying = rows[rows[self.d_link_column].fillna("").astype(str).str.strip().ne("").to_numpy()]
-            carrying = carrying[~_unlinked_mask(carrying, idc, entity, links, negate=True)]
-            for did, mid in carrying[[idc, self.d_link_column]].itertuples(index=False):
-                if (entity, str(did).lower()) in taken_records:
-                    continue
-                try:
-                    pid = int(str(mid).strip())
-                except ValueError:
-                    self._note("error", entity=entity, dynamics_id=did,
-                               detail=f"{self.d_link_column} holds {str(mid)!r}, which is not a Marketo person id; not linked")
-                    continue
-                if pid in self.deleted_persons:
-                    continue  # the person was deleted in Marketo this window
-                if pid in taken_persons:
-                    self._note("ambiguous", person_id=pid, entity=entity, dynamics_id=did,
-                               detail=f"{self.d_link_column} names person {pid}, who is already linked to another record; "
-                                      "nothing done (fix the column or merge the records)")
-                    continue
-                taken_persons.add(pid)
-                taken_records.add((entity, str(did).lower()))
-                out.append({"person_id": pid, "dynamics_type": entity, "dynamics_id": str(did), "method": "marketo_id_column"})
-        return out
-
-    def _rebuild_from_marketo(self, links: pd.DataFrame, persons: pd.DataFrame) -> list[dict]:
-        """Unlinked persons whose Marketo link fields name a Dynamics record."""
-        if persons.empty or self.m_id_field not in persons:
-            return []
-        out = []
-        taken_records = set(zip(links["dynamics_type"], links["dynamics_id"].str.lower()))
-        unlinked = persons[~persons["id"].isin(links.index)]
-        for pid, did, kind in unlinked[["id", self.m_id_field, self.m_type_field]].itertuples(index=False):
-            if did is None or pd.isna(did) or str(did).strip() == "":
-                continue
-            kind = str(kind).strip().lower() if kind is not None and not pd.isna(kind) else ""
-            if kind not in ENTITY_TYPES or kind not in self.config.entities:
-                self._note("error", person_id=pid, detail=f"{self.m_type_field} is {kind!r}, expected lead or contact; not linked")
-                continue
-            if (kind, str(did).lower()) in self.deleted_records:
-                continue  # the record was deleted in Dynamics this window: nothing to link to
-            if (kind, str(did).lower()) in taken_records:
-                self._note("ambiguous", person_id=pid, entity=kind, dynamics_id=did,
-                           detail=f"{self.m_id_field} names a {kind} that is linked to another person; nothing done")
-                continue
-            taken_records.add((kind, str(did).lower()))
-            out.append({"person_id": int(pid), "dynamics_type": kind, "dynamics_id": str(did), "method": "dynamics_id_field"})
-        return out
-
-    def _match_dynamics_records(self, links: pd.DataFrame, records: dict[str, pd.DataFrame], persons: pd.DataFrame) -> list[dict]:
-        """Unlinked Dynamics rows: link by email to one Marketo person, or create the person in Marketo."""
-        linked = set(zip(links["dynamics_type"], links["dynamics_id"].str.lower()))
-        candidates = []
-        for entity, rows in records.items():
-            if rows.empty:
-                continue
-            email_col = self.config.entity(entity).email_field.dynamics
-            idc = self._id_column(entity)
-            active = rows[rows["statecode"].fillna(0).astype("int64") == 0] if "statecode" in rows else rows
-            # a full read holds every row: pick the few unlinked ones before looking at rows one by one
-            for _, row in active[_unlinked_mask(active, idc, entity, links)].iterrows():
-                if (entity, str(row[idc]).lower()) in linked:
-                    continue
-                email = row.get(email_col)
-                if email is None or pd.isna(email) or not str(email).strip():
-                    self._note("skip", entity=entity, dynamics_id=row[idc],
-                               detail=f"unlinked {entity} has no email ({email_col}); cannot match or create a Marketo person")
-                    continue
-                candidates.append((entity, str(row[idc]), str(email).strip(), row))
-        if not candidates:
-            return []
-        # One Marketo person per email: a contact takes precedence over a lead with the same email.
-        by_email: dict[str, list] = {}
-        for cand in candidates:
-            by_email.setdefault(cand[2].lower(), []).append(cand)
-        chosen = []
-        for email, cands in by_email.items():
-            contacts = [c for c in cands if c[0] == "contact"]
-            pool = contacts or cands
-            if len(pool) > 1:
-                for entity, did, addr, _ in pool:
-                    self._note("ambiguous", entity=entity, dynamics_id=did, email=addr,
-                               detail=f"{len(pool)} unlinked Dynamics {pool[0][0]}s share this email; none is linked")
-                continue
-            chosen.append(pool[0])
-            for entity, did, addr, _ in cands:
-                if (entity, did) != (pool[0][0], pool[0][1]):
-                    self._note("skip", entity=entity, dynamics_id=did, email=addr,
-                               detail=f"the {pool[0][0]} {pool[0][1]} with the same email is linked instead")
-        found = self.marketo.get_leads("email", [c[2] for c in chosen], self.fields) if chosen else pd.DataFrame()
-        matches = dict(iter(found.groupby(_lower(found["email"]).to_numpy()))) if not found.empty else {}
-        out, to_create = [], []
-        for entity, did, email, row in chosen:
-            group = matches.get(email.lower())
-            if group is None:
-                to_create.append((entity, did, email, row))
-            elif len(group) > 1:
-                self._note("ambiguous", entity=entity, dynamics_id=did, email=email,
-                           detail=f"{len(group)} Marketo persons have this email (ids {', '.join(map(str, group['id']))}); none is linked")
-            else:
-                pid = int(group["id"].iloc[0])
-                if entity == "contact" and self._lead_qualified(pid, links, records):
-                    # The lead this person follows was qualified into this contact: the person follows the contact
-                    # now (sales owns it), as the native sync does on lead conversion.
-                    self._note("link", person_id=pid, entity=entity, dynamics_id=did, email=email,
-                               detail=f"lead {links.loc[pid, 'dynamics_id']} was qualified: the person now follows "
-                                      "the contact created from it")
-                    out.append({"person_id": pid, "dynamics_type": entity, "dynamics_id": did, "method": "lead_qualified"})
-                    continue
-                if pid in links.index or any(o["person_id"] == pid for o in out):
-                    self._note("ambiguous", person_id=pid, entity=entity, dynamics_id=did, email=email,
-                               detail="the Marketo person with this email is already linked to another record; nothing done")
-                    continue
-                out.append({"person_id": pid, "dynamics_type": entity, "dynamics_id": did, "method": "email"})
-        out += self._create_persons(to_create)
-        return out
-
-    def _lead_qualified(self, person_id: int, links: pd.DataFrame, records: dict[str, pd.DataFrame]) -> bool:
-        """Whether the person is linked to a lead that is now qualified (lead ``statecode`` 1)."""
-        if person_id not in links.index or links.loc[person_id, "dynamics_type"] != "lead" or "lead" not in self.config.entities:
-            return False
-        lead_id = str(links.loc[person_id, "dynamics_id"]).lower()
-        leads = records.get("lead")
-        idc = self._id_column("lead")
-        if leads is not None and not leads.empty and "statecode" in leads:
-            hit = leads[leads[idc].astype(str).str.lower() == lead_id]
-            if not hit.empty:
-                return int(hit["statecode"].fillna(0).iloc[0]) == 1
-        states = self.dynamics.states(self.config.entity("lead").entity_set, [lead_id])
-        return not states.empty and int(states["statecode"].fillna(0).iloc[0]) == 1
-
-    def _create_persons(self, to_create: list) -> list[dict]:
-        if not to_create:
-            return []
-        records = []
-        for entity, did, email, row in to_create:
-            ent = self.config.entity(entity)
-            allowed = set(self.access.entities[entity].marketo_write) & set(self.access.entities[entity].dynamics_read)
-            fields = [f for f in ent.fields if f.flows_to_marketo and f.name in allowed]
-            canon, _ = canonical_frame(pd.DataFrame([row]), fields, Side.DYNAMICS)
-            rec = {f.marketo: to_marketo(canon[f.name], f).iloc[0] for f in fields if f.name in canon}
-            rec = {k: v for k, v in rec.items() if v is not None}
-            rec.update({self.m_id_field: did, self.m_type_field: entity})
-            records.append(rec)
-        if self.dry_run:
-            for entity, did, email, _ in to_create:
-                self._note("create", email=email, entity=entity, dynamics_id=did, detail="would create the person in Marketo [dry run]")
-            return []
-        results = self.marketo.sync_leads(records, action="createOnly", lookup_field="email")
-        out = []
-        for (entity, did, email, _), res in zip(to_create, results.to_dict("records")):
-            if res["status"] in ("created", "updated") and res.get("id") is not None and not pd.isna(res["id"]):
-                pid = int(res["id"])
-                self._note("create", person_id=pid, email=email, entity=entity, dynamics_id=did,
-                           detail=f"new {entity} in Dynamics: created the person in Marketo")
-                out.append({"person_id": pid, "dynamics_type": entity, "dynamics_id": did, "method": "created_in_marketo"})
-            else:
-                msg = f"Marketo refused to create the person: {res.get('reason_code')} {res.get('reason_message')}"
-                self._note("error", email=email, entity=entity, dynamics_id=did, detail=msg + "; retried next cycle")
-        return out
-
-    def _push_marketo_persons(self, links: pd.DataFrame, persons: pd.DataFrame, push_ids, push_as: str) -> list[dict]:
-        """Unlinked persons marked for sync (or named by a manual run) -> an existing or new Dynamics record."""
-        if persons.empty:
-            return []
-        marker = self.config.marketo.sync_marker
-        unlinked = persons[~persons["id"].isin(links.index)]
-        wanted = []
-        push_ids = {int(i) for i in push_ids}
-        for _, p in unlinked.iterrows():
-            pid = int(p["id"])
-            if pid in push_ids:
-                kind = push_as
-            elif _flag(p.get(marker.field)):
-                kind = str(p.get(marker.as_field) or "").strip().lower() if marker.as_field else ""
-                kind = kind if kind in ENTITY_TYPES else marker.default_type
-            else:
-                continue
-            if kind not in self.config.entities:
-                self._note("error", person_id=pid, detail=f"cannot sync as {kind!r}: that entity type is not configured")
-                continue
-            email = p.get("email")
-            if email is None or pd.isna(email) or not str(email).strip():
-                self._note("skip", person_id=pid, detail="marked for sync but has no email; cannot look up or create a Dynamics record")
-                continue
-            wanted.append((pid, kind, str(email).strip(), p))
-        if not wanted:
-            return []
-        taken_records = set(zip(links["dynamics_type"], links["dynamics_id"].str.lower()))
-        found = {e: self._dynamics_by_email(e, [w[2] for w in wanted]) for e in ("contact", "lead") if e in self.config.entities}
-        out, create = [], []
-        for pid, kind, email, p in wanted:
-            linked = False
-            for entity in ("contact", "lead"):  # DESIGN §3: contact first, then lead
-                if entity not in found:
-                    continue
-                hits = found[entity].get(email.lower(), [])
-                hits = [h for h in hits if (entity, h.lower()) not in taken_records]
-                if len(hits) > 1:
-                    self._note("ambiguous", person_id=pid, email=email, entity=entity,
-                               detail=f"{len(hits)} Dynamics {entity}s have this email; none is linked")
-                    linked = True
-                    break
-                if len(hits) == 1:
-                    taken_records.add((entity, hits[0].lower()))
-                    out.append({"person_id": pid, "dynamics_type": entity, "dynamics_id": hits[0], "method": "email"})
-                    linked = True
-                    break
-            if not linked:
-                create.append((pid, kind, email, p))
-        out += self._create_records(create)
-        return out
-
-    def _query_in(self, entity: str, columns: list[str], column: str, values: list[str]) -> pd.DataFrame:
-        """Dataverse rows of ``entity`` whose ``column`` is one of ``values`` (escaped, in URL-sized chunks)."""
-        from mdsync.dynamics import isin
-
-        entity_set = self.config.entity(entity).entity_set
-        parts = [self.dynamics.query(entity_set, columns, filter=isin(column, values[i : i + VALUES_PER_QUERY]))
-                 for i in range(0, len(values), VALUES_PER_QUERY)]
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
-
-    def _dynamics_by_email(self, entity: str, emails: list[str]) -> dict[str, list[str]]:
-        ent = self.config.entity(entity)
-        col = ent.email_field.dynamics
-        rows = self._query_in(entity, [ent.id_column, col], col, sorted({e.lower() for e in emails}))
-        hits: dict[str, list[str]] = {}
-        for did, addr in rows[[ent.id_column, col]].itertuples(index=False):
-            if addr is not None and not pd.isna(addr):
-                hits.setdefault(str(addr).lower(), []).append(str(did))
-        return hits
-
-    def _create_records(self, create: list) -> list[dict]:
-        out = []
-        for entity in ENTITY_TYPES:
-            batch = [c for c in create if c[1] == entity]
-            if not batch:
-                continue
-            ent = self.config.entity(entity)
-            acc = self.access.entities[entity]
-            allowed = set(acc.dynamics_create) & set(acc.marketo_read)
-            fields = [f for f in ent.fields if f.flows_to_dynamics and f.name in allowed]
-            raw = pd.DataFrame([c[3] for c in batch])
-            canon, _ = canonical_frame(raw, fields, Side.MARKETO)
-            rows = []
-            for i, (pid, _, email, _) in enumerate(batch):
-                row = {f.dynamics: to_dynamics(canon[f.name].iloc[[i]], f).iloc[0] for f in fields if f.name in canon}
-                row = {k: v for k, v in row.items() if v is not None}
-                row[self.d_link_column] = str(pid)
-                rows.append(row)
-            if self.dry_run:
-                for pid, _, email, _ in batch:
-                    self._note("create", person_id=pid, email=email, entity=entity, detail=f"would create a {entity} in Dynamics [dry run]")
-                continue
-            results = self.dynamics.upsert_multiple(ent.entity_set, rows, key=self.d_link_column)
-            for (pid, _, email, _), res in zip(batch, results.to_dict("records")):
-                if res["ok"] and res.get("id"):
-                    self._note("create", person_id=pid, email=email, entity=entity, dynamics_id=res["id"],
-                               detail=f"marked for sync: created the {entity} in Dynamics")
-                    out.append({"person_id": pid, "dynamics_type": entity, "dynamics_id": str(res["id"]), "method": "created_in_dynamics"})
-                else:
-                    msg = f"Dynamics refused to create the {entity}: {res.get('error_code') or ''} {res.get('error_message')}".strip()
-                    self._note("error", person_id=pid, email=email, entity=entity, detail=msg + "; retried next cycle")
-                    self.errors.append({"person_id": pid, "dynamics_type": entity, "dynamics_id": None, "target": "dynamics",
-                                        "field": None, "value": None, "code": res.get("error_code"), "message": msg})
-        return out
-
-    def _drop_dangling(self, links: pd.DataFrame, new_links: list[dict], persons: pd.DataFrame,
-                       records: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list[dict]]:
-        """New links whose record could not be read on one side (a stale link field) are not made."""
-        have_persons = _present(persons, "id")
-        keep = []
-        for link in new_links:
-            entity = link["dynamics_type"]
-            have = _present(records.get(entity), self._id_column(entity), lower=True)
-            if link["person_id"] in have_persons and link["dynamics_id"].lower() in have:
-                keep.append(link)
-                continue
-            missing = "Marketo person" if link["person_id"] not in have_persons else f"Dynamics {entity}"
-            self._note("skip", person_id=link["person_id"], entity=entity, dynamics_id=link["dynamics_id"],
-                       detail=f"link field ({link['method'].replace('_', ' ')}) names a {missing} that does not exist; "
-                              "not linked")
-            links = links.drop(index=link["person_id"])
-        return links, keep
-
-    def _complete_new_pairs(self, links: pd.DataFrame, persons: pd.DataFrame, records: dict[str, pd.DataFrame]):
-        """Read both records of every new link, so the first diff compares real values on both sides."""
-        new = links[links["new"]]
-        if new.empty:
-            return persons, records
-        have = set(persons["id"].astype("int64")) if not persons.empty else set()
-        missing = sorted(set(new.index) - have)
-        if missing:
-            fetched = self.marketo.get_leads("id", missing, self.fields)
-            persons = pd.concat([persons, fetched], ignore_index=True) if not persons.empty else fetched
-        for entity in self.config.entities:
-            ent = self.config.entity(entity)
-            ids = new.loc[new["dynamics_type"] == entity, "dynamics_id"]
-            rows = records.get(entity, pd.DataFrame())
-            have = set(rows[ent.id_column].astype(str).str.lower()) if not rows.empty else set()
-            want = sorted({i for i in ids if i.lower() not in have})
-            if not want:
-                continue
-            columns = dynamics_columns(self.config, ent, self.access.entities[entity])
-            fetched = self._query_in(entity, columns, ent.id_column, want)
-            records[entity] = pd.concat([rows, fetched], ignore_index=True) if not rows.empty else fetched
-        return persons, records
+    unlinked_p = persons[~persons["id"].isin(linked_persons)]
+    if not dynamics_complete and not unlinked_p.empty:
+        wants = unlinked_p["id"].isin([int(i) for i in push_ids]).to_numpy() | _flag(_column(unlinked_p, marker.field))
+        email = _text(_column(unlinked_p[wants], "email"))
+        out.dynamics_emails = sorted(set(email[~_blank(email)].str.lower()))
+    if not unlinked_p.empty and mlink.dynamics_id in unlinked_p:
+        did = _text(unlinked_p[mlink.dynamics_id])
+        kind = _lower(_column(unlinked_p, mlink.dynamics_type))
+        for entity in config.entities:
+            ent = config.entity(entity)
+            mine = did[(kind == entity).to_numpy() & ~_blank(did)]
+            have = records.get(entity)
+            have_ids = _lower(have[ent.id_column]) if have is not None and not have.empty else pd.Series([], dtype=str)
+            missing = mine[~mine.str.lower().isin(have_ids).to_numpy()]
+            if len(missing):
+                out.dynamics_ids[entity] = sorted(set(missing))
+    return out
 
 
-def _unlinked_mask(rows: pd.DataFrame, id_column: str, entity: str, links: pd.DataFrame, negate: bool = False) -> np.ndarray:
-    """Rows whose Dynamics id has no link of this entity type (``negate``: rows that have one)."""
-    linked = links.loc[links["dynamics_type"] == entity, "dynamics_id"].str.lower()
-    has = rows[id_column].astype(str).str.lower().isin(linked).to_numpy()
-    return has if negate else ~has
+def _active(rows: pd.DataFrame) -> np.ndarray:
+    if "statecode" not in rows:
+        return np.ones(len(rows), dtype=bool)
+    return pd.to_numeric(rows["statecode"], errors="coerce").fillna(0).to_numpy() == 0
 
 
-def _present(frame: pd.DataFrame, column: str, lower: bool = False) -> set:
-    if frame is None or frame.empty or column not in frame:
-        return set()
-    values = frame[column].dropna()
-    return set(values.astype(str).str.lower()) if lower else set(values.astype("int64"))
+def _flag(series: pd.Series) -> np.ndarray:
+    return _lower(series).isin(_TRUE).to_numpy(dtype=bool)
 
 
-def _add(links: pd.DataFrame, new: list[dict]) -> pd.DataFrame:
-    if not new:
-        return links
-    frame = pd.DataFrame(new).set_index("person_id").assign(new=True)
-    return pd.concat([links[~links.index.isin(frame.index)], frame[["dynamics_type", "dynamics_id", "method", "new"]]])
+# -- decisions -----------------------------------------------------------------------------------------
 
+@dataclass
+class IdentityDecisions:
+    """What identity decided for one cycle."""
+
+    #: every link after this stage: index person_id; dynamics_type, dynamics_id, method, new
+    links: pd.DataFrame
+    #: person ids whose link was dropped (deleted on a side)
+    unlinked: list[int]
+    #: Dynamics rows to create as Marketo persons: entity_type, dynamics_id, email
+    marketo_creates: pd.DataFrame
+    #: Marketo persons to create in Dynamics: person_id, entity_type, email
+    dynamics_creates: pd.DataFrame
+    #: one activity row per decision (links, unlinks, ambiguities, skips, errors)
+    activity: pd.DataFrame
+
+    @property
+    def new_links(self) -> pd.DataFrame:
+        return self.links[self.links["new"].astype(bool)]
+
+
+class _Decider:
+    """Holds the taken persons and records while the steps of :func:`decide` add links."""
+
+    def __init__(self, config: SyncConfig, links: pd.DataFrame) -> None:
+        self.config = config
+        self.links = links
+        self.new: list[pd.DataFrame] = []
+        self.notes: list[pd.DataFrame] = []
+
+    @property
+    def taken_persons(self) -> pd.Index:
+        return self.links.index
+
+    @property
+    def taken_records(self) -> pd.Series:
+        return _record_key(self.links["dynamics_type"], self.links["dynamics_id"])
+
+    def note(self, frame: pd.DataFrame) -> None:
+        if not frame.empty:
+            self.notes.append(frame)
+
+    def add(self, person_ids, entity, dynamics_ids, method: str) -> None:
+        frame = pd.DataFrame({"dynamics_type": np.asarray(entity, dtype=object) if not isinstance(entity, str) else entity,
+                              "dynamics_id": np.asarray(dynamics_ids, dtype=object), "method": method, "new": True},
+                             index=pd.Index(np.asarray(person_ids, dtype="int64"), name="person_id"))
+        if frame.empty:
+            return
+        self.links = pd.concat([self.links[~self.links.index.isin(frame.index)], frame])
+        self.new.append(frame)
+
+
+def decide(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame, records: dict[str, pd.DataFrame],
+           marketo_deleted=(), dynamics_deleted: dict[str, list[str]] | None = None, *,
+           push_ids=(), push_as: str | None = None) -> IdentityDecisions:
+    """Decide this cycle's links and creates from frames alone.
+
+    :param links: the state store's links (index person_id; dynamics_type, dynamics_id, method).
+    :param persons: Marketo persons (raw API columns): extracted plus looked up.
+    :param records: Dynamics rows per entity type (raw API columns): extracted plus looked up.
+    :param marketo_deleted: / :param dynamics_deleted: ids deleted this window on each side.
+    :param push_ids: persons to sync now (a manual run): they get a Dynamics record when unlinked.
+    :param push_as: ``lead`` or ``contact`` for ``push_ids`` (default: the marker's default type).
+    """
+    persons = _normal_persons(persons)
+    records = {e: r for e, r in records.items() if e in config.entities}
+    links = links[["dynamics_type", "dynamics_id", "method"]].copy() if not links.empty else empty_links()
+    links = links.assign(new=False, dynamics_id=links["dynamics_id"].astype(str))
+    links.index = links.index.astype("int64").rename("person_id")
+    dec = _Decider(config, links)
+    m_deleted = pd.Index([int(i) for i in marketo_deleted], dtype="int64")
+    d_deleted = pd.Index([f"{e}:{str(i).lower()}" for e, ids in (dynamics_deleted or {}).items() for i in ids])
+
+    unlinked = _drop_deleted(dec, m_deleted, d_deleted)
+    _rebuild_from_dynamics(dec, records, m_deleted)
+    _rebuild_from_marketo(dec, persons, d_deleted)
+    marketo_creates = _match_dynamics_records(dec, persons, records)
+    default = push_as or config.marketo.sync_marker.default_type
+    dynamics_creates = _push_marketo_persons(dec, persons, records, [int(i) for i in push_ids], default)
+    _drop_dangling(dec, persons, records)
+
+    new = pd.concat(dec.new) if dec.new else empty_links()
+    new = new[new.index.isin(dec.links.index)]
+    if not new.empty:
+        dec.note(_notes("link", "linked (" + new["method"].str.replace("_", " ") + ")",
+                        person_id=new.index.to_numpy(), entity_type=new["dynamics_type"].to_numpy(),
+                        dynamics_id=new["dynamics_id"].to_numpy()))
+    activity = pd.concat(dec.notes, ignore_index=True) if dec.notes else activity_frame([])
+    return IdentityDecisions(links=dec.links.sort_index(), unlinked=unlinked, marketo_creates=marketo_creates,
+                             dynamics_creates=dynamics_creates, activity=activity)
+
+
+def _drop_deleted(dec: _Decider, m_deleted: pd.Index, d_deleted: pd.Index) -> list[int]:
+    links = dec.links
+    gone_m = links.index.isin(m_deleted)
+    gone_d = dec.taken_records.isin(d_deleted).to_numpy() & ~gone_m
+    for mask, detail in ((gone_m, "person deleted in Marketo; the Dynamics record is kept"),
+                         (gone_d, links["dynamics_type"].to_numpy()[gone_d] + " deleted in Dynamics; the Marketo person is kept")):
+        hit = links[mask]
+        dec.note(_notes("unlink", detail, person_id=hit.index.to_numpy(), entity_type=hit["dynamics_type"].to_numpy(),
+                        dynamics_id=hit["dynamics_id"].to_numpy()))
+    dec.links = links[~(gone_m | gone_d)]
+    return sorted(int(i) for i in links.index[gone_m | gone_d])
+
+
+def _rebuild_from_dynamics(dec: _Decider, records: dict[str, pd.DataFrame], m_deleted: pd.Index) -> None:
+    """Unlinked Dynamics rows that carry a Marketo person id (state store lost, or set by hand)."""
+    column = dec.config.dynamics.marketo_id_column
+    parts = []
+    for entity, rows in records.items():
+        if rows.empty or column not in rows:
+            continue
+        idc = dec.config.entity(entity).id_column
+        carrying = rows[~_blank(rows[column])]
+        carrying = carrying[~_record_key(entity, carrying[idc]).isin(dec.taken_records).to_numpy()]
+        parts.append(pd.DataFrame({"entity": entity, "dynamics_id": carrying[idc].astype(str).to_numpy(),
+                                   "named": _text(carrying[column]).to_numpy()}))
+    if not parts:
+        return
+    cand = pd.concat(parts, ignore_index=True).drop_duplicates(["entity", "dynamics_id"])
+    number = pd.to_numeric(cand["named"], errors="coerce")
+    bad = (number.isna() | (number % 1 != 0)).to_numpy()
+    dec.note(_notes("error", column + " holds " + cand["named"][bad].map(repr).astype(str) + ", which is not a Marketo person id; not linked",
+                    entity_type=cand["entity"][bad].to_numpy(), dynamics_id=cand["dynamics_id"][bad].to_numpy()))
+    cand = cand[~bad].assign(person_id=number[~bad].astype("int64"))
+    cand = cand[~cand["person_id"].isin(m_deleted)]  # the person was deleted in Marketo this window
+    taken = cand["person_id"].isin(dec.taken_persons).to_numpy() | cand["person_id"].duplicated().to_numpy()
+    dec.note(_notes("ambiguous", column + " names person " + cand["person_id"][taken].astype(str)
+                    + ", who is already linked to another record; nothing done (fix the column or merge the records)",
+                    person_id=cand["person_id"][taken].to_numpy(), entity_type=cand["entity"][taken].to_numpy(),
+                    dynamics_id=cand["dynamics_id"][taken].to_numpy()))
+    ok = cand[~taken]
+    dec.add(ok["person_id"], ok["entity"], ok["dynamics_id"], "marketo_id_column")
+
+
+def _rebuild_from_marketo(dec: _Decider, persons: pd.DataFrame, d_deleted: pd.Index) -> None:
+    """Unlinked persons whose Marketo link fields name a Dynamics record."""
+    link = dec.config.marketo.link_fields
+    if persons.empty or link.dynamics_id not in persons:
+        return
+    unl = persons[~persons["id"].isin(dec.taken_persons)]
+    unl = unl[~_blank(unl[link.dynamics_id])]
+    if unl.empty:
+        return
+    did = _text(unl[link.dynamics_id])
+    kind = _lower(_column(unl, link.dynamics_type)).fillna("")
+    bad = ~kind.isin([e for e in ENTITY_TYPES if e in dec.config.entities]).to_numpy()
+    dec.note(_notes("error", link.dynamics_type + " is " + kind[bad].map(repr).astype(str) + ", expected lead or contact; not linked",
+                    person_id=unl["id"][bad].to_numpy()))
+    unl, did, kind = unl[~bad], did[~bad], kind[~bad]
+    key = _record_key(kind, did)
+    fresh = ~key.isin(d_deleted).to_numpy()  # a record deleted this window: nothing to link to
+    unl, did, kind, key = unl[fresh], did[fresh], kind[fresh], key[fresh]
+    taken = key.isin(dec.taken_records).to_numpy() | key.duplicated().to_numpy()
+    dec.note(_notes("ambiguous", link.dynamics_id + " names a " + kind[taken] + " that is linked to another person; nothing done",
+                    person_id=unl["id"][taken].to_numpy(), entity_type=kind[taken].to_numpy(),
+                    dynamics_id=did[taken].to_numpy()))
+    dec.add(unl["id"][~taken], kind[~taken], did[~taken], "dynamics_id_field")
+
+
+def _match_dynamics_records(dec: _Decider, persons: pd.DataFrame, records: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Unlinked active Dynamics rows: link by email to one Marketo person, or want the person created."""
+    parts = []
+    for entity, rows in records.items():
+        if rows.empty:
+            continue
+        ent = dec.config.entity(entity)
+        active = rows[_active(rows)]
+        active = active[~_record_key(entity, active[ent.id_column]).isin(dec.taken_records).to_numpy()]
+        parts.append(pd.DataFrame({"entity": entity, "dynamics_id": active[ent.id_column].astype(str).to_numpy(),
+                                   "email": _text(_column(active, ent.email_field.dynamics)).to_numpy()}))
+    if not parts:
+        return pd.DataFrame(columns=MARKETO_CREATE_COLUMNS)
+    cand = pd.concat(parts, ignore_index=True).drop_duplicates(["entity", "dynamics_id"])
+    no_email = _blank(cand["email"])
+    blanks = cand[no_email]
+    email_cols = {e: dec.config.entity(e).email_field.dynamics for e in records}
+    dec.note(_notes("skip", "unlinked " + blanks["entity"] + " has no email (" + blanks["entity"].map(email_cols).astype(str)
+                    + "); cannot match or create a Marketo person",
+                    entity_type=blanks["entity"].to_numpy(), dynamics_id=blanks["dynamics_id"].to_numpy()))
+    cand = cand[~no_email].assign(key=lambda f: f["email"].str.lower())
+    # One Marketo person per email: a contact takes precedence over a lead with the same email.
+    has_contact = cand["key"].isin(cand.loc[cand["entity"] == "contact", "key"])
+    in_pool = (cand["entity"].eq("contact") | ~has_contact).to_numpy()
+    pool, others = cand[in_pool], cand[~in_pool]
+    size = pool.groupby("key")["key"].transform("size")
+    crowded = pool[(size > 1).to_numpy()]
+    dec.note(_notes("ambiguous", size[size > 1].astype(str) + " unlinked Dynamics " + crowded["entity"] + "s share this email; none is linked",
+                    entity_type=crowded["entity"].to_numpy(), dynamics_id=crowded["dynamics_id"].to_numpy(),
+                    email=crowded["email"].to_numpy()))
+    chosen = pool[(size == 1).to_numpy()]
+    winner = chosen.set_index("key")
+    lost = others[others["key"].isin(winner.index)]
+    dec.note(_notes("skip", "the " + lost["key"].map(winner["entity"]).astype(str) + " " + lost["key"].map(winner["dynamics_id"]).astype(str)
+                    + " with the same email is linked instead",
+                    entity_type=lost["entity"].to_numpy(), dynamics_id=lost["dynamics_id"].to_numpy(),
+                    email=lost["email"].to_numpy()))
+
+    p_key = _lower(_column(persons, "email"))
+    p = pd.DataFrame({"id": persons["id"].to_numpy(), "key": p_key.to_numpy()}).dropna(subset=["key"])
+    p = p[p["key"] != ""]
+    count = p["key"].value_counts()
+    n = chosen["key"].map(count).fillna(0).astype(int).to_numpy()
+    creates = chosen[n == 0]
+    many = chosen[n > 1]
+    if not many.empty:
+        ids = p[p["key"].isin(many["key"])].groupby("key")["id"].agg(lambda s: ", ".join(map(str, sorted(s))))
+        dec.note(_notes("ambiguous", many["key"].map(count).astype(str) + " Marketo persons have this email (ids "
+                        + many["key"].map(ids).astype(str) + "); none is linked",
+                        entity_type=many["entity"].to_numpy(), dynamics_id=many["dynamics_id"].to_numpy(),
+                        email=many["email"].to_numpy()))
+    one = chosen[n == 1]
+    pid = one["key"].map(p.drop_duplicates("key").set_index("key")["id"]).astype("int64")
+    one = one.assign(person_id=pid.to_numpy())
+    qualified = _follows_qualified_lead(dec, one, records)
+    relink = one[qualified]
+    if not relink.empty:
+        previous = dec.links["dynamics_id"].reindex(relink["person_id"]).to_numpy()
+        dec.note(_notes("link", "lead " + pd.Series(previous, dtype=object).astype(str)
+                        + " was qualified: the person now follows the contact created from it",
+                        person_id=relink["person_id"].to_numpy(), entity_type=relink["entity"].to_numpy(),
+                        dynamics_id=relink["dynamics_id"].to_numpy(), email=relink["email"].to_numpy()))
+        dec.add(relink["person_id"], relink["entity"], relink["dynamics_id"], "lead_qualified")
+    one = one[~qualified]
+    taken = one["person_id"].isin(dec.taken_persons).to_numpy() | one["person_id"].duplicated().to_numpy()
+    busy = one[taken]
+    dec.note(_notes("ambiguous", "the Marketo person with this email is already linked to another record; nothing done",
+                    person_id=busy["person_id"].to_numpy(), entity_type=busy["entity"].to_numpy(),
+                    dynamics_id=busy["dynamics_id"].to_numpy(), email=busy["email"].to_numpy()))
+    ok = one[~taken]
+    dec.add(ok["person_id"], ok["entity"], ok["dynamics_id"], "email")
+    return pd.DataFrame({"entity_type": creates["entity"].to_numpy(), "dynamics_id": creates["dynamics_id"].to_numpy(),
+                         "email": creates["email"].to_numpy()}, columns=MARKETO_CREATE_COLUMNS)
+
+
+def _follows_qualified_lead(dec: _Decider, matches: pd.DataFrame, records: dict[str, pd.DataFrame]) -> np.ndarray:
+    """Contacts whose matched person is linked to a lead now qualified (lead ``statecode`` 1)."""
+    if matches.empty or "lead" not in records or records["lead"].empty or "statecode" not in records["lead"]:
+        return np.zeros(len(matches), dtype=bool)
+    leads = records["lead"]
+    idc = dec.config.entity("lead").id_column
+    state = pd.Series(pd.to_numeric(leads["statecode"], errors="coerce").to_numpy(),
+                      index=leads[idc].astype(str).str.lower().to_numpy())
+    state = state[~state.index.duplicated(keep="last")]
+    current = dec.links.reindex(matches["person_id"].to_numpy())
+    on_lead = current["dynamics_type"].eq("lead").to_numpy()
+    lead_state = current["dynamics_id"].astype(str).str.lower().map(state).to_numpy()
+    return matches["entity"].eq("contact").to_numpy() & on_lead & (lead_state == 1)
+
+
+def _push_marketo_persons(dec: _Decider, persons: pd.DataFrame, records: dict[str, pd.DataFrame],
+                          push_ids: list[int], default: str) -> pd.DataFrame:
+    """Unlinked persons marked for sync (or named by a manual run) -> an existing or a new Dynamics record."""
+    marker = dec.config.marketo.sync_marker
+    empty = pd.DataFrame(columns=DYNAMICS_CREATE_COLUMNS)
+    if persons.empty:
+        return empty
+    unl = persons[~persons["id"].isin(dec.taken_persons)]
+    pushed = unl["id"].isin(push_ids).to_numpy()
+    want = unl[pushed | _flag(_column(unl, marker.field))]
+    if want.empty:
+        return empty
+    asked = _lower(_column(want, marker.as_field)) if marker.as_field else pd.Series(None, index=want.index, dtype=object)
+    kind = asked.where(asked.isin(ENTITY_TYPES), default)  # empty or unknown: the default type
+    kind = kind.where(~want["id"].isin(push_ids), default)
+    unknown = ~kind.isin(list(dec.config.entities)).to_numpy()
+    dec.note(_notes("error", "cannot sync as " + kind[unknown].map(repr).astype(str) + ": that entity type is not configured",
+                    person_id=want["id"][unknown].to_numpy()))
+    want, kind = want[~unknown], kind[~unknown]
+    email = _text(_column(want, "email"))
+    no_email = _blank(email)
+    dec.note(_notes("skip", "marked for sync but has no email; cannot look up or create a Dynamics record",
+                    person_id=want["id"][no_email].to_numpy()))
+    left = pd.DataFrame({"person_id": want["id"][~no_email].to_numpy(), "kind": kind[~no_email].to_numpy(),
+                         "email": email[~no_email].to_numpy()})
+    left["key"] = left["email"].str.lower()
+    for entity in ("contact", "lead"):  # DESIGN §3: an existing contact, then lead
+        rows = records.get(entity)
+        if rows is None or rows.empty or left.empty:
+            continue
+        ent = dec.config.entity(entity)
+        free = rows[~_record_key(entity, rows[ent.id_column]).isin(dec.taken_records).to_numpy()]
+        keys = _lower(_column(free, ent.email_field.dynamics))
+        hits = pd.DataFrame({"key": keys.to_numpy(), "dynamics_id": free[ent.id_column].astype(str).to_numpy()}).dropna()
+        count = hits["key"].value_counts()
+        n = left["key"].map(count).fillna(0).astype(int).to_numpy()
+        many = left[n > 1]
+        dec.note(_notes("ambiguous", many["key"].map(count).astype(str) + f" Dynamics {entity}s have this email; none is linked",
+                        person_id=many["person_id"].to_numpy(), email=many["email"].to_numpy(), entity_type=entity))
+        one = left[n == 1].assign(dynamics_id=lambda f: f["key"].map(hits.drop_duplicates("key").set_index("key")["dynamics_id"]))
+        dup = one["dynamics_id"].duplicated().to_numpy()
+        dec.note(_notes("ambiguous", f"another person with this email is linked to the same {entity}; nothing done",
+                        person_id=one["person_id"][dup].to_numpy(), email=one["email"][dup].to_numpy(),
+                        entity_type=entity, dynamics_id=one["dynamics_id"][dup].to_numpy()))
+        ok = one[~dup]
+        dec.add(ok["person_id"], entity, ok["dynamics_id"], "email")
+        left = left[n == 0]
+    return pd.DataFrame({"person_id": left["person_id"].astype("int64").to_numpy(), "entity_type": left["kind"].to_numpy(),
+                         "email": left["email"].to_numpy()}, columns=DYNAMICS_CREATE_COLUMNS)
+
+
+def _drop_dangling(dec: _Decider, persons: pd.DataFrame, records: dict[str, pd.DataFrame]) -> None:
+    """New links whose record could not be read on one side (a stale link field) are not made."""
+    if not dec.new:
+        return
+    new = pd.concat(dec.new)
+    new = new[new.index.isin(dec.links.index)]
+    have_person = new.index.isin(persons["id"])
+    have_record = np.zeros(len(new), dtype=bool)
+    for entity, rows in records.items():
+        if rows.empty:
+            continue
+        ids = rows[dec.config.entity(entity).id_column].astype(str).str.lower()
+        have_record |= new["dynamics_type"].eq(entity).to_numpy() & new["dynamics_id"].str.lower().isin(ids).to_numpy()
+    bad = ~(have_person & have_record)
+    if not bad.any():
+        return
+    gone = new[bad]
+    missing = np.where(have_person[bad], "Dynamics " + gone["dynamics_type"], "Marketo person")
+    dec.note(_notes("skip", "link field (" + gone["method"].str.replace("_", " ") + ") names a " + missing
+                    + " that does not exist; not linked",
+                    person_id=gone.index.to_numpy(), entity_type=gone["dynamics_type"].to_numpy(),
+                    dynamics_id=gone["dynamics_id"].to_numpy()))
+    dec.links = dec.links.drop(index=gone.index)
+    dec.new = [new[~bad]]
+
+
+# -- link fields --------------------------------------------------------------------------------------
 
 def link_field_writes(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame,
                       records: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
@@ -490,31 +520,32 @@ def link_field_writes(config: SyncConfig, links: pd.DataFrame, persons: pd.DataF
         dynamics_id, person_id).
     """
     link = config.marketo.link_fields
-    m_writes = pd.DataFrame(columns=["person_id", "dynamics_id", "dynamics_type"])
+    m_writes = pd.DataFrame({"person_id": pd.Series(dtype="int64"), "dynamics_id": pd.Series(dtype=object),
+                             "dynamics_type": pd.Series(dtype=object)})
+    persons = _normal_persons(persons)
     if not persons.empty:
-        p = persons.set_index(persons["id"].astype("int64"))
+        p = persons.set_index("id")
         on = links.index.intersection(p.index)
-        current_id = p.loc[on, link.dynamics_id].astype(object) if link.dynamics_id in p else pd.Series(None, index=on)
-        current_type = p.loc[on, link.dynamics_type].astype(object) if link.dynamics_type in p else pd.Series(None, index=on)
-        want_id, want_type = links.loc[on, "dynamics_id"], links.loc[on, "dynamics_type"]
-        stale = (current_id.fillna("").astype(str).str.lower() != want_id.str.lower()) | (
-            current_type.fillna("").astype(str) != want_type)
-        stale_ids = on[np.asarray(stale, dtype=bool)]
-        m_writes = pd.DataFrame({"person_id": stale_ids, "dynamics_id": want_id.loc[stale_ids].to_numpy(),
-                                 "dynamics_type": want_type.loc[stale_ids].to_numpy()})
+        current_id = _lower(_column(p, link.dynamics_id).reindex(on)).fillna("")
+        current_type = _text(_column(p, link.dynamics_type).reindex(on)).fillna("")
+        want_id, want_type = links.loc[on, "dynamics_id"].astype(str), links.loc[on, "dynamics_type"].astype(str)
+        stale = (current_id.to_numpy() != want_id.str.lower().to_numpy()) | (current_type.to_numpy() != want_type.to_numpy())
+        m_writes = pd.DataFrame({"person_id": on[stale].astype("int64"), "dynamics_id": want_id[stale].to_numpy(),
+                                 "dynamics_type": want_type[stale].to_numpy()})
     d_writes = {}
     column = config.dynamics.marketo_id_column
     for entity, rows in records.items():
         idc = config.entity(entity).id_column
         mine = links[links["dynamics_type"] == entity]
-        by_record = pd.Series(mine.index.astype(str), index=mine["dynamics_id"].str.lower())
+        by_record = pd.Series(mine.index.astype(str), index=mine["dynamics_id"].astype(str).str.lower())
+        by_record = by_record[~by_record.index.duplicated()]
         if rows.empty:
-            d_writes[entity] = pd.DataFrame(columns=["dynamics_id", "person_id"])
+            d_writes[entity] = pd.DataFrame({"dynamics_id": pd.Series(dtype=object), "person_id": pd.Series(dtype="int64")})
             continue
-        keys = rows[idc].astype(str).str.lower()
-        want = by_record.reindex(keys.to_numpy())
-        have = rows[column].astype(object).fillna("").astype(str) if column in rows else pd.Series("", index=rows.index)
-        stale = want.notna().to_numpy() & (have.to_numpy() != want.fillna("").to_numpy())
+        rows = rows.drop_duplicates(idc, keep="last")
+        want = by_record.reindex(rows[idc].astype(str).str.lower().to_numpy())
+        have = _text(_column(rows, column)).fillna("").to_numpy()
+        stale = want.notna().to_numpy() & (have != want.fillna("").to_numpy())
         d_writes[entity] = pd.DataFrame({"dynamics_id": rows.loc[stale, idc].astype(str).to_numpy(),
                                          "person_id": want[stale].astype("int64").to_numpy()})
     return m_writes, d_writes

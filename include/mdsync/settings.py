@@ -8,7 +8,10 @@
 | ``MDSYNC_OVERLAP_SECONDS`` | ``120`` | how far before the watermark extraction starts (clock skew, 1 s resolution) |
 | ``MDSYNC_SCHEMA_CACHE_MINUTES`` | ``60`` | how long a field-access refresh (describe both sides) is reused |
 | ``MDSYNC_FULL_LOOKBACK_DAYS`` | ``0`` | a full reconcile also bulk-exports Marketo persons updated in this many days |
-| ``MDSYNC_BULK_POLL_SECONDS`` | ``60`` | how often a Marketo bulk export job is polled |
+| ``MDSYNC_BULK_POLL_SECONDS`` | ``5`` | how often a Marketo bulk export or import job is polled (docs: 5-30 s) |
+| ``MDSYNC_BOOTSTRAP_SINCE`` | found | a full reconcile exports persons created since this date (default: the oldest person's) |
+| ``MDSYNC_MARKETO_BULK_THRESHOLD`` | ``3000`` | Marketo writes of more records than this go through the Bulk Lead Import |
+| ``MDSYNC_LOG_LIMIT`` | ``10000`` | activity lines a task writes to its log (all of them go to the state store) |
 | ``MDSYNC_KEEP_STAGING`` | off | keep a successful run's staged frames (failed runs always keep theirs) |
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from mdsync.state.store import default_state_url
@@ -35,6 +39,9 @@ class Settings:
     full_lookback_days: float
     bulk_poll_seconds: float
     keep_staging: bool
+    bootstrap_since: datetime | None = None
+    marketo_bulk_threshold: int = 3000
+    log_limit: int | None = 10000
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -45,6 +52,16 @@ class Settings:
             overlap_seconds=int(os.environ.get("MDSYNC_OVERLAP_SECONDS", "120")),
             schema_cache_minutes=int(os.environ.get("MDSYNC_SCHEMA_CACHE_MINUTES", "60")),
             full_lookback_days=float(os.environ.get("MDSYNC_FULL_LOOKBACK_DAYS", "0")),
-            bulk_poll_seconds=float(os.environ.get("MDSYNC_BULK_POLL_SECONDS", "60")),
+            bulk_poll_seconds=float(os.environ.get("MDSYNC_BULK_POLL_SECONDS", "5")),
             keep_staging=os.environ.get("MDSYNC_KEEP_STAGING", "").lower() in ("1", "true", "yes"),
+            bootstrap_since=_datetime(os.environ.get("MDSYNC_BOOTSTRAP_SINCE")),
+            marketo_bulk_threshold=int(os.environ.get("MDSYNC_MARKETO_BULK_THRESHOLD", "3000")),
+            log_limit=int(os.environ.get("MDSYNC_LOG_LIMIT", "10000")) or None,
         )
+
+
+def _datetime(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from mdsync.cycle import Cycle, RunInfo
+from mdsync.results import RunManifest
 
 
 def run_info(context: dict[str, Any]) -> RunInfo:
@@ -48,3 +49,11 @@ def cycle_for(context: dict[str, Any]) -> Cycle:
         staging_root=ObjectStoragePath(settings.staging_url),
         settings=settings,
     )
+
+
+def manifest_of(context: dict[str, Any], **results) -> RunManifest:
+    """The run's :class:`~mdsync.results.RunManifest` from upstream tasks' XCom results (``plans`` may hold
+    ``None`` for entity types the config does not sync)."""
+    if "plans" in results:
+        results["plans"] = [p for p in results["plans"] or [] if p]
+    return RunManifest.model_validate({"run_id": context["run_id"], **results})

@@ -119,12 +119,13 @@ def test_crash_between_the_two_loads_then_rerun_converges_without_duplicates(syn
     sync_world.update_record("contacts", ids["ann"], jobtitle="Crash Job")
     sync_world.dataverse_sandbox.seed("contacts", [{"emailaddress1": "new@example.com", "firstname": "New", "lastname": "Contact"}])
     # run stages up to the Dynamics load, then "crash" before the Marketo load and the commit
+    from mdsync.cycle import STAGES
+    from mdsync.results import RunManifest
+
     c = sync_world.cycle("crashed")
-    schema = c.refresh_schema()
-    m, d = c.extract_marketo(schema["access"]), c.extract_dynamics(schema["access"])
-    identity = c.identify(schema["access"], m, d)
-    plans = [c.plan(e, schema["access"], identity) for e in c.config.entities]
-    c.load_dynamics(schema["access"], identity, plans)
+    manifest = RunManifest(run_id="crashed")
+    for stage in STAGES[:STAGES.index("load_dynamics") + 1]:
+        manifest = c.run_stage(stage, manifest)
     assert sync_world.record("leads", "lena@example.com")["jobtitle"] == "Crash Title"
     # the whole run is retried
     sync_world.cycle("crashed-retry").run_all()

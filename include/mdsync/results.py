@@ -1,0 +1,176 @@
+"""Typed results handed from one stage of the cycle to the next (XCom material: paths and counts, no frames).
+
+Every task returns one of these as JSON (``model_dump(mode="json")``) and the next task validates it back
+(``model_validate``). Frames live in the staging area; a result names their staged paths. The
+:class:`RunManifest` gathers every stage's result of one run: commit and report take it whole.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StageResult(BaseModel):
+    """What every stage reports besides its own paths and counts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: API calls this stage's task made, per service (``marketo``, ``dynamics``), tokens included
+    calls: dict[str, int] = Field(default_factory=dict)
+    #: wall time of the stage in seconds
+    elapsed_s: float = 0.0
+
+    def dump(self) -> dict[str, Any]:
+        """JSON-ready form for XCom."""
+        return self.model_dump(mode="json")
+
+
+class SchemaResult(StageResult):
+    #: staged field access (JSON)
+    access: str
+    refreshed: bool = False
+    dropped_fields: int = 0
+
+
+class MarketoExtracted(StageResult):
+    persons: str
+    deleted: str
+    high_water: datetime | None = None
+    since: datetime | None = None
+    extracted: int = 0
+    #: the run reconciles everything (first cycle, on demand, or the periodic full reconcile)
+    full: bool = False
+    #: how persons were read: ``changes`` (lead-change activities), ``bulk_window`` (bulk activity and lead
+    #: export of a large window), ``bulk_all`` (bulk export of every person)
+    mode: str = "changes"
+    #: every Marketo person is in ``persons`` (identity needs no Marketo lookups)
+    complete: bool = False
+
+
+class DynamicsEntityExtracted(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rows: str
+    deleted: str
+    delta_link: str | None = None
+    high_water: datetime | None = None
+    extracted: int = 0
+    #: every row of the table was read (no or expired delta link, or a full reconcile)
+    full_read: bool = False
+
+
+class DynamicsExtracted(StageResult):
+    entities: dict[str, DynamicsEntityExtracted] = Field(default_factory=dict)
+    full: bool = False
+
+
+class Identified(StageResult):
+    #: every link after identity (index person_id: dynamics_type, dynamics_id, method, new)
+    links: str
+    #: Marketo persons (raw API columns): extracted plus looked up
+    persons: str
+    #: per entity type, Dynamics rows (raw API columns): extracted plus looked up
+    records: dict[str, str]
+    #: person ids whose link was dropped (deleted on a side)
+    unlinked: str
+    activity: str
+    errors: str
+    #: Dynamics rows to create as Marketo persons (entity_type, dynamics_id, email)
+    marketo_creates: str
+    #: Marketo persons to create as Dynamics records (person_id, entity_type, email)
+    dynamics_creates: str
+    #: link fields to (re)write: Marketo (person_id, dynamics_id, dynamics_type), Dynamics per entity type
+    marketo_link_writes: str
+    dynamics_link_writes: dict[str, str]
+    new_links: int = 0
+    #: creates wanted on each side (done by the load stage)
+    creates_wanted: dict[str, int] = Field(default_factory=dict)
+    #: values a service refused in a lookup (set aside with a record-level error)
+    refused: int = 0
+
+
+class Planned(StageResult):
+    entity: str
+    dynamics_writes: str
+    marketo_writes: str
+    baseline_updates: str
+    activity: str
+    compared: int = 0
+    to_dynamics: int = 0
+    to_marketo: int = 0
+    collisions: int = 0
+    held: int = 0
+
+
+class Loaded(StageResult):
+    #: ``dynamics`` or ``marketo``: the side written
+    side: str
+    #: staged per-field outcomes, per entity type (Dynamics) or ``all`` (Marketo)
+    results: dict[str, str] = Field(default_factory=dict)
+    #: links made by creates on this side (person_id, dynamics_type, dynamics_id, method)
+    created_links: str | None = None
+    #: the values a create wrote (person_id, field, value), which become the pair's first baseline
+    created_values: str | None = None
+    #: activity rows of the creates (and of refused creates), and sync errors they open
+    activity: str | None = None
+    errors: str | None = None
+    written: int = 0
+    rejected: int = 0
+    created: int = 0
+    create_errors: int = 0
+    rejections_logged_in_marketo: int = 0
+    #: how the writes went: ``sync`` (300-record calls), ``bulk_import`` (Marketo Bulk Lead Import)
+    method: str = "sync"
+
+
+class Committed(StageResult):
+    dry_run: bool = False
+    baselines: int = 0
+    errors: int = 0
+    activity: int = 0
+    watermarks: int = 0
+    links: int = 0
+
+
+class RunManifest(BaseModel):
+    """Every stage result of one run, in cycle order (what commit and report read)."""
+
+    run_id: str
+    schema_: SchemaResult | None = Field(default=None, alias="schema")
+    marketo: MarketoExtracted | None = None
+    dynamics: DynamicsExtracted | None = None
+    identity: Identified | None = None
+    plans: list[Planned] = Field(default_factory=list)
+    dynamics_loaded: Loaded | None = None
+    marketo_loaded: Loaded | None = None
+    committed: Committed | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def stage_results(self) -> list[tuple[str, StageResult]]:
+        """``(task name, result)`` of every stage that ran, in cycle order."""
+        out: list[tuple[str, StageResult]] = []
+        for name, value in (("refresh_schema", self.schema_), ("extract_marketo", self.marketo),
+                            ("extract_dynamics", self.dynamics), ("identify", self.identity)):
+            if value is not None:
+                out.append((name, value))
+        out += [(f"plan_{p.entity}", p) for p in self.plans]
+        for name, value in (("load_dynamics", self.dynamics_loaded), ("load_marketo", self.marketo_loaded),
+                            ("commit", self.committed)):
+            if value is not None:
+                out.append((name, value))
+        return out
+
+    def calls(self) -> dict[str, int]:
+        """API calls of the whole run, per service (the sum over its tasks)."""
+        total: dict[str, int] = {"marketo": 0, "dynamics": 0}
+        for _, result in self.stage_results():
+            for service, n in result.calls.items():
+                total[service] = total.get(service, 0) + n
+        return total
