@@ -68,8 +68,11 @@ def api_records(api: pd.DataFrame, group: str, key_columns: dict[str, str]) -> t
     return records, np.asarray(order, dtype=object)
 
 
-def _convert(rows: pd.DataFrame, fields: dict[str, FieldMap], side: Side) -> pd.DataFrame:
-    """Long canonical writes -> long API cells (``api_field``, ``api_value``), one vectorised pass per field."""
+def api_cells(rows: pd.DataFrame, fields: dict[str, FieldMap], side: Side) -> pd.DataFrame:
+    """Long canonical writes -> long API cells (``api_field``, ``api_value``), one vectorised pass per field.
+
+    Link writes (:data:`LINK_FIELD`) are left for the caller, which knows the side's link fields.
+    """
     name = np.empty(len(rows), dtype=object)
     value = np.empty(len(rows), dtype=object)
     convert = to_marketo if side is Side.MARKETO else to_dynamics
@@ -168,7 +171,7 @@ def load_dynamics(config: SyncConfig, entity: EntityConfig, writes: pd.DataFrame
     if dry_run or rows.empty:
         return _dry(rows, refused, dry_run)
     ok_rows = rows[refused.isna().to_numpy()]
-    api = _convert(ok_rows, {f.name: f for f in entity.fields}, Side.DYNAMICS)
+    api = api_cells(ok_rows, {f.name: f for f in entity.fields}, Side.DYNAMICS)
     link = api["field"].eq(LINK_FIELD).to_numpy()
     api.loc[link, "api_field"] = config.dynamics.marketo_id_column
     api.loc[link, "api_value"] = api.loc[link, "value"].astype(str)
@@ -238,7 +241,7 @@ def _marketo_cells(config: SyncConfig, entities: dict[str, EntityConfig], rows: 
     parts = []
     for etype, idx in rows.groupby("entity_type", sort=False).indices.items():
         part = rows.iloc[idx]
-        parts.append(_convert(part, {f.name: f for f in entities[etype].fields}, Side.MARKETO))
+        parts.append(api_cells(part, {f.name: f for f in entities[etype].fields}, Side.MARKETO))
     cells = pd.concat(parts) if parts else rows.assign(api_field=None, api_value=None)
     is_link = cells["field"].eq(LINK_FIELD).to_numpy()
     links = cells[is_link]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from mdsync.canonical import CANONICAL_DTYPE, to_dynamics, to_marketo
+from mdsync.canonical import CANONICAL_DTYPE
 from mdsync.config import EntityConfig, Side
 from mdsync.diff import three_way_diff
 from mdsync.resolve import FieldDecision, resolve
@@ -169,49 +169,3 @@ def suppress_known_rejections(
     held = rejected & same_value
     out = merged[writes.columns]
     return out.loc[~held].reset_index(drop=True), out.loc[held].reset_index(drop=True)
-
-
-def api_records(writes: pd.DataFrame, entity: EntityConfig, target: Side) -> list[dict]:
-    """Group a plan's long writes into one API record per target row, with API names and API types.
-
-    Marketo records are keyed by ``id`` (the person id); Dataverse records carry ``_id`` (the row id), which
-    the load stage puts in the URL or the bulk payload.
-    """
-    if writes.empty:
-        return []
-    api_values = pd.Series(index=writes.index, dtype=object)
-    api_names = pd.Series(index=writes.index, dtype=object)
-    for name, part in writes.groupby("field", sort=False):
-        fmap = entity.field(name)
-        convert = to_marketo if target is Side.MARKETO else to_dynamics
-        api_values.loc[part.index] = convert(part["value"], fmap).to_numpy()
-        api_names.loc[part.index] = fmap.marketo if target is Side.MARKETO else fmap.dynamics
-    key = writes["person_id"] if target is Side.MARKETO else writes["dynamics_id"]
-    records: dict = {}
-    for k, api_name, value in zip(key.to_numpy(), api_names.to_numpy(), api_values.to_numpy()):
-        rec = records.get(k)
-        if rec is None:
-            rec = records[k] = {"id": int(k)} if target is Side.MARKETO else {"_id": str(k)}
-        rec[api_name] = value
-    return list(records.values())
-
-
-def apply_writes(frame: pd.DataFrame, writes: pd.DataFrame) -> pd.DataFrame:
-    """Apply canonical writes to a canonical frame indexed by person id (dry-run previews, demo, tests)."""
-    out = frame.copy()
-    missing = pd.Index(writes["person_id"].unique()).difference(out.index)
-    if len(missing):
-        out = out.reindex(out.index.union(missing).rename(out.index.name))
-    for name, part in writes.groupby("field", sort=False):
-        if name not in out.columns:
-            out[name] = pd.Series(np.nan, index=out.index, dtype=CANONICAL_DTYPE)
-        out.loc[part["person_id"].to_numpy(), name] = part["value"].to_numpy()
-    return out
-
-
-def apply_baseline_updates(baseline: pd.DataFrame, updates: pd.DataFrame, succeeded: set[str]) -> pd.DataFrame:
-    """Advance a wide baseline frame with the updates whose required write is in ``succeeded``."""
-    ok = updates["requires"].isin(list(succeeded | {REQUIRES_NOTHING}))
-    return apply_writes(baseline, updates.loc[ok.to_numpy(dtype=bool)])
-
-

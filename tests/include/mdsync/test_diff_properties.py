@@ -14,10 +14,29 @@ from hypothesis import strategies as st
 
 from mdsync.canonical import CANONICAL_DTYPE, compare_key
 from mdsync.config import Direction, FieldType, Side, load_config
-from mdsync.plan import apply_baseline_updates, apply_writes, plan_entity
+from mdsync.plan import REQUIRES_NOTHING, plan_entity
 from tests.include.mdsync.conftest import links_for
 
 CONFIG = load_config()
+
+
+def apply_writes(frame: pd.DataFrame, writes: pd.DataFrame) -> pd.DataFrame:
+    """The sides after the plan's writes: apply canonical writes to a canonical frame indexed by person id."""
+    out = frame.copy()
+    missing = pd.Index(writes["person_id"].unique()).difference(out.index)
+    if len(missing):
+        out = out.reindex(out.index.union(missing).rename(out.index.name))
+    for name, part in writes.groupby("field", sort=False):
+        if name not in out.columns:
+            out[name] = pd.Series(np.nan, index=out.index, dtype=CANONICAL_DTYPE)
+        out.loc[part["person_id"].to_numpy(), name] = part["value"].to_numpy()
+    return out
+
+
+def apply_baseline_updates(baseline: pd.DataFrame, updates: pd.DataFrame, succeeded: set[str]) -> pd.DataFrame:
+    """Advance a wide baseline frame with the updates whose required write is in ``succeeded``."""
+    ok = updates["requires"].isin(list(succeeded | {REQUIRES_NOTHING}))
+    return apply_writes(baseline, updates.loc[ok.to_numpy(dtype=bool)])
 
 
 def _choices(field) -> list[str | None]:
