@@ -25,7 +25,8 @@ The floor: Marketo ceil(records written / 300) (or 2 calls per Bulk Lead Import 
 that is fewer) + 4 calls per bulk export job (create, enqueue, status, file) + ceil(persons read by REST / 300)
 when no bulk job read them; Dataverse, per entity set, ceil(records written / 1000) + ceil(rows read / 5000)
 (at least one read call). Records written are distinct persons with a successful write in the loads' staged
-outcomes (creates included). Auth calls (tokens, OpenID discovery) are counted apart and not compared with the
+outcomes, plus the records created (and, in Dynamics, the rows whose person was created in Marketo, which get
+the Marketo id written back). Auth calls (tokens, OpenID discovery) are counted apart and not compared with the
 floor; schema calls (describe, entity metadata) are in the data calls but not in the floor.
 
 DESIGN §8 targets: first sync of 100k persons in 5 min and of 1M in 30 min on 2 cores, calls within 1.1 x the
@@ -98,7 +99,8 @@ def machine() -> dict:
 
     return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "memory_gb": round(mem_kb / 1024 ** 2, 1),
             "python": platform.python_version(), "pandas": pd.__version__, "numpy": np.__version__,
-            "sqlite": sqlite3.sqlite_version, "platform": platform.platform()}
+            "sqlite": sqlite3.sqlite_version, "platform": platform.platform(),
+            "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
 # --- the population -------------------------------------------------------------------------------------
@@ -351,11 +353,14 @@ def _written_records(run: dict) -> dict:
 
     try:
         dl, ml = m.get("dynamics_loaded") or {}, m.get("marketo_loaded") or {}
-        created_d = pd.read_parquet(dl["created_links"]) if dl.get("created_links") else pd.DataFrame()
+        # Dynamics rows written: field and link writes, rows created from Marketo persons, and the Marketo id
+        # written back on rows whose person was created in Marketo
+        created = [pd.read_parquet(x["created_links"]) for x in (dl, ml) if x.get("created_links")]
         for name, path in (dl.get("results") or {}).items():
             people = ok_people([path])
-            if not created_d.empty and "dynamics_type" in created_d:
-                people |= set(created_d.loc[created_d["dynamics_type"] == name, "person_id"].astype("int64"))
+            for c in created:
+                if not c.empty and "dynamics_type" in c:
+                    people |= set(c.loc[c["dynamics_type"] == name, "person_id"].astype("int64"))
             out["dynamics"][name] = len(people)
         people = ok_people((ml.get("results") or {}).values())
         if ml.get("created_links"):
@@ -383,7 +388,10 @@ def floors(run: dict, calls: dict) -> dict:
         m_write = min(m_write, 2 * imports)
     m_read = 4 * jobs if jobs else math.ceil(read_m / 300)
     d_write = sum(math.ceil(n / 1000) for n in written["dynamics"].values())
-    rows = {e: int(v.get("extracted_dynamics", 0)) for e, v in (report.get("entities") or {}).items()}
+    if (m.get("dynamics") or {}).get("entities"):
+        rows = {e: int(v.get("extracted", 0)) for e, v in m["dynamics"]["entities"].items()}
+    else:
+        rows = {e: int(v.get("extracted_dynamics", 0)) for e, v in (report.get("entities") or {}).items()}
     d_read = sum(max(1, math.ceil(n / 5000)) for n in rows.values())
     return {"marketo": m_write + m_read, "dynamics": d_write + d_read,
             "detail": {"marketo": f"{m_write} to write {written['marketo']:,} records"
@@ -570,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine()
     print(f"machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory_gb']} GB RAM; Python {info['python']}, "
-          f"pandas {info['pandas']}, numpy {info['numpy']}, SQLite {info['sqlite']}")
+          f"pandas {info['pandas']}, numpy {info['numpy']}, SQLite {info['sqlite']}; load average "
+          f"{info['load_average']} (the sandboxes run on the same CPUs)")
     pop, counts = population(args.persons)
     n_marketo, n_dynamics = int(pop["in_marketo"].sum()), int(pop["in_dynamics"].sum())
     pairs = counts["pair_lead"] + counts["pair_contact"]
