@@ -374,6 +374,7 @@ def create_in_marketo(config: SyncConfig, access, creates: pd.DataFrame, records
         return out
     link = config.marketo.link_fields
     links, values, notes, errors = [], [], [], []
+    batches, recs = [], []
     for entity, part in creates.groupby("entity_type", sort=False):
         ent = config.entity(entity)
         acc = access.entities[entity]
@@ -392,24 +393,32 @@ def create_in_marketo(config: SyncConfig, access, creates: pd.DataFrame, records
         api = pd.DataFrame({f.marketo: to_marketo(canon[f.name], f).to_numpy() for f in fields if f.name in canon})
         api[link.dynamics_id] = dids
         api[link.dynamics_type] = entity
-        recs = [{k: v for k, v in r.items() if v is not None} for r in api.to_dict("records")]
-        if len(recs) > bulk_threshold and hasattr(client, "import_leads"):
-            pids, codes, messages = _import_creates(client, recs, dids, link.dynamics_id, poll_seconds)
-        else:
-            log.info("marketo: creating %d persons for new Dynamics %ss (Sync Leads createOnly)", len(recs), entity)
-            res = client.sync_leads(recs, action="createOnly", lookup_field="email")
-            good = res["status"].isin(["created", "updated"]).to_numpy() & res["id"].notna().to_numpy()
-            pids = pd.array(res["id"].where(good), dtype="Int64")
-            codes, messages = res["reason_code"].to_numpy(), res["reason_message"].to_numpy()
-        ok = ~pd.isna(np.asarray(pids, dtype=object))
-        pid_ok = np.asarray(pids[ok], dtype="int64")
+        batches.append((entity, ent, dids, emails, canon, len(recs)))
+        recs += [{k: v for k, v in r.items() if v is not None} for r in api.to_dict("records")]
+    if not recs:
+        return _gather(out, links, values, notes, errors)
+    # every entity type's new persons in one series of calls (300 per Sync Leads call, or one bulk import)
+    all_dids = np.concatenate([b[2] for b in batches])
+    if len(recs) > bulk_threshold and hasattr(client, "import_leads"):
+        pids, codes, messages = _import_creates(client, recs, all_dids, link.dynamics_id, poll_seconds)
+    else:
+        log.info("marketo: creating %d persons for new Dynamics records (Sync Leads createOnly)", len(recs))
+        res = client.sync_leads(recs, action="createOnly", lookup_field="email")
+        good = res["status"].isin(["created", "updated"]).to_numpy() & res["id"].notna().to_numpy()
+        pids = pd.array(res["id"].where(good), dtype="Int64")
+        codes, messages = res["reason_code"].to_numpy(), res["reason_message"].to_numpy()
+    for entity, ent, dids, emails, canon, start in batches:
+        mine = slice(start, start + len(dids))
+        e_pids, e_codes, e_messages = pids[mine], codes[mine], messages[mine]
+        ok = ~pd.isna(np.asarray(e_pids, dtype=object))
+        pid_ok = np.asarray(e_pids[ok], dtype="int64")
         links.append(_links_frame(pid_ok, entity, dids[ok], "created_in_marketo"))
         values.append(_long_values(pid_ok, canon[ok]))
         notes.append(activity_frame(pd.DataFrame({
             "person_id": pid_ok, "email": emails[ok], "entity_type": entity, "dynamics_type": entity,
             "dynamics_id": dids[ok], "action": "create", "detail": f"new {entity} in Dynamics: created the person in Marketo"})))
-        msg = ("Marketo refused to create the person: " + pd.Series(codes[~ok], dtype=object).fillna("").astype(str) + " "
-               + pd.Series(messages[~ok], dtype=object).fillna("").astype(str) + "; retried next cycle")
+        msg = ("Marketo refused to create the person: " + pd.Series(e_codes[~ok], dtype=object).fillna("").astype(str) + " "
+               + pd.Series(e_messages[~ok], dtype=object).fillna("").astype(str) + "; retried next cycle")
         notes.append(activity_frame(pd.DataFrame({"email": emails[~ok], "entity_type": entity, "dynamics_type": entity,
                                                   "dynamics_id": dids[~ok], "action": "error", "detail": msg.to_numpy()})))
         if ok.any():  # the Dynamics records now name their person (link column)
@@ -429,7 +438,7 @@ def _import_creates(client, recs: list[dict], dids: np.ndarray, link_field: str,
     started = datetime.now(timezone.utc) - timedelta(seconds=5)
     log.info("marketo: creating %d persons through the Bulk Lead Import", len(recs))
     res = client.import_leads(recs, lookup_field="email")
-    went_in = res["status"].isin(["created", "updated"]).to_numpy()
+    went_in = res["status"].isin(["created", "updated", "imported"]).to_numpy()  # by email: no id comes back
     created = client.export_leads(["id", link_field], created_at=(started, datetime.now(timezone.utc) + timedelta(seconds=5)),
                                   poll_interval_s=poll_seconds)
     by_did = pd.Series(created["id"].to_numpy(), index=created[link_field].astype(str).str.lower().to_numpy())
