@@ -7,13 +7,15 @@ ways. Each run is one cycle:
 1. **refresh_schema** — describe both sides; mapped fields the sync user cannot read or update are dropped
    for the run (and logged). Reused for an hour (`MDSYNC_SCHEMA_CACHE_MINUTES`).
 2. **extract_marketo** ∥ **extract_dynamics** — what changed since the watermark: Marketo lead-change and
-   deleted-lead activities (then the changed persons in full), Dataverse change tracking (delta links).
-3. **identify** — keep links, rebuild lost ones from the link fields, match new records by email, create
-   persons in Marketo for new Dynamics leads/contacts and Dynamics records for persons marked for sync.
+   deleted-lead activities for the mapped fields (then the changed persons in full; a large window in bulk),
+   Dataverse change tracking (delta links). The first cycle and full reconciles read everything in bulk.
+3. **identify** — keep links, rebuild lost ones from the link fields, match new records by email, and decide
+   which persons and records to create (pure on frames; it only reads the few records it needs).
 4. **plan** (per entity type) — three-way diff against the last synced values; collisions go to
    **Marketo for leads** and **Dynamics for contacts**.
-5. **load_dynamics** → **load_marketo** — batched writes; rejected values are kept per field, logged, and
-   also written to the person's Marketo activity log.
+5. **load_dynamics** → **load_marketo** — creates and batched writes (large Marketo writes through the Bulk
+   Lead Import); rejected values are kept per field, logged, and also written to the person's Marketo
+   activity log.
 6. **commit** — baselines, activity, errors and watermarks in one transaction.
 7. **report** — a per-entity summary with API calls used.
 
