@@ -149,7 +149,8 @@ def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame,
         emails.append(email[~_blank(email)])
     named = pd.concat(named_persons) if named_persons else pd.Series([], dtype="int64")
     wanted_ids = pd.Index(named).union(pd.Index([int(i) for i in push_ids], dtype="int64"))
-    out.marketo_ids = sorted(int(i) for i in wanted_ids.difference(pd.Index(persons["id"])))
+    if not marketo_complete:
+        out.marketo_ids = sorted(int(i) for i in wanted_ids.difference(pd.Index(persons["id"])))
     if not marketo_complete and emails:
         out.marketo_emails = sorted(set(pd.concat(emails).str.lower()))
 
@@ -158,7 +159,7 @@ def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame,
         wants = unlinked_p["id"].isin([int(i) for i in push_ids]).to_numpy() | _flag(_column(unlinked_p, marker.field))
         email = _text(_column(unlinked_p[wants], "email"))
         out.dynamics_emails = sorted(set(email[~_blank(email)].str.lower()))
-    if not unlinked_p.empty and mlink.dynamics_id in unlinked_p:
+    if not dynamics_complete and not unlinked_p.empty and mlink.dynamics_id in unlinked_p:
         did = _text(unlinked_p[mlink.dynamics_id])
         kind = _lower(_column(unlinked_p, mlink.dynamics_type))
         for entity in config.entities:
@@ -210,6 +211,8 @@ class _Decider:
     def __init__(self, config: SyncConfig, links: pd.DataFrame) -> None:
         self.config = config
         self.links = links
+        #: links dropped by a deletion: the record kept on the other side is neither re-matched nor re-created
+        self.kept = links.iloc[:0]
         self.new: list[pd.DataFrame] = []
         self.notes: list[pd.DataFrame] = []
 
@@ -284,6 +287,7 @@ def _drop_deleted(dec: _Decider, m_deleted: pd.Index, d_deleted: pd.Index) -> li
         hit = links[mask]
         dec.note(_notes("unlink", detail, person_id=hit.index.to_numpy(), entity_type=hit["dynamics_type"].to_numpy(),
                         dynamics_id=hit["dynamics_id"].to_numpy()))
+    dec.kept = links[gone_m | gone_d]
     dec.links = links[~(gone_m | gone_d)]
     return sorted(int(i) for i in links.index[gone_m | gone_d])
 
@@ -352,6 +356,8 @@ def _match_dynamics_records(dec: _Decider, persons: pd.DataFrame, records: dict[
         ent = dec.config.entity(entity)
         active = rows[_active(rows)]
         active = active[~_record_key(entity, active[ent.id_column]).isin(dec.taken_records).to_numpy()]
+        active = active[~_record_key(entity, active[ent.id_column]).isin(
+            _record_key(dec.kept["dynamics_type"], dec.kept["dynamics_id"])).to_numpy()]
         parts.append(pd.DataFrame({"entity": entity, "dynamics_id": active[ent.id_column].astype(str).to_numpy(),
                                    "email": _text(_column(active, ent.email_field.dynamics)).to_numpy()}))
     if not parts:
@@ -440,7 +446,7 @@ def _push_marketo_persons(dec: _Decider, persons: pd.DataFrame, records: dict[st
     empty = pd.DataFrame(columns=DYNAMICS_CREATE_COLUMNS)
     if persons.empty:
         return empty
-    unl = persons[~persons["id"].isin(dec.taken_persons)]
+    unl = persons[~persons["id"].isin(dec.taken_persons) & ~persons["id"].isin(dec.kept.index)]
     pushed = unl["id"].isin(push_ids).to_numpy()
     want = unl[pushed | _flag(_column(unl, marker.field))]
     if want.empty:
