@@ -211,7 +211,8 @@ class Cycle:
             result = extract_marketo(self.marketo, self.config, since=since, extra_ids=self.run.person_ids, full=full,
                                      lookback_days=self.settings.full_lookback_days if full else 0,
                                      bulk_poll_seconds=self.settings.bulk_poll_seconds,
-                                     bootstrap_since=self.settings.bootstrap_since)
+                                     bootstrap_since=self.settings.bootstrap_since,
+                                     max_change_pages=self.settings.max_change_pages)
             box["result"] = MarketoExtracted(
                 persons=self.staging.write_frame("marketo-persons", result.persons),
                 deleted=self.staging.write_frame("marketo-deleted", pd.DataFrame({"id": result.deleted}, dtype="int64")),

@@ -11,6 +11,7 @@
 | ``MDSYNC_BULK_POLL_SECONDS`` | ``5`` | how often a Marketo bulk export or import job is polled (docs: 5-30 s) |
 | ``MDSYNC_BOOTSTRAP_SINCE`` | found | a full reconcile exports persons created since this date (default: the oldest person's) |
 | ``MDSYNC_MARKETO_BULK_THRESHOLD`` | ``3000`` | Marketo writes of more records than this go through the Bulk Lead Import |
+| ``MDSYNC_MAX_CHANGE_PAGES`` | ``10`` | pages of Marketo lead changes read before a window switches to a bulk activity export |
 | ``MDSYNC_LOG_LIMIT`` | ``10000`` | activity lines a task writes to its log (all of them go to the state store) |
 | ``MDSYNC_KEEP_STAGING`` | off | keep a successful run's staged frames (failed runs always keep theirs) |
 """
@@ -42,6 +43,7 @@ class Settings:
     bootstrap_since: datetime | None = None
     marketo_bulk_threshold: int = 3000
     log_limit: int | None = 10000
+    max_change_pages: int = 10
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -57,6 +59,7 @@ class Settings:
             bootstrap_since=_datetime(os.environ.get("MDSYNC_BOOTSTRAP_SINCE")),
             marketo_bulk_threshold=int(os.environ.get("MDSYNC_MARKETO_BULK_THRESHOLD", "3000")),
             log_limit=int(os.environ.get("MDSYNC_LOG_LIMIT", "10000")) or None,
+            max_change_pages=int(os.environ.get("MDSYNC_MAX_CHANGE_PAGES", "10")),
         )
 
 
