@@ -74,8 +74,10 @@ def canonical_series(raw: pd.Series, field: FieldMap, side: Side) -> tuple[pd.Se
     elif ftype is FieldType.BOOLEAN:
         if pd.api.types.is_bool_dtype(raw.dtype):
             words = raw.map({True: "true", False: "false"})
-        else:
-            words = raw.where(present).astype(CANONICAL_DTYPE).str.strip().str.lower().map(_BOOL_WORDS)
+        else:  # isin on arrow strings, not a Python map per value
+            text = raw.where(present).astype(CANONICAL_DTYPE).str.strip().str.lower()
+            words = pd.Series(np.where(text.isin(_TRUE), "true", np.where(text.isin(_FALSE), "false", None)),
+                              index=raw.index)
         out = words.astype(CANONICAL_DTYPE)
         bad = present & out.isna()
         reason = "not a boolean"
