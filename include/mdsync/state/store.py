@@ -373,21 +373,27 @@ class StateStore:
         return len(rows)
 
     def resolve_errors(self, keys: pd.DataFrame, conn: Connection | None = None) -> int:
-        """Close open errors for ``person_id, target, field`` (the value went through, or the source changed)."""
+        """Close open errors for ``person_id, target, field`` (the value went through, or the source changed).
+
+        Open errors are few and successful writes many (a first sync writes every linked record): the open
+        ones are read once and matched to ``keys`` as frames, and only the matches are closed.
+        """
         if keys.empty:
             return 0
         t = schema.sync_errors
         now = utcnow()
-        closed = 0
         with self._tx(conn) as c:
-            for person_id, target, field in keys[["person_id", "target", "field"]].itertuples(index=False):
-                closed += c.execute(
-                    sa.update(t).where(
-                        t.c.resolved_at.is_(None), t.c.person_id == int(person_id), t.c.target == target,
-                        t.c.field == field,
-                    ).values(resolved_at=now)
-                ).rowcount
-        return closed
+            open_rows = pd.DataFrame.from_records(
+                c.execute(sa.select(t.c.id, t.c.person_id, t.c.target, t.c.field).where(t.c.resolved_at.is_(None))).all(),
+                columns=["id", "person_id", "target", "field"])
+            if open_rows.empty:
+                return 0
+            wanted = keys[["person_id", "target", "field"]].astype({"person_id": "int64"}).astype({"field": object})
+            open_rows = open_rows.dropna(subset=["person_id"]).astype({"person_id": "int64"})
+            hits = open_rows.merge(wanted.drop_duplicates(), on=["person_id", "target", "field"])["id"].tolist()
+            for chunk in _chunks(hits):
+                c.execute(sa.update(t).where(t.c.id.in_(chunk)).values(resolved_at=now))
+        return len(hits)
 
     # -- reading --------------------------------------------------------------------------------------
 
