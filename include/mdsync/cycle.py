@@ -46,8 +46,9 @@ FULL_RECONCILE = ("full", "all")
 #: the tasks of a cycle, in order (``plan_<entity>`` for each configured entity type)
 STAGES = ["refresh_schema", "extract_marketo", "extract_dynamics", "identify", "plan_lead", "plan_contact",
           "load_dynamics", "load_marketo", "commit"]
-#: how many values go into one Dataverse ``column in (...)`` ``$filter`` (keeps the URL short)
-VALUES_PER_QUERY = 50
+#: how many values go into one Dataverse ``column in (...)`` ``$filter`` (URLs stay under ~10 KB of the
+#: service's 32 KB)
+VALUES_PER_QUERY = 200
 
 
 @dataclass

@@ -141,3 +141,19 @@ def _data_calls(world) -> dict[str, int]:
         out[name] = sum(int(n) for path, n in by_path.items()
                         if isinstance(n, int) and "token" not in path and "/_sandbox" not in path and path != "total")
     return out
+
+
+def test_many_new_dynamics_records_become_persons_through_the_bulk_import(sync_world, monkeypatch):
+    monkeypatch.setenv("MDSYNC_MARKETO_BULK_THRESHOLD", "50")
+    n = 120
+    ids = sync_world.dataverse_sandbox.seed("leads", [
+        {"emailaddress1": f"imported{i}@example.com", "firstname": "Imp", "lastname": f"I{i}", "companyname": "Bulk"}
+        for i in range(n)])
+    report = sync_world.cycle("first").run_all()
+    assert report["created_in"] == {"dynamics": 0, "marketo": n} and report["errors"] == {"dynamics": 0, "marketo": 0}
+    persons = _all_persons(sync_world)
+    assert len(persons) == n and set(persons["dynamicsRecordId"].str.lower()) == {i.lower() for i in ids}
+    leads = _all_rows(sync_world, "leads").set_index("leadid")
+    assert (leads.loc[persons["dynamicsRecordId"], "mdsync_marketopersonid"].to_numpy() == persons["id"].astype(str).to_numpy()).all()
+    echo = sync_world.cycle("echo").run_all()
+    assert echo["written"] == {"dynamics": 0, "marketo": 0} and echo["created"] == 0
