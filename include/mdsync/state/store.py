@@ -57,6 +57,14 @@ def _none(value):
     return None if value is None or (not isinstance(value, str) and pd.isna(value)) else value
 
 
+def _frame(rows, columns: list[str]) -> pd.DataFrame:
+    """Result rows -> a frame, column by column (``from_records`` on SQLAlchemy rows probes every row)."""
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    data = list(zip(*rows))
+    return pd.DataFrame({c: pd.Series(v, dtype=object) for c, v in zip(columns, data)}).infer_objects()
+
+
 def _chunks(seq: list, size: int = _CHUNK) -> Iterator[list]:
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
@@ -151,6 +159,30 @@ class StateStore:
         for chunk in _chunks(rows):
             conn.execute(stmt, chunk)
 
+    @staticmethod
+    def _bulk_insert(conn: Connection, table: sa.Table, columns: list[str], rows: Iterable[tuple],
+                     keys: list[str] | None = None, update: list[str] | None = None) -> None:
+        """INSERT (or upsert on ``keys``) many rows straight through the driver's executemany.
+
+        Values must already be what the driver takes (:meth:`_bind` converts datetimes); both back ends
+        accept ``INSERT … ON CONFLICT (keys) DO UPDATE SET c = excluded.c``. Much faster than compiling each
+        row through SQLAlchemy, which matters when a first sync writes millions of baselines.
+        """
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
+        if keys:
+            sets = ", ".join(f"{c} = excluded.{c}" for c in update or [])
+            sql += f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}" if sets else f" ON CONFLICT ({', '.join(keys)}) DO NOTHING"
+        rows = list(rows)
+        for chunk in _chunks(rows, 50_000):
+            conn.exec_driver_sql(sql, chunk)
+
+    @staticmethod
+    def _bind(conn: Connection, column: sa.Column, value):
+        """``value`` as the driver stores it for ``column`` (e.g. SQLite datetimes as SQLAlchemy's text)."""
+        process = column.type.bind_processor(conn.dialect)
+        return process(value) if process else value
+
     # -- links ----------------------------------------------------------------------------------------
 
     def save_links(self, links: pd.DataFrame, run_id: str | None, conn: Connection | None = None) -> None:
@@ -214,16 +246,16 @@ class StateStore:
         """Set the baseline of each ``person_id, field`` to ``value`` (canonical text or NA)."""
         if updates.empty:
             return 0
-        now = utcnow()
-        persons = updates["person_id"].to_numpy(dtype="int64")
-        values = updates["value"].astype(object).where(updates["value"].notna(), None).to_numpy()
-        rows = [
-            {"person_id": int(p), "field": f, "value": v, "synced_at": now, "run_id": run_id}
-            for p, f, v in zip(persons, updates["field"].to_numpy(), values)
-        ]
+        updates = updates.drop_duplicates(["person_id", "field"], keep="last")
+        persons = updates["person_id"].to_numpy(dtype="int64").tolist()
+        values = updates["value"].astype(object).where(updates["value"].notna(), None).tolist()
+        fields = updates["field"].astype(str).tolist()
         with self._tx(conn) as c:
-            self._upsert(c, schema.baselines, rows, ["person_id", "field"], ["value", "synced_at", "run_id"])
-        return len(rows)
+            now = self._bind(c, schema.baselines.c.synced_at, utcnow())
+            self._bulk_insert(c, schema.baselines, ["person_id", "field", "value", "synced_at", "run_id"],
+                              ((p, f, v, now, run_id) for p, f, v in zip(persons, fields, values)),
+                              keys=["person_id", "field"], update=["value", "synced_at", "run_id"])
+        return len(persons)
 
     def load_baselines(self, person_ids: Iterable[int] | None = None, fields: list[str] | None = None) -> pd.DataFrame:
         """Baselines as a wide canonical frame: index person id, one column per field (NA = null or unknown)."""
@@ -285,22 +317,18 @@ class StateStore:
             return 0
         if "action" not in rows.columns or rows["action"].isna().any():
             raise ValueError("every activity row needs an action")
-        now = utcnow()
-        frame = rows.reindex(columns=self.ACTIVITY_COLUMNS)
-        records = []
-        for values in frame.itertuples(index=False, name=None):
-            rec = {c: _none(v) for c, v in zip(self.ACTIVITY_COLUMNS, values)}
-            if rec["person_id"] is not None:
-                rec["person_id"] = int(rec["person_id"])
-            for c in ("old_value", "new_value", "detail", "dynamics_id"):
-                if rec[c] is not None:
-                    rec[c] = str(rec[c])
-            rec.update(run_id=run_id, at=now)
-            records.append(rec)
+        frame = rows.reindex(columns=self.ACTIVITY_COLUMNS).astype(object)
+        frame = frame.where(frame.notna(), None)
+        person = pd.to_numeric(frame["person_id"], errors="coerce")
+        frame["person_id"] = pd.Series(person.astype("Int64").astype(object), index=frame.index).where(person.notna(), None)
+        for c in ("old_value", "new_value", "detail", "dynamics_id"):
+            frame[c] = frame[c].where(frame[c].isna(), frame[c].astype(str)).where(frame[c].notna(), None)
+        columns = list(self.ACTIVITY_COLUMNS)
         with self._tx(conn) as c:
-            for chunk in _chunks(records):
-                c.execute(sa.insert(schema.activity), chunk)
-        return len(records)
+            now = self._bind(c, schema.activity.c.at, utcnow())
+            self._bulk_insert(c, schema.activity, columns + ["run_id", "at"],
+                              (tuple(values) + (run_id, now) for values in frame.itertuples(index=False, name=None)))
+        return len(frame)
 
     def activity(
         self, *, person_id: int | None = None, email: str | None = None, dynamics_id: str | None = None,
@@ -404,8 +432,13 @@ class StateStore:
                 rows = c.execute(query).all()
             else:
                 wanted = sorted({int(i) for i in ids})
+                if len(wanted) > 4 * _CHUNK:
+                    # many ids (a full reconcile): one scan of the table beats hundreds of IN (...) queries
+                    sql = str(query.compile(dialect=c.dialect, compile_kwargs={"literal_binds": True}))
+                    frame = _frame(c.exec_driver_sql(sql).fetchall(), columns)
+                    return frame[frame[id_column.name].isin(wanted)].reset_index(drop=True)
                 rows = [r for chunk in _chunks(wanted) for r in c.execute(query.where(id_column.in_(chunk))).all()]
-        return pd.DataFrame.from_records(rows, columns=columns)
+        return _frame(rows, columns)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
