@@ -34,6 +34,8 @@ LINK_FIELD = "(link)"
 #: Marketo writes above this many records go through the Bulk Lead Import (one job instead of n/300 calls)
 MARKETO_BULK_THRESHOLD = 3000
 
+#: records handed to a sender at a time: a multiple of Marketo's 300 and Dataverse's 1000 per call
+SEND_CHUNK = 30_000
 #: sends API records; returns one ``(ok, error_code, error_message)`` per record, in order
 Sender = Callable[[list[dict]], list[tuple[bool, str | None, str | None]]]
 
@@ -86,8 +88,11 @@ def api_cells(rows: pd.DataFrame, fields: dict[str, FieldMap], side: Side) -> pd
 
 
 def write_records(rows: pd.DataFrame, api: pd.DataFrame, key: str, key_columns: dict[str, str], send: Sender,
-                  progress: Progress | None = None) -> pd.DataFrame:
+                  progress: Progress | None = None, chunk: int | None = SEND_CHUNK) -> pd.DataFrame:
     """Send long writes as one record per ``key``; re-send rejected records one field at a time.
+
+    :param chunk: records handed to ``send`` at a time (a multiple of both services' batch sizes), so progress
+        is logged as a long write goes; None sends everything at once (a bulk import queues its own files).
 
     :param rows: long writes (``key``, ``field``, ``value``, …), index = row id.
     :param api: their API cells (``row`` = the row id, ``api_field``, ``api_value``, key columns).
@@ -97,9 +102,13 @@ def write_records(rows: pd.DataFrame, api: pd.DataFrame, key: str, key_columns: 
     if rows.empty:
         return out
     records, order = api_records(api, key, key_columns)
-    outcome = _outcomes(send(records), order)
-    if progress:
-        progress.advance(len(records))
+    results: list = []
+    step = chunk or len(records)
+    for start in range(0, len(records), step):  # chunks, so a long write logs its progress
+        results += send(records[start:start + step])
+        if progress:
+            progress.advance(min(step, len(records) - start))
+    outcome = _outcomes(results, order)
     ok = rows[key].map(outcome["ok"]).fillna(False).astype(bool)
     fields_per_record = rows.groupby(key)[key].transform("size")
     retry = ~ok & (fields_per_record > 1)
@@ -176,8 +185,7 @@ def load_dynamics(config: SyncConfig, entity: EntityConfig, writes: pd.DataFrame
     api.loc[link, "api_field"] = config.dynamics.marketo_id_column
     api.loc[link, "api_value"] = api.loc[link, "value"].astype(str)
     api = api.assign(row=api.index)
-    progress = Progress(log, f"dynamics: {entity.entity_set} updated", ok_rows["dynamics_id"].nunique(),
-                        calls=lambda: getattr(client, "calls_made", 0))
+    progress = Progress.for_client(log, f"dynamics: {entity.entity_set} updated", ok_rows["dynamics_id"].nunique(), client)
 
     def send(records: list[dict]):
         res = client.update_multiple(entity.entity_set, records)
@@ -212,7 +220,7 @@ def load_marketo(config: SyncConfig, entities: dict[str, EntityConfig], writes: 
     ok_rows = rows[refused.isna().to_numpy()]
     api = _marketo_cells(config, entities, ok_rows).assign(row=lambda f: f.index)
     n_records = ok_rows["person_id"].nunique()
-    progress = Progress(log, "marketo: persons updated", n_records, calls=lambda: getattr(client, "calls_made", 0))
+    progress = Progress.for_client(log, "marketo: persons updated", n_records, client)
     method = "sync"
     parts = []
     if n_records > bulk_threshold and hasattr(client, "import_leads"):
@@ -225,7 +233,7 @@ def load_marketo(config: SyncConfig, entities: dict[str, EntityConfig], writes: 
                      "through Sync Leads)", n_records, len(clears))
             sub = ok_rows[bulk.to_numpy()]
             parts.append(write_records(sub, api[api["row"].isin(sub.index)], "person_id", {"person_id": "id"},
-                                       lambda recs: _import_outcomes(client, recs), progress))
+                                       lambda recs: _import_outcomes(client, recs), progress, chunk=None))
             ok_rows = ok_rows[~bulk.to_numpy()]
     if not ok_rows.empty:
         parts.append(write_records(ok_rows, api[api["row"].isin(ok_rows.index)], "person_id", {"person_id": "id"},

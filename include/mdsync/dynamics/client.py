@@ -321,13 +321,18 @@ class DynamicsClient(WritesMixin):
                                   full_read=True)
 
     def _read_changes(self, entity_set, columns, url, params, headers, full_read) -> ChangeSet:
+        from mdsync.progress import Progress
+
         changed, deleted, last = [], [], {}
+        progress = Progress.for_client(log, f"dynamics: {entity_set} read", None, self)
         for last in self._pages(url, params, headers):
+            progress.advance(len(last.get("value", [])))
             for item in last.get("value", []):
                 if "$deletedEntity" in item.get("@odata.context", "") or item.get("reason") == "deleted":
                     deleted.append(item["id"])
                 else:
                     changed.append(item)
+        progress.finish()
         link = last.get("@odata.deltaLink")
         if not link:
             raise ServiceError("dynamics", None, "the last page of a change-tracking read had no @odata.deltaLink",

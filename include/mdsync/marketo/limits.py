@@ -7,6 +7,7 @@ on our side means the service's own limiter (606/615) is never hit in normal ope
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 
 from pyrate_limiter import InMemoryBucket, Limiter, Rate
@@ -32,12 +33,16 @@ class CallLimits:
         window_ms = int((window_s * (1 + WINDOW_MARGIN) + WINDOW_MARGIN_S) * 1000)
         self._rate = Limiter(InMemoryBucket([Rate(max_calls_per_window, window_ms)]))
         self._slots = threading.BoundedSemaphore(max_concurrent)
+        #: seconds spent waiting for a slot or room in the window (progress lines report it)
+        self.waited_s = 0.0
 
     @contextmanager
     def slot(self):
         """Block until a call may be sent (a concurrency slot and room in the window), for its duration."""
+        started = time.monotonic()
         with self._slots:
             self._rate.try_acquire("marketo", blocking=True)
+            self.waited_s += time.monotonic() - started
             yield
 
 
