@@ -15,7 +15,7 @@ What it does:
    records updated, half in Marketo through Sync Leads, half in Dynamics through UpdateMultiple, then a cycle).
    Each task of a cycle runs in its own child process (``bench/_stage.py``), as Airflow runs each task; the two
    extract tasks run side by side as in the DAG (``--sequential`` runs them one after the other).
-3. Prints per cycle: each task's wall time and peak RSS, the cycle's wall time, the API calls per service from
+3. Prints per cycle: each task's wall time and peak RSS (its own process's ``VmHWM``), the cycle's wall time, the API calls per service from
    the sandboxes' own counters (auth calls apart), the floor (the fewest calls the limits allow, see
    ``floors()``), the records written per side from the run's report, and the end-state checks (links, no
    duplicate emails, marked persons created, unmarked ones left alone, Dynamics-only rows created in Marketo,
