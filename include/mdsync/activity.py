@@ -1,6 +1,7 @@
 """The activity log: one readable line per record decision, in the task log and in the state store.
 
 Actions: ``create``, ``update``, ``link``, ``unlink``, ``collision``, ``skip``, ``error``, ``ambiguous``.
+Every stage builds its rows with the builders here (one place for what a line says).
 ``python -m mdsync.activity --email ann@example.com`` (``make activity EMAIL=…``) prints a person's history.
 """
 
@@ -12,6 +13,8 @@ import sys
 
 import pandas as pd
 
+from mdsync.constants import LINK_FIELD
+
 COLUMNS = [
     "entity_type", "person_id", "email", "dynamics_type", "dynamics_id", "action", "field", "old_value",
     "new_value", "winner", "detail",
@@ -22,6 +25,81 @@ def activity_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
     """Rows (dicts or a frame) -> an activity frame with every column (missing ones empty)."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     return frame.reindex(columns=COLUMNS).astype(object).where(lambda f: f.notna(), None)
+
+
+def write_activity(entity: str, writes: pd.DataFrame, results: pd.DataFrame, target: str) -> pd.DataFrame:
+    """One activity row per attempted write: ``update`` when it went through, ``error`` when it did not."""
+    if results.empty:
+        return activity_frame([])
+    data = results[results["field"] != LINK_FIELD].merge(
+        writes[["person_id", "field", "previous", "reason"]], on=["person_id", "field"], how="left")
+    where = "Dynamics" if target == "dynamics" else "Marketo"
+    ok = data["ok"].astype(bool)
+    dry = data["error_code"].eq("dry_run").fillna(False)
+    detail = data["reason"].fillna("") + f" -> {where}"
+    detail = detail.where(~dry, detail + " [dry run: not written]")
+    failed = ~ok & ~dry
+    detail = detail.where(~failed, f"{where} rejected the value: " + data["error_code"].fillna("").astype(str) + " "
+                          + data["error_message"].fillna("").astype(str) + "; not re-sent until the value changes")
+    return activity_frame(pd.DataFrame({
+        "entity_type": entity, "person_id": data["person_id"], "dynamics_type": entity, "dynamics_id": data["dynamics_id"],
+        "action": pd.Series("update", index=data.index).where(~failed, "error"), "field": data["field"],
+        "old_value": data["previous"], "new_value": data["value"], "detail": detail,
+    }))
+
+
+def collision_activity(entity: str, collisions: pd.DataFrame) -> pd.DataFrame:
+    if collisions.empty:
+        return activity_frame([])
+    c = collisions
+    winner_value = c["marketo_value"].where(c["winner"] == "marketo", c["dynamics_value"])
+    loser_value = c["dynamics_value"].where(c["winner"] == "marketo", c["marketo_value"])
+
+    def show(s: pd.Series) -> pd.Series:
+        return s.astype(object).map(lambda v: "(empty)" if v is None or pd.isna(v) else repr(str(v)))
+
+    detail = ("Marketo " + show(c["marketo_value"]) + " vs Dynamics " + show(c["dynamics_value"]) + " (last synced "
+              + show(c["baseline"]) + "): " + c["reason"])
+    return activity_frame(pd.DataFrame({
+        "entity_type": entity, "person_id": c["person_id"], "dynamics_type": entity, "dynamics_id": c["dynamics_id"],
+        "action": "collision", "field": c["field"], "old_value": loser_value, "new_value": winner_value,
+        "winner": c["winner"], "detail": detail,
+    }))
+
+
+def held_activity(entity: str, held: pd.DataFrame, target: str) -> pd.DataFrame:
+    if held.empty:
+        return activity_frame([])
+    where = "Dynamics" if target == "dynamics" else "Marketo"
+    return activity_frame(pd.DataFrame({
+        "entity_type": entity, "person_id": held["person_id"], "dynamics_type": entity, "dynamics_id": held["dynamics_id"],
+        "action": "skip", "field": held["field"], "old_value": held["previous"], "new_value": held["value"],
+        "detail": f"not re-sent: {where} already rejected this value (retried when it changes, or with retry_failed)",
+    }))
+
+
+def problem_activity(entity: str, problems, links: pd.DataFrame) -> pd.DataFrame:
+    """``skip`` rows for values that could not be read (:class:`mdsync.canonical.Problem`), one frame per field."""
+    parts = []
+    for p in problems:  # one frame per field with unreadable values
+        where = "Marketo" if p.side is Side.MARKETO else "Dynamics"
+        values = pd.Series(p.values.to_numpy(), dtype=object)
+        shown = values.map(repr)
+        parts.append(pd.DataFrame({
+            "entity_type": entity, "person_id": p.keys.to_numpy(), "dynamics_type": entity,
+            "dynamics_id": links["dynamics_id"].reindex(p.keys).to_numpy(), "action": "skip", "field": p.field,
+            "new_value": values.where(values.notna(), None).astype(object).map(lambda v: None if v is None else str(v)).to_numpy(),
+            "detail": (where + " value " + shown + " left alone: " + p.reason).to_numpy()}))
+    return activity_frame(pd.concat(parts, ignore_index=True)) if parts else activity_frame([])
+
+
+def blocked_activity(entity: str, blocked: pd.DataFrame, where: str) -> pd.DataFrame:
+    """``skip`` rows for planned writes to fields the sync user cannot update on ``where``."""
+    if blocked.empty:
+        return activity_frame([])
+    return activity_frame(blocked.assign(
+        entity_type=entity, dynamics_type=entity, action="skip", old_value=blocked["previous"],
+        new_value=blocked["value"], detail=f"not written: the sync user cannot update this field in {where}"))
 
 
 def _short(value, limit: int = 80) -> str:

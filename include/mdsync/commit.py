@@ -13,8 +13,6 @@ from datetime import datetime
 
 import pandas as pd
 
-from mdsync.activity import activity_frame
-from mdsync.load import LINK_FIELD
 from mdsync.plan import REQUIRES_DYNAMICS, REQUIRES_MARKETO, REQUIRES_NOTHING
 
 log = logging.getLogger("mdsync.commit")
@@ -39,57 +37,6 @@ def succeeded_baselines(updates: pd.DataFrame, dynamics_results: pd.DataFrame, m
             | ((requires == REQUIRES_DYNAMICS) & keys.isin(ok_keys(dynamics_results)))
             | ((requires == REQUIRES_MARKETO) & keys.isin(ok_keys(marketo_results))))
     return updates[keep]
-
-
-def write_activity(entity: str, writes: pd.DataFrame, results: pd.DataFrame, target: str) -> pd.DataFrame:
-    """One activity row per attempted write: ``update`` when it went through, ``error`` when it did not."""
-    if results.empty:
-        return activity_frame([])
-    data = results[results["field"] != LINK_FIELD].merge(
-        writes[["person_id", "field", "previous", "reason"]], on=_KEY, how="left")
-    where = "Dynamics" if target == "dynamics" else "Marketo"
-    ok = data["ok"].astype(bool)
-    dry = data["error_code"].eq("dry_run").fillna(False)
-    detail = data["reason"].fillna("") + f" -> {where}"
-    detail = detail.where(~dry, detail + " [dry run: not written]")
-    failed = ~ok & ~dry
-    detail = detail.where(~failed, f"{where} rejected the value: " + data["error_code"].fillna("").astype(str) + " "
-                          + data["error_message"].fillna("").astype(str) + "; not re-sent until the value changes")
-    return activity_frame(pd.DataFrame({
-        "entity_type": entity, "person_id": data["person_id"], "dynamics_type": entity, "dynamics_id": data["dynamics_id"],
-        "action": pd.Series("update", index=data.index).where(~failed, "error"), "field": data["field"],
-        "old_value": data["previous"], "new_value": data["value"], "detail": detail,
-    }))
-
-
-def collision_activity(entity: str, collisions: pd.DataFrame) -> pd.DataFrame:
-    if collisions.empty:
-        return activity_frame([])
-    c = collisions
-    winner_value = c["marketo_value"].where(c["winner"] == "marketo", c["dynamics_value"])
-    loser_value = c["dynamics_value"].where(c["winner"] == "marketo", c["marketo_value"])
-
-    def show(s: pd.Series) -> pd.Series:
-        return s.astype(object).map(lambda v: "(empty)" if v is None or pd.isna(v) else repr(str(v)))
-
-    detail = ("Marketo " + show(c["marketo_value"]) + " vs Dynamics " + show(c["dynamics_value"]) + " (last synced "
-              + show(c["baseline"]) + "): " + c["reason"])
-    return activity_frame(pd.DataFrame({
-        "entity_type": entity, "person_id": c["person_id"], "dynamics_type": entity, "dynamics_id": c["dynamics_id"],
-        "action": "collision", "field": c["field"], "old_value": loser_value, "new_value": winner_value,
-        "winner": c["winner"], "detail": detail,
-    }))
-
-
-def held_activity(entity: str, held: pd.DataFrame, target: str) -> pd.DataFrame:
-    if held.empty:
-        return activity_frame([])
-    where = "Dynamics" if target == "dynamics" else "Marketo"
-    return activity_frame(pd.DataFrame({
-        "entity_type": entity, "person_id": held["person_id"], "dynamics_type": entity, "dynamics_id": held["dynamics_id"],
-        "action": "skip", "field": held["field"], "old_value": held["previous"], "new_value": held["value"],
-        "detail": f"not re-sent: {where} already rejected this value (retried when it changes, or with retry_failed)",
-    }))
 
 
 def error_rows(results: pd.DataFrame, target: str, entity_of: pd.Series) -> pd.DataFrame:

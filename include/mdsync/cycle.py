@@ -25,10 +25,10 @@ import pandas as pd
 
 from mdsync import access as access_stage
 from mdsync import identity as identity_stage
-from mdsync.activity import activity_frame, log_activity
+from mdsync.activity import (activity_frame, blocked_activity, collision_activity, held_activity, log_activity,
+                             problem_activity, write_activity)
 from mdsync.canonical import canonical_frame
-from mdsync.commit import (collision_activity, commit_cycle, error_rows, held_activity, resolved_keys,
-                           succeeded_baselines, write_activity)
+from mdsync.commit import commit_cycle, error_rows, resolved_keys, succeeded_baselines
 from mdsync.config import Side, SyncConfig, load_config
 from mdsync.extract import dynamics_columns, extract_dynamics, extract_marketo, marketo_fields
 from mdsync.load import (create_in_dynamics, create_in_marketo, load_dynamics, load_marketo,
@@ -367,15 +367,11 @@ class Cycle:
         plan = plan_entity(entity, baseline, marketo, dynamics, links, keys=keys,
                            marketo_invalid=_invalid(m_problems), dynamics_invalid=_invalid(d_problems))
 
-        skipped = [activity_frame(_problem_rows(entity_name, m_problems + d_problems, links))]
+        skipped = [problem_activity(entity_name, m_problems + d_problems, links)]
         # Fields the sync user cannot write this run are not sent (field access, DESIGN §4.1).
         d_writes, d_blocked = _split(plan.dynamics_writes, acc.dynamics_write)
         m_writes, m_blocked = _split(plan.marketo_writes, acc.marketo_write)
-        for blocked, where in ((d_blocked, "dynamics"), (m_blocked, "marketo")):
-            if not blocked.empty:
-                skipped.append(activity_frame(blocked.assign(
-                    entity_type=entity_name, dynamics_type=entity_name, action="skip", old_value=blocked["previous"],
-                    new_value=blocked["value"], detail=f"not written: the sync user cannot update this field in {where}")))
+        skipped += [blocked_activity(entity_name, d_blocked, "dynamics"), blocked_activity(entity_name, m_blocked, "marketo")]
         held = []
         if not self.run.retry_failed:
             errors = self.store.open_errors(person_ids=keys.tolist())
@@ -630,20 +626,6 @@ def _invalid(problems) -> pd.DataFrame | None:
         return None
     return pd.DataFrame({"person_id": np.concatenate([p.keys.to_numpy() for p in problems]),
                          "field": np.concatenate([[p.field] * len(p.keys) for p in problems])})
-
-
-def _problem_rows(entity: str, problems, links: pd.DataFrame) -> pd.DataFrame:
-    parts = []
-    for p in problems:  # one frame per field with unreadable values
-        where = "Marketo" if p.side is Side.MARKETO else "Dynamics"
-        values = pd.Series(p.values.to_numpy(), dtype=object)
-        shown = values.map(repr)
-        parts.append(pd.DataFrame({
-            "entity_type": entity, "person_id": p.keys.to_numpy(), "dynamics_type": entity,
-            "dynamics_id": links["dynamics_id"].reindex(p.keys).to_numpy(), "action": "skip", "field": p.field,
-            "new_value": values.where(values.notna(), None).astype(object).map(lambda v: None if v is None else str(v)).to_numpy(),
-            "detail": (where + " value " + shown + " left alone: " + p.reason).to_numpy()}))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def _split(writes: pd.DataFrame, allowed: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -24,13 +24,12 @@ import pandas as pd
 from mdsync.activity import activity_frame
 from mdsync.canonical import canonical_frame, to_dynamics, to_marketo
 from mdsync.config import EntityConfig, FieldMap, Side, SyncConfig
+from mdsync.constants import LINK_FIELD
 from mdsync.progress import Progress
 
 log = logging.getLogger("mdsync.load")
 
 RESULT_COLUMNS = ["person_id", "dynamics_id", "field", "value", "ok", "error_code", "error_message"]
-#: the pseudo-field of link-field writes in results
-LINK_FIELD = "(link)"
 #: Marketo writes above this many records go through the Bulk Lead Import (one job instead of n/300 calls)
 MARKETO_BULK_THRESHOLD = 3000
 
