@@ -13,7 +13,7 @@ export MARKETO_PORT DATAVERSE_PORT
 help:
 	@echo "make demo      run the sync demo end to end (sets everything up)"
 	@echo "make test      run the whole test suite (sets everything up, PostgreSQL included)"
-	@echo "make bench     time the engine (diff + resolve + plan) at 100k and 1M records"
+	@echo "make bench     time the plan stage at 100k/1M and a first sync end to end at 100k (PERSONS=1000000)"
 	@echo "make sandbox   run the Marketo and Dataverse emulators in the foreground"
 	@echo "make sync      run one sync cycle now against the configured connections"
 
