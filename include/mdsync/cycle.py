@@ -147,6 +147,11 @@ class Cycle:
         period = timedelta(hours=self.config.schedule.full_reconcile_every_hours)
         return datetime.now(timezone.utc) - wm.high_water >= period
 
+    def _after_full_reconcile(self) -> bool:
+        """Whether the last committed cycle was a full reconcile (its writes come back in this window)."""
+        full, marketo = self.store.watermark(*FULL_RECONCILE), self.store.watermark("marketo", "persons")
+        return bool(full and marketo and full.high_water and full.high_water == marketo.high_water)
+
     def _log_activity(self, activity: pd.DataFrame) -> None:
         log_activity(activity, log, limit=self.settings.log_limit)
 
@@ -209,11 +214,14 @@ class Cycle:
             self.marketo.use_describe(pd.DataFrame(self._access(schema.access).marketo_describe))
             full = self.full_reconcile_due()
             since = self.window_since()
+            pages = self.settings.max_change_pages
+            if not full and self._after_full_reconcile():
+                pages = 1  # the echo of a full reconcile's writes is a large window: go to bulk at once
             result = extract_marketo(self.marketo, self.config, since=since, extra_ids=self.run.person_ids, full=full,
                                      lookback_days=self.settings.full_lookback_days if full else 0,
                                      bulk_poll_seconds=self.settings.bulk_poll_seconds,
                                      bootstrap_since=self.settings.bootstrap_since,
-                                     max_change_pages=self.settings.max_change_pages)
+                                     max_change_pages=pages)
             box["result"] = MarketoExtracted(
                 persons=self.staging.write_frame("marketo-persons", result.persons),
                 deleted=self.staging.write_frame("marketo-deleted", pd.DataFrame({"id": result.deleted}, dtype="int64")),
