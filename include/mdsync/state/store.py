@@ -28,6 +28,8 @@ from mdsync.state import schema
 log = logging.getLogger(__name__)
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
+#: the PostgreSQL advisory lock that serialises schema migrations ("mdsync" in ASCII)
+_MIGRATION_LOCK_KEY = 0x6D6473796E63
 #: rows per executemany / IN (...) chunk; well under SQLite's and PostgreSQL's parameter limits
 _CHUNK = 5000
 
@@ -116,11 +118,31 @@ class StateStore:
         cfg = Config()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         try:
-            with self.engine.begin() as conn:
+            # Tasks start together (the two extracts of the first run): one migrates, the others wait for it
+            # and then find the schema at head.
+            with self._migration_lock(), self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
         except sa.exc.OperationalError as exc:
             raise StateStoreError(f"cannot migrate the state store {self._safe_url}: {exc.orig}") from exc
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """An exclusive lock file beside a SQLite store (PostgreSQL uses an advisory lock instead)."""
+        if not self.url.startswith("sqlite:///") or self.url.endswith(":memory:"):
+            yield
+            return
+        import fcntl
+
+        path = Path(self.url.removeprefix("sqlite:///") + ".migrate.lock")
+        with path.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def revision(self) -> str | None:
         """The schema revision the database is at (``None`` before the first upgrade)."""

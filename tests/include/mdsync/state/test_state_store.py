@@ -150,3 +150,17 @@ def test_default_url_lives_under_airflow_home(monkeypatch, tmp_path):
     assert StateStore().url == f"sqlite:///{tmp_path}/mdsync/state.sqlite"
     monkeypatch.setenv("MDSYNC_STATE_URL", "sqlite:///elsewhere.sqlite")
     assert StateStore().url == "sqlite:///elsewhere.sqlite"
+
+
+def test_stores_opened_at_once_by_several_processes_migrate_once(tmp_path):
+    """The first run's tasks open a fresh store together: one migrates, the others wait and find it at head."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'fresh.sqlite'}"
+    code = "import sys; from mdsync.state import open_store; print(open_store(sys.argv[1]).revision())"
+    procs = [subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outcomes = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err[-500:] for _, err in outcomes]
+    assert len({out.strip() for out, _ in outcomes}) == 1 and outcomes[0][0].strip()
