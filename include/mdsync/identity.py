@@ -237,6 +237,15 @@ class _Decider:
         self.links = pd.concat([self.links[~self.links.index.isin(frame.index)], frame])
         self.new.append(frame)
 
+    def hold(self, person_ids, entity, dynamics_ids) -> None:
+        """Persons and records a link field ties to a pair that cannot be made (ambiguous, or deleted on the other
+        side this window): nothing is done for them this cycle -- no email match, no create."""
+        frame = pd.DataFrame({"dynamics_type": np.asarray(entity, dtype=object) if not isinstance(entity, str) else entity,
+                              "dynamics_id": np.asarray(dynamics_ids, dtype=object), "method": "held", "new": False},
+                             index=pd.Index(np.asarray(person_ids, dtype="int64"), name="person_id"))
+        if not frame.empty:
+            self.kept = pd.concat([self.kept, frame])
+
 
 def decide(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame, records: dict[str, pd.DataFrame],
            marketo_deleted=(), dynamics_deleted: dict[str, list[str]] | None = None, *,
@@ -312,12 +321,15 @@ def _rebuild_from_dynamics(dec: _Decider, records: dict[str, pd.DataFrame], m_de
     dec.note(_notes("error", column + " holds " + cand["named"][bad].map(repr).astype(str) + ", which is not a Marketo person id; not linked",
                     entity_type=cand["entity"][bad].to_numpy(), dynamics_id=cand["dynamics_id"][bad].to_numpy()))
     cand = cand[~bad].assign(person_id=number[~bad].astype("int64"))
-    cand = cand[~cand["person_id"].isin(m_deleted)]  # the person was deleted in Marketo this window
-    taken = cand["person_id"].isin(dec.taken_persons).to_numpy() | cand["person_id"].duplicated().to_numpy()
+    gone = cand["person_id"].isin(m_deleted).to_numpy()  # the person was deleted in Marketo this window
+    dec.hold(cand["person_id"][gone], cand["entity"][gone], cand["dynamics_id"][gone])
+    cand = cand[~gone]
+    taken = cand["person_id"].isin(dec.taken_persons).to_numpy() | cand["person_id"].duplicated(keep=False).to_numpy()
     dec.note(_notes("ambiguous", column + " names person " + cand["person_id"][taken].astype(str)
                     + ", who is already linked to another record; nothing done (fix the column or merge the records)",
                     person_id=cand["person_id"][taken].to_numpy(), entity_type=cand["entity"][taken].to_numpy(),
                     dynamics_id=cand["dynamics_id"][taken].to_numpy()))
+    dec.hold(cand["person_id"][taken], cand["entity"][taken], cand["dynamics_id"][taken])
     ok = cand[~taken]
     dec.add(ok["person_id"], ok["entity"], ok["dynamics_id"], "marketo_id_column")
 
@@ -339,11 +351,14 @@ def _rebuild_from_marketo(dec: _Decider, persons: pd.DataFrame, d_deleted: pd.In
     unl, did, kind = unl[~bad], did[~bad], kind[~bad]
     key = _record_key(kind, did)
     fresh = ~key.isin(d_deleted).to_numpy()  # a record deleted this window: nothing to link to
+    dec.hold(unl["id"][~fresh], kind[~fresh], did[~fresh])
     unl, did, kind, key = unl[fresh], did[fresh], kind[fresh], key[fresh]
-    taken = key.isin(dec.taken_records).to_numpy() | key.duplicated().to_numpy()
+    held = key.isin(_record_key(dec.kept["dynamics_type"], dec.kept["dynamics_id"])).to_numpy()
+    taken = key.isin(dec.taken_records).to_numpy() | held | key.duplicated(keep=False).to_numpy()
     dec.note(_notes("ambiguous", link.dynamics_id + " names a " + kind[taken] + " that is linked to another person; nothing done",
                     person_id=unl["id"][taken].to_numpy(), entity_type=kind[taken].to_numpy(),
                     dynamics_id=did[taken].to_numpy()))
+    dec.hold(unl["id"][taken], kind[taken], did[taken])
     dec.add(unl["id"][~taken], kind[~taken], did[~taken], "dynamics_id_field")
 
 
@@ -413,7 +428,8 @@ def _match_dynamics_records(dec: _Decider, persons: pd.DataFrame, records: dict[
                         dynamics_id=relink["dynamics_id"].to_numpy(), email=relink["email"].to_numpy()))
         dec.add(relink["person_id"], relink["entity"], relink["dynamics_id"], "lead_qualified")
     one = one[~qualified]
-    taken = one["person_id"].isin(dec.taken_persons).to_numpy() | one["person_id"].duplicated().to_numpy()
+    taken = (one["person_id"].isin(dec.taken_persons).to_numpy() | one["person_id"].isin(dec.kept.index).to_numpy()
+             | one["person_id"].duplicated().to_numpy())
     busy = one[taken]
     dec.note(_notes("ambiguous", "the Marketo person with this email is already linked to another record; nothing done",
                     person_id=busy["person_id"].to_numpy(), entity_type=busy["entity"].to_numpy(),
@@ -470,7 +486,8 @@ def _push_marketo_persons(dec: _Decider, persons: pd.DataFrame, records: dict[st
         if rows is None or rows.empty or left.empty:
             continue
         ent = dec.config.entity(entity)
-        free = rows[~_record_key(entity, rows[ent.id_column]).isin(dec.taken_records).to_numpy()]
+        key = _record_key(entity, rows[ent.id_column])
+        free = rows[~(key.isin(dec.taken_records) | key.isin(_record_key(dec.kept["dynamics_type"], dec.kept["dynamics_id"]))).to_numpy()]
         keys = _lower(_column(free, ent.email_field.dynamics))
         hits = pd.DataFrame({"key": keys.to_numpy(), "dynamics_id": free[ent.id_column].astype(str).to_numpy()}).dropna()
         count = hits["key"].value_counts()
@@ -479,7 +496,7 @@ def _push_marketo_persons(dec: _Decider, persons: pd.DataFrame, records: dict[st
         dec.note(_notes("ambiguous", many["key"].map(count).astype(str) + f" Dynamics {entity}s have this email; none is linked",
                         person_id=many["person_id"].to_numpy(), email=many["email"].to_numpy(), entity_type=entity))
         one = left[n == 1].assign(dynamics_id=lambda f: f["key"].map(hits.drop_duplicates("key").set_index("key")["dynamics_id"]))
-        dup = one["dynamics_id"].duplicated().to_numpy()
+        dup = one["dynamics_id"].duplicated(keep=False).to_numpy()
         dec.note(_notes("ambiguous", f"another person with this email is linked to the same {entity}; nothing done",
                         person_id=one["person_id"][dup].to_numpy(), email=one["email"][dup].to_numpy(),
                         entity_type=entity, dynamics_id=one["dynamics_id"][dup].to_numpy()))
