@@ -468,8 +468,8 @@ def _push_marketo_persons(dec: _Decider, persons: pd.DataFrame, records: dict[st
     if want.empty:
         return empty
     asked = _lower(_column(want, marker.as_field)) if marker.as_field else pd.Series(None, index=want.index, dtype=object)
-    kind = asked.where(asked.isin(ENTITY_TYPES), default)  # empty or unknown: the default type
-    kind = kind.where(~want["id"].isin(push_ids), default)
+    kind = asked.where(asked.isin(ENTITY_TYPES), marker.default_type)  # empty or unknown: the marker's default
+    kind = kind.where(~want["id"].isin(push_ids), default)  # a manual run's persons: as the run asks
     unknown = ~kind.isin(list(dec.config.entities)).to_numpy()
     dec.note(_notes("error", "cannot sync as " + kind[unknown].map(repr).astype(str) + ": that entity type is not configured",
                     person_id=want["id"][unknown].to_numpy()))
