@@ -61,20 +61,28 @@ def resolved_keys(results: pd.DataFrame, target: str) -> pd.DataFrame:
 
 
 def commit_cycle(
-    store, run_id: str, *, baselines: pd.DataFrame, activity: pd.DataFrame, errors: pd.DataFrame,
+    store, run_id: str, *, baselines, activity, errors: pd.DataFrame,
     resolved: pd.DataFrame, watermarks: list[tuple[str, str, datetime | None, str | None]],
     links: pd.DataFrame | None = None, unlinked: list[int] = (),
 ) -> dict:
-    """Persist a cycle's outcome atomically. Returns counts."""
+    """Persist a cycle's outcome atomically. Returns counts.
+
+    :param baselines: / :param activity: a frame, or an iterable of frames written one after another in the
+        same transaction (a first sync's millions of rows never sit in memory at once).
+    """
     with store.transaction() as tx:
         if unlinked:
             store.remove_links(unlinked, conn=tx)
         if links is not None and not links.empty:
             store.save_links(links, run_id, conn=tx)
-        n_base = store.save_baselines(baselines, run_id, conn=tx)
+        n_base = sum(store.save_baselines(b, run_id, conn=tx) for b in _frames(baselines))
         store.resolve_errors(resolved, conn=tx)
         n_err = store.record_errors(errors, run_id, conn=tx)
-        n_act = store.record_activity(activity, run_id, conn=tx)
+        n_act = sum(store.record_activity(a, run_id, conn=tx) for a in _frames(activity))
         for source, entity, high_water, token in watermarks:
             store.save_watermark(source, entity, high_water, token, run_id, conn=tx)
     return {"baselines": n_base, "errors": n_err, "activity": n_act, "watermarks": len(watermarks)}
+
+
+def _frames(parts):
+    return [parts] if isinstance(parts, pd.DataFrame) else parts

@@ -483,51 +483,65 @@ class Cycle:
 
     def _commit(self, manifest: RunManifest) -> Committed:
         s, identity = self.staging, manifest.identity
-        persons = s.read_frame(identity.persons)
+        emails = _emails(s.read_frame(identity.persons))
         links = s.read_frame(identity.links)
         entity_of = links["dynamics_type"]
         loads = [manifest.dynamics_loaded, manifest.marketo_loaded]
         m_results = s.read_frame(manifest.marketo_loaded.results["all"])
-        baselines, errors, resolved = [], [s.read_frame(identity.errors)], []
-        activity = [s.read_frame(identity.activity)] + [s.read_frame(ld.activity) for ld in loads if ld.activity]
-        for p in manifest.plans:
-            name = p.entity
+
+        def mine(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             d_results = s.read_frame(manifest.dynamics_loaded.results[name])
-            m_mine = m_results[m_results["entity_type"] == name] if not m_results.empty else m_results
-            baselines.append(succeeded_baselines(s.read_frame(p.baseline_updates), d_results, m_mine))
-            activity += [s.read_frame(p.activity),
-                         write_activity(name, s.read_frame(p.dynamics_writes), d_results, "dynamics"),
-                         write_activity(name, s.read_frame(p.marketo_writes), m_mine, "marketo")]
+            return d_results, (m_results[m_results["entity_type"] == name] if not m_results.empty else m_results)
+
+        # Baselines and activity are read, written and dropped part by part (a first sync has millions of rows).
+        def baseline_parts():
+            for p in manifest.plans:
+                yield succeeded_baselines(s.read_frame(p.baseline_updates), *mine(p.entity))
+            for ld in loads:  # a create's values are the new pair's first baseline
+                if ld.created_values:
+                    yield s.read_frame(ld.created_values).assign(requires=REQUIRES_NOTHING)
+
+        def activity_parts():
+            yield from (s.read_frame(path) for path in [identity.activity, *(ld.activity for ld in loads if ld.activity)])
+            for p in manifest.plans:
+                d_results, m_mine = mine(p.entity)
+                yield s.read_frame(p.activity)
+                for part in (write_activity(p.entity, s.read_frame(p.dynamics_writes), d_results, "dynamics"),
+                             write_activity(p.entity, s.read_frame(p.marketo_writes), m_mine, "marketo")):
+                    # identity, plan and create notes were logged by their tasks; log the write outcomes here
+                    self._log_activity(part)
+                    yield part
+
+        def with_emails(parts):
+            for part in parts:
+                if not part.empty:
+                    yield part.assign(email=part["email"].where(part["email"].notna(), part["person_id"].map(emails)))
+
+        errors, resolved = [s.read_frame(identity.errors)], []
+        for p in manifest.plans:
+            d_results, m_mine = mine(p.entity)
             errors += [error_rows(d_results, "dynamics", entity_of), error_rows(m_mine, "marketo", entity_of)]
             resolved += [resolved_keys(d_results, "dynamics"), resolved_keys(m_mine, "marketo")]
-        created_links = [s.read_frame(ld.created_links) for ld in loads if ld.created_links]
-        for ld in loads:  # a create's values are the new pair's first baseline
-            if ld.created_values:
-                baselines.append(s.read_frame(ld.created_values).assign(requires=REQUIRES_NOTHING))
-            if ld.errors:
-                errors.append(s.read_frame(ld.errors))
-        activity = _concat([a for a in activity if not a.empty]) if any(not a.empty for a in activity) else activity_frame([])
-        activity["email"] = activity["email"].where(activity["email"].notna(), activity["person_id"].map(_emails(persons)))
-        # identity, plan and create notes were logged by their tasks; log the write outcomes here
-        self._log_activity(activity[activity["action"].isin(["update", "error"]) & activity["field"].notna()])
-        baselines = _concat([b for b in baselines if not b.empty]) if any(not b.empty for b in baselines) else \
-            pd.DataFrame(columns=["person_id", "field", "value", "requires"])
+        errors += [s.read_frame(ld.errors) for ld in loads if ld.errors]
         errors = _concat([e for e in errors if not e.empty]) if any(not e.empty for e in errors) else pd.DataFrame()
         resolved = _concat(resolved) if resolved else pd.DataFrame(columns=["person_id", "target", "field"])
+        created_links = [s.read_frame(ld.created_links) for ld in loads if ld.created_links]
         new_links = pd.concat([links[links["new"].astype(bool)].reset_index(), *created_links], ignore_index=True)
         if self.run.dry_run:
+            n_base = sum(len(b) for b in baseline_parts())
+            n_act = sum(len(a) for a in with_emails(activity_parts()))
             log.info("dry run: nothing committed (%d links, %d baseline updates, %d activity rows, %d errors would be "
-                     "recorded)", len(new_links), len(baselines), len(activity), len(errors))
-            return Committed(dry_run=True, baselines=len(baselines), activity=len(activity), errors=len(errors),
-                             links=len(new_links))
+                     "recorded)", len(new_links), n_base, n_act, len(errors))
+            return Committed(dry_run=True, baselines=n_base, activity=n_act, errors=len(errors), links=len(new_links))
         marketo, dynamics = manifest.marketo, manifest.dynamics
         watermarks = [("marketo", "persons", marketo.high_water, None)]
         for name, d in dynamics.entities.items():
             watermarks.append(("dynamics", name, d.high_water, d.delta_link))
         if marketo.full and dynamics.full:
             watermarks.append((*FULL_RECONCILE, marketo.high_water, None))
-        counts = commit_cycle(self.store, self.run.run_id, baselines=baselines, activity=activity, errors=errors,
-                              resolved=resolved, watermarks=watermarks, links=new_links,
+        counts = commit_cycle(self.store, self.run.run_id, baselines=baseline_parts(),
+                              activity=with_emails(activity_parts()), errors=errors, resolved=resolved,
+                              watermarks=watermarks, links=new_links,
                               unlinked=s.read_frame(identity.unlinked)["person_id"].tolist())
         log.info("committed: %s", counts)
         return Committed(links=len(new_links), **counts)
