@@ -21,6 +21,7 @@ import pandas as pd
 
 from mdsync.access import EntityAccess, FieldAccess
 from mdsync.config import EntityConfig, SyncConfig
+from mdsync.errors import ServiceError
 
 log = logging.getLogger("mdsync.extract")
 
@@ -141,14 +142,20 @@ def extract_marketo(
         mode = "bulk_all"
         log.info("marketo: bulk export read %d persons", len(frames[-1]))
     else:
-        changes, _ = client.get_lead_changes(token, change_fields(config), max_pages=max_change_pages)
+        changes, next_token = client.get_lead_changes(token, change_fields(config), max_pages=max_change_pages)
         if changes.attrs.get("more_result"):
             log.info("marketo: more than %d pages of lead changes since %s: reading the window in bulk instead",
                      max_change_pages, since.isoformat())
-            changes = client.export_activities([NEW_LEAD, CHANGE_DATA_VALUE], created_at=(since, started),
-                                               poll_interval_s=bulk_poll_seconds)
-            changes = _mapped_changes(changes, config, client)
-            mode = "bulk_window"
+            try:
+                bulk = client.export_activities([NEW_LEAD, CHANGE_DATA_VALUE], created_at=(since, started),
+                                                poll_interval_s=bulk_poll_seconds)
+                changes, mode = _mapped_changes(bulk, config, client), "bulk_window"
+            except ServiceError as exc:
+                if exc.code != "1029":  # only a full export queue or the daily export quota: page on instead
+                    raise
+                log.warning("marketo: bulk activity export refused (%s); paging the rest of the lead changes", exc)
+                rest, _ = client.get_lead_changes(next_token, change_fields(config))
+                changes = pd.concat([changes, rest], ignore_index=True)
         changed_ids = set(int(i) for i in changes.get("lead_id", pd.Series(dtype="Int64")).dropna())
         log.info("marketo: %d change activities for %d persons since %s", len(changes), len(changed_ids),
                  since.isoformat())
@@ -188,9 +195,7 @@ def _mapped_changes(changes: pd.DataFrame, config: SyncConfig, client) -> pd.Dat
 
 def _read_window_in_bulk(client, fields, since, until, wanted: set[int], poll_seconds: float) -> pd.DataFrame:
     """Many changed persons: one bulk lead export of the window (``updatedAt``) instead of ids 300 at a time;
-    subscriptions without the ``updatedAt`` filter read by id."""
-    from mdsync.errors import ServiceError
-
+    subscriptions without the ``updatedAt`` filter (or past the daily export quota) read by id."""
     try:
         exported = client.export_leads(fields, updated_at=(since, until), poll_interval_s=poll_seconds)
     except ServiceError as exc:

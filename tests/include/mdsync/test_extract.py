@@ -158,6 +158,21 @@ def test_a_window_with_more_pages_is_read_by_bulk_activity_export():
     assert sorted(got.persons["id"]) == [1, 2] and got.changed == 2
 
 
+def test_a_busy_window_pages_on_when_the_daily_export_quota_is_used_up():
+    from mdsync.errors import ServiceError
+
+    class QuotaUsedUp(FakeMarketo):
+        def export_activities(self, activity_type_ids, created_at, *, poll_interval_s=5.0):
+            self.calls.append(("export_activities", list(activity_type_ids), created_at))
+            raise ServiceError("marketo", "1029", "Export daily quota exceeded")
+
+    client = QuotaUsedUp({1: SINCE, 2: SINCE}, changes=[(1, "First Name"), (2, "First Name")], more_result=True)
+    got = extract.extract_marketo(client, CONFIG, since=SINCE, max_change_pages=1)
+    pages = [c for c in client.calls if c[0] == "get_lead_changes"]
+    assert len(pages) == 2 and pages[1][1] == "token-3" and pages[1][3] is None  # the rest, from where it stopped
+    assert got.mode == "changes" and sorted(got.persons["id"]) == [1, 2]
+
+
 def test_a_busy_window_reads_the_changed_persons_in_bulk():
     persons = {i: SINCE for i in range(1, 11)}
     client = FakeMarketo(persons, changes=[(i, "Email") for i in range(1, 11)])
