@@ -128,6 +128,12 @@ class Cycle:
         log.info("%s done in %.1f s (API calls: Marketo %d, Dataverse %d)", name, result.elapsed_s,
                  result.calls["marketo"], result.calls["dynamics"])
 
+    def _timed(self, name: str, stage: Callable, *args) -> StageResult:
+        """Run one stage's logic inside :meth:`_stage` (timing, call counts, the stage named on failure)."""
+        with self._stage(name) as box:
+            box["result"] = stage(*args)
+        return box["result"]
+
     def _access(self, path: str) -> access_stage.FieldAccess:
         return access_stage.FieldAccess.from_json(self.staging.read_json(path))
 
@@ -159,9 +165,7 @@ class Cycle:
 
     def refresh_schema(self) -> SchemaResult:
         """Describe both sides (or reuse a recent refresh) and decide field access for this run."""
-        with self._stage("refresh_schema") as box:
-            box["result"] = self._refresh_schema()
-        return box["result"]
+        return self._timed("refresh_schema", self._refresh_schema)
 
     def _refresh_schema(self) -> SchemaResult:
         # one cache per pair of instances and config, so pointing the sync elsewhere never reuses it
@@ -251,9 +255,7 @@ class Cycle:
     # -- 3. identity ----------------------------------------------------------------------------------
 
     def identify(self, schema: SchemaResult, marketo: MarketoExtracted, dynamics: DynamicsExtracted) -> Identified:
-        with self._stage("identify") as box:
-            box["result"] = self._identify(schema, marketo, dynamics)
-        return box["result"]
+        return self._timed("identify", self._identify, schema, marketo, dynamics)
 
     def _identify(self, schema: SchemaResult, marketo: MarketoExtracted, dynamics: DynamicsExtracted) -> Identified:
         s = self.staging
@@ -343,9 +345,7 @@ class Cycle:
     # -- 4. diff, resolve, plan -----------------------------------------------------------------------
 
     def plan(self, entity_name: str, schema: SchemaResult, identity: Identified) -> Planned:
-        with self._stage(f"plan_{entity_name}") as box:
-            box["result"] = self._plan(entity_name, schema, identity)
-        return box["result"]
+        return self._timed(f"plan_{entity_name}", self._plan, entity_name, schema, identity)
 
     def _plan(self, entity_name: str, schema: SchemaResult, identity: Identified) -> Planned:
         entity = self.config.entity(entity_name)
@@ -406,9 +406,7 @@ class Cycle:
     # -- 5. load --------------------------------------------------------------------------------------
 
     def load_dynamics(self, manifest: RunManifest) -> Loaded:
-        with self._stage("load_dynamics") as box:
-            box["result"] = self._load_dynamics(manifest)
-        return box["result"]
+        return self._timed("load_dynamics", self._load_dynamics, manifest)
 
     def _load_dynamics(self, manifest: RunManifest) -> Loaded:
         s, identity = self.staging, manifest.identity
@@ -440,9 +438,7 @@ class Cycle:
         return out
 
     def load_marketo(self, manifest: RunManifest) -> Loaded:
-        with self._stage("load_marketo") as box:
-            box["result"] = self._load_marketo(manifest)
-        return box["result"]
+        return self._timed("load_marketo", self._load_marketo, manifest)
 
     def _load_marketo(self, manifest: RunManifest) -> Loaded:
         s, identity, dyn_loaded = self.staging, manifest.identity, manifest.dynamics_loaded
@@ -477,9 +473,7 @@ class Cycle:
     # -- 6. commit ------------------------------------------------------------------------------------
 
     def commit(self, manifest: RunManifest) -> Committed:
-        with self._stage("commit") as box:
-            box["result"] = self._commit(manifest)
-        return box["result"]
+        return self._timed("commit", self._commit, manifest)
 
     def _commit(self, manifest: RunManifest) -> Committed:
         s, identity = self.staging, manifest.identity
