@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 import pytest
 
 from mdsync.errors import ServiceError
+from tests.fixtures.waiting import wait_for
 
 
 def calls(sb, endpoint: str) -> int:
     return sb.calls()["by_endpoint"].get(endpoint, 0)
-
-
-def wait_for(check, what: str, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Background:

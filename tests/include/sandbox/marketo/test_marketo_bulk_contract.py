@@ -8,11 +8,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from tests.fixtures.waiting import wait_for
 from tests.include.sandbox.marketo.test_marketo_sandbox_contract import Api, error_code
 
 
@@ -22,17 +22,6 @@ def api(marketo):
     yield caller
     marketo.hold_bulk(False)
     assert caller.violations == [], "responses that do not match swagger-mapi.json"
-
-
-def wait_for(check, what: str, timeout_s: float = 30.0):
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def submit(api, text: str, fmt: str = "csv", **params):
