@@ -293,7 +293,6 @@ class Cycle:
             records={e: s.write_frame(f"records-{e}", r) for e, r in records.items()},
             unlinked=s.write_frame("unlinked", pd.DataFrame({"person_id": decisions.unlinked}, dtype="int64")),
             activity=s.write_frame("identity-activity", activity),
-            errors=s.write_frame("identity-errors", pd.DataFrame()),
             marketo_creates=s.write_frame("marketo-creates", decisions.marketo_creates),
             dynamics_creates=s.write_frame("dynamics-creates", decisions.dynamics_creates),
             marketo_link_writes=s.write_frame("marketo-link-writes", m_links),
@@ -511,7 +510,7 @@ class Cycle:
                 if not part.empty:
                     yield part.assign(email=part["email"].where(part["email"].notna(), part["person_id"].map(emails)))
 
-        errors, resolved = [s.read_frame(identity.errors)], []
+        errors, resolved = [], []
         for p in manifest.plans:
             d_results, m_mine = mine(p.entity)
             errors += [error_rows(d_results, "dynamics", entity_of), error_rows(m_mine, "marketo", entity_of)]

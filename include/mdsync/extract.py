@@ -75,6 +75,8 @@ class DynamicsExtract:
     high_water: datetime
 
 
+#: Marketo activity types: New Lead, Change Data Value (activities.md)
+NEW_LEAD, CHANGE_DATA_VALUE = 12, 13
 #: Marketo's founding year: no subscription holds a person created before it
 MARKETO_EPOCH = datetime(2006, 1, 1, tzinfo=timezone.utc)
 
@@ -112,7 +114,7 @@ def oldest_person_created(client) -> datetime:
 
 
 def extract_marketo(
-    client, config: SyncConfig, *, since: datetime, extra_ids: list[int] = (), known_ids: list[int] = (),
+    client, config: SyncConfig, *, since: datetime, extra_ids: list[int] = (),
     lookback_days: float = 0, bulk_poll_seconds: float = 5, full: bool = False,
     bootstrap_since: datetime | None = None, max_change_pages: int = 10, bulk_read_over: int = 3000,
 ) -> MarketoExtract:
@@ -125,7 +127,6 @@ def extract_marketo(
 
     :param since: window start, already moved back by the overlap (deleted leads are read from there too).
     :param extra_ids: persons to read whatever changed (a manual run's ``person_ids``).
-    :param known_ids: persons to read by id besides the changes (kept for callers that reconcile by id).
     :param lookback_days: also bulk-export persons updated in this many days.
     :param bulk_poll_seconds: how often a bulk job's status is polled.
     """
@@ -159,7 +160,7 @@ def extract_marketo(
         changed_ids = set(int(i) for i in changes.get("lead_id", pd.Series(dtype="Int64")).dropna())
         log.info("marketo: %d change activities for %d persons since %s", len(changes), len(changed_ids),
                  since.isoformat())
-    wanted = (changed_ids | {int(i) for i in extra_ids} | {int(i) for i in known_ids}) - set(deleted)
+    wanted = (changed_ids | {int(i) for i in extra_ids}) - set(deleted)
     if lookback_days:
         frames.append(client.export_leads(fields, updated_at=(started - timedelta(days=lookback_days), started),
                                           poll_interval_s=bulk_poll_seconds))
@@ -178,8 +179,6 @@ def extract_marketo(
              len(persons), mode)
     return MarketoExtract(persons=persons, deleted=deleted, high_water=started, changed=len(changed_ids), mode=mode)
 
-
-NEW_LEAD, CHANGE_DATA_VALUE = 12, 13
 
 
 def _mapped_changes(changes: pd.DataFrame, config: SyncConfig, client) -> pd.DataFrame:

@@ -232,11 +232,13 @@ def load_marketo(config: SyncConfig, entities: dict[str, EntityConfig], writes: 
                      "through Sync Leads)", n_records, len(clears))
             sub = ok_rows[bulk.to_numpy()]
             parts.append(write_records(sub, api[api["row"].isin(sub.index)], "person_id", {"person_id": "id"},
-                                       lambda recs: _import_outcomes(client, recs), progress, chunk=None))
+                                       lambda recs: _person_outcomes(client.import_leads(recs, lookup_field="id")),
+                                       progress, chunk=None))
             ok_rows = ok_rows[~bulk.to_numpy()]
     if not ok_rows.empty:
         parts.append(write_records(ok_rows, api[api["row"].isin(ok_rows.index)], "person_id", {"person_id": "id"},
-                                   lambda recs: _sync_outcomes(client, recs, "updateOnly", "id"), progress))
+                                   lambda recs: _person_outcomes(client.sync_leads(recs, action="updateOnly", lookup_field="id")),
+                                   progress))
     progress.finish()
     result = pd.concat(parts).sort_index() if parts else ok_rows.assign(ok=False, error_code=None, error_message=None)
     return _with_refused(result, rows, refused), method
@@ -259,13 +261,8 @@ def _marketo_cells(config: SyncConfig, entities: dict[str, EntityConfig], rows: 
                       links.assign(api_field=link.dynamics_type, api_value=kind_id[0].to_numpy())])
 
 
-def _sync_outcomes(client, records: list[dict], action: str, lookup: str):
-    res = client.sync_leads(records, action=action, lookup_field=lookup)
-    return list(zip(res["status"].isin(["updated", "created"]), res["reason_code"], res["reason_message"]))
-
-
-def _import_outcomes(client, records: list[dict]):
-    res = client.import_leads(records, lookup_field="id")
+def _person_outcomes(res: pd.DataFrame):
+    """Sync Leads or Bulk Lead Import results (by id) as ``(ok, code, message)`` per record."""
     return list(zip(res["status"].isin(["updated", "created"]), res["reason_code"], res["reason_message"]))
 
 

@@ -77,7 +77,6 @@ class Identified(StageResult):
     #: person ids whose link was dropped (deleted on a side)
     unlinked: str
     activity: str
-    errors: str
     #: Dynamics rows to create as Marketo persons (entity_type, dynamics_id, email)
     marketo_creates: str
     #: Marketo persons to create as Dynamics records (person_id, entity_type, email)
