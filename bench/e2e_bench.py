@@ -14,7 +14,7 @@ What it does:
    writes come back as changes; it must write nothing), and a **10k-change window** (``CHANGES`` linked
    records updated, half in Marketo through Sync Leads, half in Dynamics through UpdateMultiple, then a cycle).
    Each task of a cycle runs in its own child process (``bench/_stage.py``), as Airflow runs each task; the two
-   extract tasks run side by side as in the DAG (``--sequential`` runs them one after the other).
+   extract tasks, and the two plan tasks, run side by side as in the DAG (``--sequential`` runs them one after the other).
 3. Prints per cycle: each task's wall time and peak RSS (its own process's ``VmHWM``), the cycle's wall time, the API calls per service from
    the sandboxes' own counters (auth calls apart), the floor (the fewest calls the limits allow, see
    ``floors()``), the records written per side from the run's report, and the end-state checks (links, no
@@ -86,6 +86,8 @@ TITLES = ["Engineer", "Manager", "Director", "Analyst", "Consultant", "Designer"
 ENTITY_SET = {"lead": "leads", "contact": "contacts"}
 ID_COLUMN = {"lead": "leadid", "contact": "contactid"}
 STAGE_TIMEOUT_S = 3 * 3600
+#: tasks the DAG runs side by side (same upstream); the runner starts them together, as a scheduler would
+SIDE_BY_SIDE = {("extract_marketo", "extract_dynamics"), ("plan_lead", "plan_contact")}
 
 
 # --- machine --------------------------------------------------------------------------------------------
@@ -285,8 +287,7 @@ class Runner:
             current.write_text(json.dumps(RunManifest(run_id=run_id).dump()))
             pending = list(self.stages)
             while pending:
-                group = pending[:2] if self.parallel and pending[:2] == ["extract_marketo", "extract_dynamics"] \
-                    else pending[:1]
+                group = pending[:2] if self.parallel and tuple(pending[:2]) in SIDE_BY_SIDE else pending[:1]
                 pending = pending[len(group):]
                 jobs = [self._spawn(stage, run_id, current, folder) for stage in group]
                 tasks += [self._wait(proc, job) for proc, job in jobs]
@@ -297,7 +298,9 @@ class Runner:
                     merged = dict(base)
                     for _, job in jobs:
                         for key, value in json.loads(job["out"].read_text()).items():
-                            if value != base.get(key):
+                            if key == "plans":  # each plan task added its own entity's plan
+                                merged[key] = merged.get(key, []) + [p for p in value if p not in base.get(key, [])]
+                            elif value != base.get(key):
                                 merged[key] = value
                     current = folder / f"{'+'.join(group)}.manifest.json"
                     current.write_text(json.dumps(merged))
@@ -573,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--persons", type=int, default=100_000, help="Marketo persons to seed (default 100000)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (sandboxes, state, logs)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.add_argument("--sequential", action="store_true", help="run the two extract tasks one after the other")
+    parser.add_argument("--sequential", action="store_true", help="run every task one after the other")
     args = parser.parse_args(argv)
 
     info = machine()
