@@ -63,7 +63,8 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    started = _STARTED if started is None else started
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage")
     parser.add_argument("manifest_in", type=Path)
@@ -94,12 +95,24 @@ def main(argv: list[str] | None = None) -> int:
                 calls = dict(result.calls)
     done = time.perf_counter()
     args.manifest_out.write_text(json.dumps(out, default=str))
-    stats = {"stage": args.stage, "wall_s": round(done - imported, 3), "import_s": round(imported - _STARTED, 3),
+    stats = {"stage": args.stage, "wall_s": round(done - imported, 3), "import_s": round(imported - started, 3),
              "peak_rss_mb": peak_rss_mb(),
              "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "calls": calls}
     args.stats.write_text(json.dumps(stats))
     print("stage stats: " + json.dumps(stats), flush=True)
     return 0
+
+
+def run_forked(argv: list[str], log_path: str) -> None:
+    """One task in a child forked from a warm worker (``multiprocessing`` forkserver with the libraries
+    preloaded), as Airflow's LocalExecutor runs a task with ``[scheduler] mp_start_method = forkserver`` and
+    ``mp_forkserver_preload`` (see ``scripts/airflow-env.sh``): the task's imports are already done."""
+    started = time.perf_counter()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+    sys.exit(main(argv, started=started))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ What it does:
 2. Times three cycles on a fresh state store: the **first sync**, the **echo cycle** right after it (our own
    writes come back as changes; it must write nothing), and a **10k-change window** (``CHANGES`` linked
    records updated, half in Marketo through Sync Leads, half in Dynamics through UpdateMultiple, then a cycle).
-   Each task of a cycle runs in its own child process (``bench/_stage.py``), as Airflow runs each task; the two
+   Each task of a cycle runs in its own child process (``bench/_stage.py``), as Airflow runs each task: forked
+   from a worker that preloaded the libraries (``--task-start forkserver``, the default, as ``scripts/airflow-env.sh``
+   configures the LocalExecutor), or a new interpreter that imports them (``--task-start spawn``); the two
    extract tasks, and the two plan tasks, run side by side as in the DAG (``--sequential`` runs them one after the other).
 3. Prints per cycle: each task's wall time and peak RSS (its own process's ``VmHWM``), the cycle's wall time, the API calls per service from
    the sandboxes' own counters (auth calls apart), the floor (the fewest calls the limits allow, see
@@ -38,8 +40,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +59,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "include")]
 
+import _stage  # noqa: E402  (bench/, the task runner)
 from sandbox.dataverse import DataverseSandbox  # noqa: E402
 from sandbox.marketo import MarketoSandbox  # noqa: E402
 
@@ -91,6 +96,16 @@ SIDE_BY_SIDE = {("extract_marketo", "extract_dynamics"), ("plan_lead", "plan_con
 
 
 # --- machine --------------------------------------------------------------------------------------------
+
+def worker_preload() -> list[str]:
+    """The modules a task worker preloads: ``AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD`` of
+    ``scripts/airflow-env.sh`` (one list for Airflow and this benchmark)."""
+    text = (REPO / "scripts" / "airflow-env.sh").read_text()
+    found = re.search(r'MP_FORKSERVER_PRELOAD:-([^}"]+)', text)
+    if not found:
+        raise SystemExit("scripts/airflow-env.sh sets no AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD default")
+    return [m.strip() for m in found.group(1).split(",") if m.strip()]
+
 
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -240,8 +255,15 @@ def settle_marketo_window(since: float) -> None:
 # --- one cycle ------------------------------------------------------------------------------------------
 
 class Runner:
-    def __init__(self, tmp: Path, marketo: MarketoSandbox, dataverse: DataverseSandbox, parallel: bool) -> None:
+    def __init__(self, tmp: Path, marketo: MarketoSandbox, dataverse: DataverseSandbox, parallel: bool,
+                 task_start: str = "forkserver") -> None:
         self.tmp, self.marketo, self.dataverse, self.parallel = tmp, marketo, dataverse, parallel
+        self.task_start = task_start
+        if task_start == "forkserver":
+            # as scripts/airflow-env.sh configures the scheduler's LocalExecutor: a forkserver that imported
+            # the libraries once; each task is a fresh child forked from it
+            self.forkserver = multiprocessing.get_context("forkserver")
+            self.forkserver.set_forkserver_preload(worker_preload())
         from mdsync import cycle as cycle_module
 
         self.stages = list(getattr(cycle_module, "STAGES", []))
@@ -249,24 +271,37 @@ class Runner:
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "include"),
                                                                               os.environ.get("PYTHONPATH")]))}
 
-    def _spawn(self, stage: str, run_id: str, manifest_in: Path, folder: Path) -> tuple[subprocess.Popen, dict]:
+    def _spawn(self, stage: str, run_id: str, manifest_in: Path, folder: Path):
         out, stats, log = folder / f"{stage}.manifest.json", folder / f"{stage}.stats.json", folder / f"{stage}.log"
-        fh = log.open("w")
-        proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "_stage.py"), stage, str(manifest_in), str(out),
-                                 "--run-id", run_id, "--stats", str(stats)], env=self.env, cwd=REPO,
-                                stdout=fh, stderr=subprocess.STDOUT)
-        return proc, {"stage": stage, "out": out, "stats": stats, "log": log, "fh": fh, "started": time.perf_counter()}
+        argv = [stage, str(manifest_in), str(out), "--run-id", run_id, "--stats", str(stats)]
+        job = {"stage": stage, "out": out, "stats": stats, "log": log, "started": time.perf_counter()}
+        if self.task_start == "forkserver":
+            proc = self.forkserver.Process(target=_stage.run_forked, args=(argv, str(log)), name=f"task {stage}")
+            proc.start()
+            return proc, job
+        job["fh"] = log.open("w")
+        proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "_stage.py"), *argv], env=self.env, cwd=REPO,
+                                stdout=job["fh"], stderr=subprocess.STDOUT)
+        return proc, job
 
-    def _wait(self, proc: subprocess.Popen, job: dict) -> dict:
-        try:
-            proc.wait(timeout=STAGE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        job["fh"].close()
-        if proc.returncode != 0:
+    def _wait(self, proc, job: dict) -> dict:
+        if isinstance(proc, subprocess.Popen):
+            try:
+                proc.wait(timeout=STAGE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            job["fh"].close()
+            code = proc.returncode
+        else:
+            proc.join(STAGE_TIMEOUT_S)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+            code = proc.exitcode
+        if code != 0:
             tail = job["log"].read_text(errors="replace")[-5000:]
-            raise SystemExit(f"\ntask {job['stage']} failed (exit {proc.returncode}); log {job['log']}:\n{tail}")
+            raise SystemExit(f"\ntask {job['stage']} failed (exit {code}); log {job['log']}:\n{tail}")
         stats = json.loads(job["stats"].read_text())
         stats["process_s"] = round(time.perf_counter() - job["started"], 3)
         return stats
@@ -577,6 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (sandboxes, state, logs)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--sequential", action="store_true", help="run every task one after the other")
+    parser.add_argument("--task-start", choices=["forkserver", "spawn"], default="forkserver",
+                        help="forkserver (default): each task forked from a worker that preloaded the libraries, "
+                             "as scripts/airflow-env.sh configures Airflow's LocalExecutor; spawn: a new "
+                             "interpreter per task (Airflow's default start method before 3.14: imports per task)")
     args = parser.parse_args(argv)
 
     info = machine()
@@ -595,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
           + "; 20% of unmarked persons have dynamicsSyncAs=contact without the marker")
 
     tmp = Path(tempfile.mkdtemp(prefix="mdsync-e2e-"))
-    figures: dict = {"machine": info, "persons": args.persons, "mix": counts, "pair_variants": PAIR_VARIANTS,
+    figures: dict = {"machine": info, "task_start": args.task_start, "persons": args.persons, "mix": counts, "pair_variants": PAIR_VARIANTS,
                      "marked_as": MARKED_AS, "cycles": []}
     failures: list[str] = []
     try:
@@ -615,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nseeded {seeded['marketo_persons']:,} Marketo persons in {seeded['marketo_s']:.1f} s and "
                   f"{seeded['dynamics_rows']:,} Dynamics rows in {seeded['dynamics_s']:.1f} s (admin API); "
                   f"folder {tmp}")
-            runner = Runner(tmp, marketo, dataverse, parallel=not args.sequential)
+            runner = Runner(tmp, marketo, dataverse, parallel=not args.sequential, task_start=args.task_start)
             if not runner.per_task:
                 print("note: this engine has no Cycle.run_stage / STAGES yet: each cycle runs as one process "
                       "(run_all); per-task figures appear once run_stage lands")
