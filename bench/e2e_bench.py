@@ -258,18 +258,21 @@ class Runner:
     def __init__(self, tmp: Path, marketo: MarketoSandbox, dataverse: DataverseSandbox, parallel: bool,
                  task_start: str = "forkserver") -> None:
         self.tmp, self.marketo, self.dataverse, self.parallel = tmp, marketo, dataverse, parallel
-        self.task_start = task_start
-        if task_start == "forkserver":
-            # as scripts/airflow-env.sh configures the scheduler's LocalExecutor: a forkserver that imported
-            # the libraries once; each task is a fresh child forked from it
-            self.forkserver = multiprocessing.get_context("forkserver")
-            self.forkserver.set_forkserver_preload(worker_preload())
         from mdsync import cycle as cycle_module
 
         self.stages = list(getattr(cycle_module, "STAGES", []))
         self.per_task = bool(self.stages) and hasattr(cycle_module.Cycle, "run_stage")
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "include"),
                                                                               os.environ.get("PYTHONPATH")]))}
+        self.task_start = task_start
+        if task_start == "forkserver":
+            # as scripts/airflow-env.sh configures the scheduler's LocalExecutor: a forkserver that imported
+            # the libraries once; each task is a fresh child forked from it
+            # (Python 3.11's forkserver ignores the parent's sys.path: PYTHONPATH says where this checkout is)
+            os.environ["PYTHONPATH"] = os.pathsep.join([self.env["PYTHONPATH"], str(REPO / "bench")])
+            self.forkserver = multiprocessing.get_context("forkserver")
+            # (the bench's tasks run the engine without Airflow, so Airflow's own modules are left out)
+            self.forkserver.set_forkserver_preload([m for m in worker_preload() if m.split(".")[0] != "airflow"])
 
     def _spawn(self, stage: str, run_id: str, manifest_in: Path, folder: Path):
         out, stats, log = folder / f"{stage}.manifest.json", folder / f"{stage}.stats.json", folder / f"{stage}.log"
