@@ -10,6 +10,12 @@ the authority has an explicit port, the session handed to MSAL mounts :class:`Au
 the port-less origin, which sends those requests to the authority's real port. MSAL stays unmodified,
 the lookup is a real HTTP call (the sandbox answers it like Entra ID does for a managed domain), and
 nothing changes for ``login.microsoftonline.com``.
+
+Failures name the connection and the authority, never MSAL's discovery URLs or a raw ``requests`` error:
+refused credentials (``invalid_client``, an unknown app or tenant, a wrong org URL as scope) are an
+:class:`~mdsync.errors.AuthError`; an authority that cannot be reached is a
+:class:`~mdsync.errors.ServiceUnavailable` (worth retrying) unless its host name does not resolve or its
+TLS certificate is not trusted (setup problems, not retried).
 """
 
 from __future__ import annotations
@@ -18,15 +24,21 @@ import logging
 import threading
 import urllib.parse
 from collections.abc import Callable
+from typing import NoReturn
 
 import msal
 import requests
 from requests.adapters import HTTPAdapter
 
-from mdsync.errors import ServiceError
+from mdsync.errors import AuthError, ServiceError, ServiceUnavailable, transport_problem
 
 log = logging.getLogger(__name__)
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com/{tenant_id}"
+#: OAuth error codes (RFC 6749 and Entra ID) that mean the connection's settings are wrong, not the service
+REFUSED = {"invalid_client", "unauthorized_client", "invalid_grant", "invalid_request", "invalid_scope",
+           "invalid_tenant", "unsupported_grant_type", "access_denied", "invalid_resource"}
+#: OAuth error codes of a service that is down for now
+UNAVAILABLE = {"temporarily_unavailable", "server_error"}
 
 
 class AuthorityPortAdapter(HTTPAdapter):
@@ -43,9 +55,22 @@ class AuthorityPortAdapter(HTTPAdapter):
         return super().send(request, **kwargs)
 
 
-def identity_session(authority: str, verify) -> requests.Session:
-    """The session MSAL uses: ignores ``REQUESTS_CA_BUNDLE`` (trust_env off) so ``verify`` is honoured."""
-    session = requests.Session()
+class _TimeoutSession(requests.Session):
+    """A session with a default per-request timeout (MSAL sends no timeout of its own to a given session)."""
+
+    def __init__(self, timeout) -> None:
+        super().__init__()
+        self.timeout = timeout
+
+    def request(self, method, url, **kwargs):
+        kwargs.setdefault("timeout", self.timeout)
+        return super().request(method, url, **kwargs)
+
+
+def identity_session(authority: str, verify, timeout=(10, 120)) -> requests.Session:
+    """The session MSAL uses: ignores ``REQUESTS_CA_BUNDLE`` (trust_env off) so ``verify`` is honoured, and
+    gives every identity call the connection's ``timeout``."""
+    session = _TimeoutSession(timeout)
     session.trust_env = False
     session.verify = verify
     parts = urllib.parse.urlsplit(authority)
@@ -60,36 +85,85 @@ class TokenProvider:
     :param org_url: organisation URL; the scope is ``<org_url>/.default``.
     :param username: with ``password``, use the username/password (ROPC) grant instead of client credentials.
     :param token_listener: called with every new access token (the hook passes Airflow's ``mask_secret``).
+    :param timeout: (connect, read) seconds for each identity call.
+    :param where: how errors name the connection (``Dynamics connection 'dynamics_default' (https://org)``).
+
+    MSAL's application (which reads the authority's OpenID configuration) is made on the first :meth:`token`,
+    so an unreachable authority fails a call, inside the client's retries, rather than the client's creation.
     """
 
     def __init__(self, org_url: str, client_id: str, client_secret: str, tenant_id: str, *, authority=None,
                  verify=True, username=None, password=None,
-                 token_listener: Callable[[str], None] | None = None) -> None:
+                 token_listener: Callable[[str], None] | None = None, timeout=(10, 120),
+                 where: str | None = None) -> None:
         self.authority = (authority or DEFAULT_AUTHORITY.format(tenant_id=tenant_id)).rstrip("/")
         self.scopes = [org_url.rstrip("/") + "/.default"]
         self.username, self.password = username, password
         self.token_listener = token_listener
+        self.client_id = client_id
+        self.where = where or "Dynamics"
+        self.timeout = timeout
+        self._secret = client_secret
+        self._verify = verify
         self._lock = threading.Lock()
         self._seen: set[str] = set()
-        known = urllib.parse.urlsplit(self.authority).hostname == "login.microsoftonline.com"
-        try:
-            self.app = msal.ConfidentialClientApplication(
-                client_id, client_credential=client_secret, authority=self.authority,
-                instance_discovery=None if known else False, http_client=identity_session(self.authority, verify))
-        except ValueError as exc:  # MSAL raises ValueError when the authority's discovery fails
-            raise ServiceError("dynamics", None, str(exc), request=f"GET {self.authority}/v2.0/.well-known/"
-                               "openid-configuration", next_step="check the connection's tenant_id / authority "
-                               "and that the identity endpoint is reachable") from exc
+        self._app: msal.ConfidentialClientApplication | None = None
+
+    @property
+    def app(self) -> msal.ConfidentialClientApplication:
+        """MSAL's confidential client, made (and the authority discovered) on first use."""
+        if self._app is None:
+            known = urllib.parse.urlsplit(self.authority).hostname == "login.microsoftonline.com"
+            try:
+                self._app = msal.ConfidentialClientApplication(
+                    self.client_id, client_credential=self._secret, authority=self.authority,
+                    instance_discovery=None if known else False,
+                    http_client=identity_session(self.authority, self._verify, self.timeout))
+            except requests.RequestException as exc:
+                self._unreachable(exc)
+            except ValueError:  # MSAL's word for "the authority answered, but has no OpenID configuration"
+                raise AuthError(
+                    "dynamics", "authority", f"the authority {self.authority} has no OpenID configuration for this "
+                    "tenant", where=self.where,
+                    next_step="check the connection's extra.tenant_id (the directory id of the app registration) "
+                              "and extra.authority (default https://login.microsoftonline.com/<tenant_id>); "
+                              "not retried") from None
+        return self._app
+
+    def _unreachable(self, exc: requests.RequestException) -> NoReturn:
+        reason, retryable = transport_problem(exc, f"the authority {self.authority}", self.timeout)
+        step = "check the connection's extra.authority and extra.tenant_id" + (
+            " and extra.verify (a CA bundle path)" if "TLS" in reason else "")
+        if retryable:
+            raise ServiceUnavailable("dynamics", "transport", reason, where=self.where,
+                                     next_step=f"{step}, and that this machine can reach it") from None
+        raise ServiceError("dynamics", "transport", reason, where=self.where,
+                           next_step=f"{step}; not retried") from None
 
     def token(self) -> str:
-        """A valid access token (from MSAL's cache when it has one)."""
+        """A valid access token (from MSAL's cache when it has one).
+
+        :raises AuthError: the identity service refused the connection's credentials.
+        :raises ServiceUnavailable: the authority could not be reached or is down for now (worth retrying).
+        """
         with self._lock:
-            result = self._acquire()
+            try:
+                result = self._acquire()
+            except requests.RequestException as exc:
+                self._unreachable(exc)
         if "access_token" not in result:
-            raise ServiceError("dynamics", result.get("error"), result.get("error_description", "no token"),
-                               request=f"POST {self.authority}/oauth2/v2.0/token",
-                               next_step="check the Dynamics connection's client id, secret, tenant"
-                                         + (" and user credentials" if self.username else ""))
+            code = result.get("error")
+            desc = result.get("error_description") or "no token"
+            if code in UNAVAILABLE:
+                raise ServiceUnavailable("dynamics", code, desc, where=self.where,
+                                         next_step="the identity service is down for now; the task is retried")
+            cls = AuthError if code in REFUSED else ServiceError
+            raise cls("dynamics", code, f"the authority {self.authority} refused the credentials: {desc}",
+                      where=self.where,
+                      next_step="check the connection's login (client id " + repr(self.client_id) + "), password "
+                                "(client secret), extra.tenant_id and host (the org URL is the token's scope)"
+                                + (", and extra.username / extra.password" if self.username else "")
+                                + "; not retried")
         token = result["access_token"]
         if token not in self._seen:
             self._seen.add(token)
@@ -111,6 +185,8 @@ class TokenProvider:
 
     def renew(self) -> None:
         """Forget cached tokens after the Web API refused one (401), so the next :meth:`token` is fresh."""
+        if self._app is None:
+            return
         with self._lock:
             if self.username is None:
                 self.app.remove_tokens_for_client()

@@ -2,6 +2,9 @@
 metadata, field permissions and the lead lifecycle. Bulk writes and ``$batch`` are in :mod:`.writes`.
 
 Logs carry the method and path of each call, never the Authorization header, tokens or query values.
+Errors name the connection (id and org URL): a refused token is an :class:`~mdsync.errors.AuthError`, a
+missing privilege (403 outside per-record writes) an :class:`~mdsync.errors.AccessDenied`, and 429, 5xx,
+time-outs and refused connections that outlast the backoff a :class:`~mdsync.errors.ServiceUnavailable`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import pandas as pd
 import requests
 import tenacity
 
-from mdsync.errors import ServiceError
+from mdsync.errors import AccessDenied, AuthError, ServiceError, ServiceUnavailable, connection_label, transport_problem
 
 from . import odata
 from .auth import TokenProvider
@@ -34,12 +37,15 @@ _METADATA_CASTS = ("StringAttributeMetadata", "MemoAttributeMetadata", "Picklist
 
 
 class _Retryable(Exception):
-    """A response or transport failure worth another attempt (429, 5xx, connection errors)."""
+    """A response or transport failure worth another attempt (429, 5xx, connection errors, an unreachable
+    authority); ``error`` is the readable error to raise if it persists."""
 
-    def __init__(self, what: str, retry_after: float | None = None, response=None) -> None:
+    def __init__(self, what: str, retry_after: float | None = None, response=None,
+                 error: ServiceError | None = None) -> None:
         super().__init__(what)
         self.retry_after = retry_after
         self.response = response
+        self.error = error
 
 
 @dataclass
@@ -72,20 +78,24 @@ class DynamicsClient(WritesMixin):
     :param token_listener: called with every new access token (e.g. Airflow's ``mask_secret``).
     :param max_attempts: attempts per request on 429 / 5xx / transport errors before giving up.
     :param backoff_s: first backoff for 5xx and transport errors (doubles per attempt, max 30 s).
+    :param connection_id: the Airflow connection the client was built from, named in every error.
     """
 
     def __init__(self, org_url: str, client_id: str, client_secret: str, tenant_id: str, *, authority=None,
                  verify=True, username=None, password=None, session: requests.Session | None = None,
                  max_concurrent: int = 8, timeout=(10, 120), token_listener=None, max_attempts: int = 8,
-                 backoff_s: float = 1.0) -> None:
+                 backoff_s: float = 1.0, connection_id: str | None = None) -> None:
         self.org_url = org_url.rstrip("/")
         self.base = self.org_url + API
         self.verify = verify
         self.timeout = timeout
+        self.connection_id = connection_id
+        #: how errors name this client's connection
+        self.where = connection_label("dynamics", connection_id, self.org_url)
         self.session = session or requests.Session()
         self.tokens = TokenProvider(self.org_url, client_id, client_secret, tenant_id, authority=authority,
                                     verify=verify, username=username, password=password,
-                                    token_listener=token_listener)
+                                    token_listener=token_listener, timeout=timeout, where=self.where)
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._count_lock = threading.Lock()
         self.calls_made = 0
@@ -122,10 +132,19 @@ class DynamicsClient(WritesMixin):
         try:
             return retrying(self._send_once, method, url, label, json, data, headers or {}, what)
         except _Retryable as exc:
-            resp = exc.response
+            resp, step = exc.response, f"gave up after {self.max_attempts} attempts; the task is retried later"
+            if exc.error is not None:  # an unreachable host or authority: its own readable error
+                err = exc.error
+                raise ServiceUnavailable("dynamics", err.code, f"{err.service_message} (still failing after "
+                                         f"{self.max_attempts} attempts)", request=err.request, where=self.where,
+                                         next_step=f"{err.next_step}; {step}") from None
             code, message = _error_of(resp) if resp is not None else (None, str(exc))
-            raise ServiceError("dynamics", code, message, request=label, status=getattr(resp, "status_code", None),
-                               next_step=f"gave up after {self.max_attempts} attempts; the run can be retried") from exc
+            raise ServiceUnavailable("dynamics", code, message, request=label,
+                                     status=getattr(resp, "status_code", None), where=self.where,
+                                     next_step=f"{step} (Airflow retries)") from None
+        except ServiceError as exc:
+            exc.where = exc.where or self.where
+            raise
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception()
@@ -133,11 +152,17 @@ class DynamicsClient(WritesMixin):
             return exc.retry_after
         return min(30.0, self.backoff_s * 2 ** (state.attempt_number - 1))
 
+    def _token(self) -> str:
+        try:
+            return self.tokens.token()
+        except ServiceUnavailable as exc:  # the authority is unreachable or down for now: back off and retry
+            raise _Retryable(exc.service_message, error=exc) from None
+
     def _send_once(self, method, url, label, json, data, headers, what) -> requests.Response:
         renewed = False
         while True:
             hdrs = {"Accept": "application/json", "OData-Version": "4.0", "OData-MaxVersion": "4.0", **headers,
-                    "Authorization": f"Bearer {self.tokens.token()}"}
+                    "Authorization": f"Bearer {self._token()}"}
             with self._slots:
                 with self._count_lock:
                     self.calls_made += 1
@@ -146,7 +171,15 @@ class DynamicsClient(WritesMixin):
                     resp = self.session.request(method, url, json=json, data=data, headers=hdrs, verify=self.verify,
                                                 timeout=self.timeout)
                 except (requests.ConnectionError, requests.Timeout) as exc:
-                    raise _Retryable(f"transport error: {type(exc).__name__}") from exc
+                    reason, retryable = transport_problem(exc, self.org_url, self.timeout)
+                    if not retryable:  # a host name that does not resolve, an untrusted certificate: setup
+                        raise ServiceError("dynamics", "transport", reason, request=label, where=self.where,
+                                           next_step="check the connection's host (the organisation URL) and "
+                                                     "extra.verify (True or a CA bundle path); not retried") from None
+                    err = ServiceUnavailable("dynamics", "transport", reason, request=label, where=self.where,
+                                             next_step="check the connection's host (the organisation URL) and "
+                                                       "that this machine can reach it")
+                    raise _Retryable(reason, error=err) from None
             if resp.status_code == 401 and not renewed:
                 # The token expired or was revoked mid-run: renew once and send again.
                 log.info("dynamics: %s answered 401; renewing the access token", label)
@@ -160,9 +193,14 @@ class DynamicsClient(WritesMixin):
                 raise _Retryable(f"HTTP {resp.status_code}", None, resp)
             if resp.status_code >= 400:
                 code, message = _error_of(resp)
-                raise ServiceError("dynamics", code, message, request=label + (f" ({what})" if what else ""),
-                                   status=resp.status_code, next_step=_next_step(resp.status_code))
+                cls = {401: AuthError, 403: AccessDenied}.get(resp.status_code, ServiceError)
+                raise cls("dynamics", code, message, request=label + (f" ({what})" if what else ""),
+                          status=resp.status_code, next_step=_next_step(resp.status_code), where=self.where)
             return resp
+
+    def _error(self, code: str | None, message: str, **kw) -> ServiceError:
+        """A :class:`ServiceError` naming this client's connection."""
+        return ServiceError("dynamics", code, message, where=self.where, **kw)
 
     # metadata -------------------------------------------------------------------------------------------
     def logical_name(self, entity_set: str) -> str:
@@ -172,8 +210,9 @@ class DynamicsClient(WritesMixin):
                 "$select": "LogicalName,EntitySetName", "$filter": odata.eq("EntitySetName", entity_set)})
             found = resp.json().get("value", [])
             if not found:
-                raise ServiceError("dynamics", None, f"no table has the entity set name '{entity_set}'",
-                                   request="GET EntityDefinitions", next_step="fix the entity set in the sync config")
+                raise self._error(None, f"no table has the entity set name '{entity_set}'",
+                                  request="GET EntityDefinitions",
+                                  next_step="fix entities.<type>.entity_set in the sync config")
             self._logical_names[entity_set] = found[0]["LogicalName"]
         return self._logical_names[entity_set]
 
@@ -335,8 +374,10 @@ class DynamicsClient(WritesMixin):
         progress.finish()
         link = last.get("@odata.deltaLink")
         if not link:
-            raise ServiceError("dynamics", None, "the last page of a change-tracking read had no @odata.deltaLink",
-                               request=f"GET {API}{entity_set}", next_step="check that change tracking is enabled")
+            raise self._error(None, "the last page of a change-tracking read had no @odata.deltaLink",
+                              request=f"GET {API}{entity_set}",
+                              next_step=f"enable change tracking on the table of {entity_set} (Power Apps > Tables "
+                                        "> Properties > Advanced options > Track changes)")
         # A row changed then deleted within the window is reported only as deleted.
         gone = set(deleted)
         pid = self._primary_id(entity_set)
@@ -422,8 +463,10 @@ def _error_of(resp: requests.Response) -> tuple[str | None, str]:
 
 def _next_step(status: int) -> str:
     return {400: "the record is rejected as sent; fix the value named in the message",
-            401: "the token was refused twice; check the app registration and its application user",
-            403: "grant the sync user the missing privilege or field permission",
+            401: "the token was refused twice; check that the app registration has an application user in this "
+                 "environment (Power Platform admin center > Users + permissions > Application users); not retried",
+            403: "grant the sync user's security role the missing privilege (or its field security profile the "
+                 "column); not retried",
             404: "the row or resource does not exist",
             412: "the row changed or already exists; re-read it and retry"}.get(status, "see the service message")
 

@@ -164,9 +164,9 @@ class WritesMixin:
                                 what=f"{len(chunk)} operations")
             parsed = _parse_batch(resp.headers.get("Content-Type", ""), resp.content)
             if len(parsed) != len(chunk):
-                raise ServiceError("dynamics", None, f"$batch answered {len(parsed)} responses for {len(chunk)} "
-                                   "operations", request="POST $batch", next_step="retry the run; nothing is "
-                                   "assumed written for the missing responses")
+                raise self._error(None, f"$batch answered {len(parsed)} responses for {len(chunk)} operations",
+                                  request="POST $batch", retryable=True,
+                                  next_step="retry the run; nothing is assumed written for the missing responses")
             out += parsed
         return out
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import requests
 
-from mdsync.errors import ServiceError
+from mdsync.errors import AuthError, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +28,21 @@ class TokenManager:
     :param client_id: / :param client_secret: the LaunchPoint custom service credentials.
     :param send: callable performing the HTTP request (lets the client apply its limits and count calls).
     :param token_listener: called with every new token (Airflow's ``mask_secret``).
+    :param envelope_error: builds the exception for a Marketo error code in the identity answer (a response
+        envelope with ``success: false``, e.g. 607 or 606), as for any other call.
+    :param where: how errors name the connection.
     """
 
     def __init__(self, base_url: str, client_id: str, client_secret: str, send: Callable[..., requests.Response],
-                 token_listener: Callable[[str], None] | None = None) -> None:
+                 token_listener: Callable[[str], None] | None = None,
+                 envelope_error: Callable[[str, str, str], Exception] | None = None, where: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id
         self._secret = client_secret
         self._send = send
         self._listener = token_listener
+        self._envelope_error = envelope_error
+        self.where = where
         self._lock = threading.Lock()
         self._token: str | None = None
         self._expires_at = 0.0
@@ -69,6 +75,7 @@ class TokenManager:
 
     def _fetch(self) -> None:
         # POST with a form body keeps the secret out of URLs (and so out of access logs and proxies).
+        request = "POST /identity/oauth/token"
         resp = self._send("POST", "/identity/oauth/token",
                           data={"grant_type": "client_credentials", "client_id": self.client_id,
                                 "client_secret": self._secret})
@@ -76,13 +83,26 @@ class TokenManager:
             body = resp.json()
         except ValueError:
             body = {}
+        if not isinstance(body, dict):
+            body = {}
+        errors = body.get("errors") if body.get("success") is False else None
+        if errors and self._envelope_error is not None:
+            # Marketo's response envelope (a limit or the daily quota), not an OAuth answer about the credentials
+            first = errors[0] if isinstance(errors[0], dict) else {}
+            raise self._envelope_error(str(first.get("code")), str(first.get("message")), request)
         if resp.status_code != 200 or "access_token" not in body:
-            desc = body.get("error_description") or body.get("error") or resp.text[:200]
-            raise ServiceError(
-                "marketo", str(body.get("error") or resp.status_code), f"identity refused the client credentials: {desc}",
-                request="POST /identity/oauth/token", status=resp.status_code,
-                next_step=f"check the client id {self.client_id!r} and secret of the Marketo connection "
-                          "(Admin > LaunchPoint > View Details)")
+            desc = body.get("error_description") or body.get("error") or _shown(resp.text, self._secret)
+            code = str(body.get("error") or resp.status_code)
+            if resp.status_code in (400, 401, 403) and body.get("error") not in (None, "invalid_request"):
+                raise AuthError(
+                    "marketo", code, f"identity refused the client credentials: {desc}", request=request,
+                    status=resp.status_code, where=self.where,
+                    next_step=f"check the connection's login (client id {self.client_id!r}) and password (client "
+                              "secret) against Admin > LaunchPoint > View Details of the custom service; not retried")
+            raise ServiceError("marketo", code, f"identity did not issue a token: {desc}", request=request,
+                               status=resp.status_code, where=self.where,
+                               next_step="check that the connection's host is the REST base URL of Admin > Web "
+                                         "Services (without /rest)")
         new = body["access_token"]
         expires_in = float(body.get("expires_in", 3600))
         if new != self._token and self._listener is not None:
@@ -93,3 +113,8 @@ class TokenManager:
         self._token = new
         self._expires_at = time.monotonic() + expires_in
         log.debug("Marketo access token obtained for client %s, valid %.0f s", self.client_id, expires_in)
+
+
+def _shown(text: str, secret: str) -> str:
+    """The start of an unexpected answer, with the secret blanked should a service ever echo it back."""
+    return text[:200].replace(secret, "***") if secret else text[:200]

@@ -156,9 +156,9 @@ class BulkExportMixin:
                 log.info("Marketo bulk export %s queued (%s)", active[-1][1], bodies[i]["filter"])
             if time.monotonic() > deadline:
                 jobs = ", ".join(export_id for _, export_id in active) or "none queued yet"
-                raise ServiceError(self.service, None, f"{len(active) + len(waiting)} export jobs not completed after "
-                                   f"{timeout_s:.0f} s (queued: {jobs})", request=f"GET {prefix}/{{id}}/status.json",
-                                   next_step="the jobs are left in Marketo; re-run later")
+                raise self._error(None, f"{len(active) + len(waiting)} export jobs not completed after "
+                                  f"{timeout_s:.0f} s (queued: {jobs})", request=f"GET {prefix}/{{id}}/status.json",
+                                  next_step="the jobs are left in Marketo; re-run later", retryable=True)
             time.sleep(poll_interval_s)
             for i, export_id in list(active):
                 job = self._get(f"{prefix}/{export_id}/status.json")["result"][0]
@@ -166,10 +166,10 @@ class BulkExportMixin:
                     results[i] = parse(self._download_export(prefix, export_id, job), export_id)
                     active.remove((i, export_id))
                 elif job["status"] in DONE:
-                    raise ServiceError(self.service, None, f"export job {export_id} ended {job['status']}: "
-                                       f"{job.get('errorMsg') or 'no reason given'}",
-                                       request=f"POST {prefix}/create.json {bodies[i]['filter']}",
-                                       next_step="a failed job must be recreated; re-run the export")
+                    raise self._error(None, f"export job {export_id} ended {job['status']}: "
+                                      f"{job.get('errorMsg') or 'no reason given'}",
+                                      request=f"POST {prefix}/create.json {bodies[i]['filter']}",
+                                      next_step="a failed job must be recreated; re-run the export", retryable=True)
                 elif job["status"] != "Processing":
                     break  # still queued: the jobs enqueued after it are waiting behind it
         return results  # type: ignore[return-value]
@@ -199,9 +199,9 @@ class BulkExportMixin:
                 if got >= size:
                     break
             if got != size or (expected and digest.hexdigest() != expected):
-                raise ServiceError(self.service, None, f"export {export_id} file is {got} bytes with checksum "
-                                   f"{digest.hexdigest()}, expected {size} bytes and {expected}",
-                                   request=f"GET {path}", next_step="the export is not used; re-run it")
+                raise self._error(None, f"export {export_id} file is {got} bytes with checksum "
+                                  f"{digest.hexdigest()}, expected {size} bytes and {expected}",
+                                  request=f"GET {path}", next_step="the export is not used; re-run it", retryable=True)
             buf.seek(0)
             return pd.read_csv(buf, dtype=str, keep_default_na=False)
 
@@ -209,5 +209,5 @@ class BulkExportMixin:
 def _require_columns(client, raw: pd.DataFrame, columns, prefix: str, export_id: str) -> None:
     missing = [c for c in columns if c not in raw.columns]
     if missing:
-        raise ServiceError(client.service, None, f"export {export_id} file lacks columns {missing}",
-                           request=f"GET {prefix}/{export_id}/file.json")
+        raise client._error(None, f"export {export_id} file lacks columns {missing}",
+                          request=f"GET {prefix}/{export_id}/file.json")

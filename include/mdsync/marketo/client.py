@@ -1,9 +1,14 @@
 """Marketo Engage REST client: auth, envelope checks, retries, limits, paging and batching.
 
 Marketo answers most errors with HTTP 200 and ``success: false`` (error-codes.md), so every response's
-envelope is checked. Transient failures are retried with exponential backoff (tenacity); quota exhaustion
-(607) stops with :class:`~mdsync.errors.QuotaExhausted`; permission and request errors are never retried.
-Record-level outcomes (created, updated, skipped with reasons) come back as data in frames.
+envelope is checked, the identity service's too. Transient failures (606, 615, 604, 608, 611, 614, 713, 5xx,
+time-outs, refused connections) are retried with exponential backoff (tenacity) and end in
+:class:`~mdsync.errors.ServiceUnavailable` when they persist; quota exhaustion (607) stops at once with
+:class:`~mdsync.errors.QuotaExhausted` naming when the quota resets; refused credentials
+(:class:`~mdsync.errors.AuthError`), missing permissions (603, :class:`~mdsync.errors.AccessDenied`), request
+errors, an unknown host name and an untrusted TLS certificate are never retried. Every error names the
+connection (id and host). Record-level outcomes (created, updated, skipped with reasons) come back as data
+in frames.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import pandas as pd
 import requests
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from mdsync.errors import QuotaExhausted, ServiceError
+from mdsync.errors import (AccessDenied, AuthError, QuotaExhausted, ServiceError, ServiceUnavailable,
+                           connection_label, transport_problem)
 
 from .activities import ActivitiesMixin
 from .auth import TokenManager
@@ -37,8 +43,9 @@ BATCH = 300
 MAX_URI = 8000  # Marketo's limit is 8 KB; keep a little room for the host part
 MAX_BODY = 1_000_000  # Marketo's limit is 1 MB per request body
 # Response-level codes worth retrying: rate (606), concurrency (615), time-out (604), temporarily unavailable
-# (608), system error (611), transient (713); plus HTTP 5xx and transport errors.
-RETRY_CODES = {"604", "606", "608", "611", "615", "713"}
+# (608), system error (611), subscription temporarily unreachable (614), transient (713); plus HTTP 5xx and
+# transport errors.
+RETRY_CODES = {"604", "606", "608", "611", "614", "615", "713"}
 AUTH_CODES = {"601", "602"}
 # Request-level codes with which Get Leads by Filter Type refuses a value in filterValues (a type mismatch 1001,
 # invalid data 1003): the chunk is bisected to find the value.
@@ -49,7 +56,8 @@ CENTRAL = ZoneInfo("America/Chicago")
 
 
 class TransientError(Exception):
-    """A failure worth retrying (rate/concurrency limits, 5xx, transport errors)."""
+    """A failure worth retrying (rate/concurrency limits, 5xx, transport errors); ``message`` is readable (a
+    transport failure names the host and what went wrong, never the library's repr)."""
 
     def __init__(self, code: str, message: str, request: str, status: int | None = None) -> None:
         super().__init__(f"{code} {message} [{request}]")
@@ -60,10 +68,25 @@ class TransientError(Exception):
 
 
 def quota_reset_time(now: datetime | None = None) -> datetime:
-    """When Marketo's daily quota resets: the next midnight US Central time (rest-api.md), in UTC."""
+    """When Marketo's daily quota resets: the next midnight US Central time (rest-api.md, error-codes.md 607:
+    "resets daily at 12:00AM CST"), in UTC."""
     now = (now or datetime.now(timezone.utc)).astimezone(CENTRAL)
     midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), tzinfo=CENTRAL)
     return midnight.astimezone(timezone.utc)
+
+
+def quota_stop(code: str, message: str, request: str, where: str | None = None) -> QuotaExhausted:
+    """The 607 error: when the quota resets (US Central midnight, in both Central and UTC time) and that nothing
+    is lost by stopping."""
+    resets = quota_reset_time()
+    local = resets.astimezone(CENTRAL)
+    return QuotaExhausted(
+        "marketo", code, f"{message}: the subscription's daily API quota is used up", request=request,
+        resets_at=resets, where=where,
+        next_step=f"the run stops now and is not retried; the quota resets at midnight US Central time "
+                  f"({local:%Y-%m-%d %H:%M %Z} = {resets.isoformat()}). Nothing is lost: no watermark moved, so "
+                  "the first run after the reset picks up this window. Admin > Web Services shows the quota; "
+                  "your Marketo account manager can raise it")
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -92,10 +115,11 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
         ``REQUESTS_CA_BUNDLE`` cannot override it).
     :param max_calls_per_window: / :param window_s: client-side rate window (Marketo: 100 per 20 s).
     :param max_concurrent: client-side concurrency cap (Marketo: 10).
-    :param timeout: (connect, read) timeout in seconds.
+    :param timeout: (connect, read) timeout in seconds (one number for both).
     :param token_listener: called with every new access token (the Airflow hook passes ``mask_secret``).
     :param max_attempts: attempts per call for retryable failures.
     :param retry_initial_s: / :param retry_max_s: exponential backoff bounds (with jitter).
+    :param connection_id: the Airflow connection the client was built from, named in every error.
     """
 
     service = "marketo"
@@ -103,11 +127,14 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
     def __init__(self, base_url: str, client_id: str, client_secret: str, *, session: requests.Session | None = None,
                  verify=True, max_calls_per_window: int = 100, window_s: float = 20, max_concurrent: int = 10,
                  timeout=(10, 120), token_listener: Callable[[str], None] | None = None, max_attempts: int = 8,
-                 retry_initial_s: float = 1.0, retry_max_s: float = 30.0) -> None:
+                 retry_initial_s: float = 1.0, retry_max_s: float = 30.0, connection_id: str | None = None) -> None:
         if not base_url or "://" not in base_url:
             raise ValueError(f"Marketo base URL must include the scheme, e.g. https://123-ABC-456.mktorest.com: "
                              f"got {base_url!r}")
         self.base_url = base_url.rstrip("/")
+        self.connection_id = connection_id
+        #: how errors name this client's connection
+        self.where = connection_label("marketo", connection_id, self.base_url)
         self.session = session or requests.Session()
         self.verify = verify
         self.timeout = timeout
@@ -118,7 +145,8 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
         self.calls_made = 0
         self._describe: pd.DataFrame | None = None
         self._describe_lock = threading.Lock()
-        self.auth = TokenManager(self.base_url, client_id, client_secret, self._send, token_listener)
+        self.auth = TokenManager(self.base_url, client_id, client_secret, self._send, token_listener,
+                                 envelope_error=self._envelope_error, where=self.where)
 
     # ------------------------------------------------------------------ transport
     def _send(self, method: str, path: str, **kwargs) -> requests.Response:
@@ -131,13 +159,30 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
                                             **kwargs)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 self.calls_made += 1
-                raise TransientError("transport", f"{type(exc).__name__}: {exc}", request) from exc
+                reason, retryable = transport_problem(exc, self.base_url, self.timeout)
+                if not retryable:  # a host name that does not resolve, an untrusted certificate: setup, not luck
+                    raise ServiceError(self.service, "transport", reason, request=request, where=self.where,
+                                       next_step="check the connection's host (the REST base URL, Admin > Web "
+                                                 "Services) and extra.verify (True, False or a CA bundle path); "
+                                                 "not retried") from None
+                raise TransientError("transport", reason, request) from None
         self.calls_made += 1
         log.debug("Marketo %s -> HTTP %s in %.0f ms", request, resp.status_code, (time.monotonic() - started) * 1000)
         if resp.status_code >= 500:
             raise TransientError(str(resp.status_code), f"HTTP {resp.status_code} {resp.reason}", request,
                                  resp.status_code)
         return resp
+
+    def _envelope_error(self, code: str, message: str, request: str) -> Exception:
+        """The exception for a response-level error code (the identity service's envelope too)."""
+        if code in RETRY_CODES:
+            return TransientError(code, message, request)
+        if code == "607":
+            return quota_stop(code, message, request, self.where)
+        if code == "603":
+            return AccessDenied(self.service, code, message, request=request, where=self.where,
+                                next_step=f"{_next_step(code)}; not retried")
+        return ServiceError(self.service, code, message, request=request, where=self.where, next_step=_next_step(code))
 
     def _call_once(self, method: str, path: str, *, raw: bool = False, **kwargs):
         reauthenticated = False
@@ -149,7 +194,7 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
             request = f"{method} {path}"
             if resp.status_code in (413, 414):
                 raise ServiceError(self.service, str(resp.status_code), resp.reason or "request too large",
-                                   request=request, status=resp.status_code,
+                                   request=request, status=resp.status_code, where=self.where,
                                    next_step="this is a client bug: requests are split to stay under 1 MB / 8 KB")
             if raw and resp.status_code in (200, 206):
                 return resp
@@ -160,10 +205,10 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
                 body = resp.json()
             except ValueError:
                 raise ServiceError(self.service, None, f"malformed response (not JSON): {resp.text[:200]!r}",
-                                   request=request, status=resp.status_code) from None
+                                   request=request, status=resp.status_code, retryable=True) from None
             if not isinstance(body, dict) or "success" not in body:
                 raise ServiceError(self.service, None, f"malformed response (no envelope): {str(body)[:200]}",
-                                   request=request, status=resp.status_code)
+                                   request=request, status=resp.status_code, retryable=True)
             if body["success"]:
                 return body
             errors = body.get("errors") or [{"code": None, "message": "success: false without errors"}]
@@ -174,17 +219,11 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
                     reauthenticated = True
                     log.info("Marketo %s on %s: re-authenticating once", code, request)
                     continue
-                raise ServiceError(self.service, code, message, request=request,
-                                   next_step="the new access token was refused too; check the custom service")
-            if code in RETRY_CODES:
-                raise TransientError(code, message, request)
-            if code == "607":
-                resets = quota_reset_time()
-                raise QuotaExhausted(self.service, code, f"{message} (daily API quota used up)", request=request,
-                                     resets_at=resets,
-                                     next_step=f"no more calls until the quota resets at {resets.isoformat()} "
-                                               "(midnight US Central)")
-            raise ServiceError(self.service, code, message, request=request, next_step=_next_step(code))
+                raise AuthError(self.service, code, message, request=request,
+                                next_step="a new access token was refused too; check that the LaunchPoint custom "
+                                          "service and its API-only user are active (Admin > LaunchPoint); "
+                                          "not retried")
+            raise self._envelope_error(code, message, request)
 
     def _call(self, method: str, path: str, **kwargs):
         """Send a call with retries; return the decoded envelope (or the response when ``raw=True``)."""
@@ -203,10 +242,19 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
                     return self._call_once(method, path, **dict(kwargs))
         except RetryError as exc:
             last = exc.last_attempt.exception()
-            raise ServiceError(self.service, last.code, f"{last.message} (still failing after {self.max_attempts} "
-                               "attempts)", request=last.request, status=last.status,
-                               next_step="the run fails; it can be retried once the service recovers") from last
+            step = ("check the connection's host and that this machine can reach it; " if last.code == "transport"
+                    else "") + "the task is retried later (Airflow retries); nothing was written by this call"
+            raise ServiceUnavailable(self.service, last.code, f"{last.message} (still failing after "
+                                     f"{self.max_attempts} attempts)", request=last.request, status=last.status,
+                                     where=self.where, next_step=step) from None
+        except ServiceError as exc:
+            exc.where = exc.where or self.where
+            raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _error(self, code: str | None, message: str, **kw) -> ServiceError:
+        """A :class:`ServiceError` naming this client's connection."""
+        return ServiceError(self.service, code, message, where=self.where, **kw)
 
     def _get(self, path: str, params: dict | None = None):
         """GET, or POST with ``_method=GET`` and a form body when the URI would exceed 8 KB (error-codes.md 414)."""
@@ -359,8 +407,8 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
             body = self._post_json(path, {**envelope, "input": [r for _, r in batch]})
             results = body.get("result") or []
             if len(results) != len(batch):
-                raise ServiceError(self.service, None, f"{len(results)} results for {len(batch)} records",
-                                   request=f"POST {path}", next_step="the batch outcome is unknown; re-run")
+                raise self._error(None, f"{len(results)} results for {len(batch)} records", request=f"POST {path}",
+                                  next_step="the batch outcome is unknown; re-run", retryable=True)
             for (seq, _), res in zip(batch, results):
                 code, message = _reason_columns(res.get(reason_key) or res.get("reasons") or res.get("errors"))
                 rows.append({"seq": seq, "id": res.get("id"), "status": res.get("status"), "reason_code": code,
@@ -401,7 +449,9 @@ def _json_bytes(body) -> bytes:
 
 def _next_step(code: str) -> str:
     if code == "603":
-        return "grant the API-only user's role the permission this call needs (Admin > Users and Roles)"
+        return ("grant the API-only user's role the permission this call needs (Admin > Users & Roles: Read-Write "
+                "Lead, Read-Only Activity, Read-Write Custom Activity, Read-Write Activity Metadata), or allow this "
+                "machine's IP address if API access is restricted by IP")
     if code in ("609", "610", "612", "1003", "1006", "1011"):
         return "the request was refused as sent; fix the request (field names, values, filter) and re-run"
     return "not retried; see the Marketo error code reference"

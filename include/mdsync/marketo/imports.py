@@ -173,10 +173,11 @@ class BulkImportMixin:
                 active.append(_Job(f, int(body["result"][0]["batchId"]), time.monotonic()))
             if time.monotonic() > deadline:
                 waiting = ", ".join(str(j.batch_id) for j in active) or "none"
-                raise ServiceError(self.service, None, f"bulk import not finished after {timeout_s:.0f} s: "
-                                   f"{done} of {len(files)} files imported, batches {waiting} still running, "
-                                   f"{len(pending)} files not submitted", request=f"GET /bulk/v1/leads/batch/{{id}}.json",
-                                   next_step="the running batches go on in Marketo; check them before re-running")
+                raise self._error(None, f"bulk import not finished after {timeout_s:.0f} s: "
+                                  f"{done} of {len(files)} files imported, batches {waiting} still running, "
+                                  f"{len(pending)} files not submitted", request=f"GET /bulk/v1/leads/batch/{{id}}.json",
+                                  next_step="the running batches go on in Marketo; check them before re-running",
+                                  retryable=True)
             time.sleep(poll_interval_s)
             for job in list(active):
                 status = self._get(f"/bulk/v1/leads/batch/{job.batch_id}.json")["result"][0]
@@ -190,13 +191,14 @@ class BulkImportMixin:
                              time.monotonic() - job.submitted)
                 elif status["status"] == "Failed":
                     others = [str(j.batch_id) for j in active if j is not job]
-                    raise ServiceError(self.service, None, f"import batch {job.batch_id} (file {job.file.number}/"
-                                       f"{len(files)}, {len(job.file.seqs)} records from #{job.file.seqs[0]}) "
-                                       f"failed: {status.get('message') or 'no message'}",
-                                       request=f"POST {IMPORT_PATH}?{query}",
-                                       next_step=f"{done} files were imported before it"
-                                                 + (f"; batches {', '.join(others)} are still running"
-                                                    if others else "") + "; fix the file's records and re-run")
+                    raise self._error(None, f"import batch {job.batch_id} (file {job.file.number}/"
+                                      f"{len(files)}, {len(job.file.seqs)} records from #{job.file.seqs[0]}) "
+                                      f"failed: {status.get('message') or 'no message'}",
+                                      request=f"POST {IMPORT_PATH}?{query}",
+                                      next_step=f"{done} files were imported before it"
+                                                + (f"; batches {', '.join(others)} are still running"
+                                                   if others else "") + "; fix the file's records and re-run",
+                                      retryable=True)
                 elif status["status"] == "Queued":
                     break  # FIFO: the jobs submitted after it are queued behind it
         frame = typed_frame([{"seq": seq, **o} for seq, o in enumerate(outcomes)],
@@ -219,10 +221,11 @@ class BulkImportMixin:
             reported = list(csv.reader(io.StringIO(text, newline="")))
             header, reported = (reported[0], reported[1:]) if reported else ([], [])
             if lookup_field not in header or len(reported) != expected:
-                raise ServiceError(self.service, None, f"import batch {job.batch_id} reports {expected} {which} "
-                                   f"but its {which} file has {len(reported)} rows"
-                                   + ("" if lookup_field in header else f" and no {lookup_field!r} column"),
-                                   request=f"GET {path}", next_step="the records' outcomes are unknown; re-run")
+                raise self._error(None, f"import batch {job.batch_id} reports {expected} {which} "
+                                  f"but its {which} file has {len(reported)} rows"
+                                  + ("" if lookup_field in header else f" and no {lookup_field!r} column"),
+                                  request=f"GET {path}", next_step="the records' outcomes are unknown; re-run",
+                                  retryable=True)
             for seq, reason in self._match_rows(job, header, reported, lookup_field, columns, path):
                 if which == "failures":
                     outcomes[seq].update(id=None if lookup_field != "id" else outcomes[seq]["id"],
@@ -244,9 +247,10 @@ class BulkImportMixin:
         for row in reported:
             candidates = by_key.get(row[key_at] if key_at < len(row) else None)
             if not candidates:
-                raise ServiceError(self.service, None, f"import batch {job.batch_id}: a reported row has "
-                                   f"{lookup_field} {row[key_at:key_at + 1]} which is not in the file sent",
-                                   request=f"GET {path}", next_step="the records' outcomes are unknown; re-run")
+                raise self._error(None, f"import batch {job.batch_id}: a reported row has "
+                                  f"{lookup_field} {row[key_at:key_at + 1]} which is not in the file sent",
+                                  request=f"GET {path}", next_step="the records' outcomes are unknown; re-run",
+                                  retryable=True)
             cells_of = [row[p] if p is not None and p < len(row) else "" for p in positions]
             pick = next((i for i in candidates if job.file.lines[i] == cells_of), candidates[0])
             candidates.remove(pick)
