@@ -104,6 +104,66 @@ class Planned(StageResult):
     held: int = 0
 
 
+class ChangeSample(BaseModel):
+    """One planned field change shown to whoever approves a mass change (values cut short)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    entity: str
+    person_id: int
+    dynamics_id: str | None = None
+    field: str
+    old: str | None = None
+    new: str | None = None
+
+
+class SideChanges(BaseModel):
+    """What a cycle's plans would write to one side, against the mass-change guard's threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: distinct records the cycle would write on this side (updated or created)
+    records: int = 0
+    #: linked records of this side before the cycle (``None``: not counted, the records are under the floor)
+    linked: int | None = None
+    #: the guard trips when ``records`` is above this
+    threshold: int = 0
+    #: per entity type: records updated (mapped fields or link fields) and records created
+    updated: dict[str, int] = Field(default_factory=dict)
+    created: dict[str, int] = Field(default_factory=dict)
+    #: per entity type: field -> records whose field would change (``(link fields)`` for the link fields)
+    fields: dict[str, dict[str, int]] = Field(default_factory=dict)
+    #: a few of the changes, old -> new
+    sample: list[ChangeSample] = Field(default_factory=list)
+
+    @property
+    def tripped(self) -> bool:
+        return self.records > self.threshold
+
+
+class GuardDecision(StageResult):
+    """The mass-change guard's decision on a run's plans (:mod:`mdsync.guard`)."""
+
+    #: ``dynamics`` and ``marketo``
+    sides: dict[str, SideChanges] = Field(default_factory=dict)
+    max_records: int = 0
+    max_percent: float = 0.0
+    #: ``under_threshold``, ``dry_run``, ``allowed`` (run parameter), ``awaiting_approval``, then ``approved``,
+    #: ``rejected`` or ``timed_out``
+    outcome: str = "under_threshold"
+    #: who answered the approval request
+    responded_by: str | None = None
+
+    @property
+    def tripped(self) -> bool:
+        return any(s.tripped for s in self.sides.values())
+
+    @property
+    def proceed(self) -> bool:
+        """Whether the loads may write."""
+        return self.outcome in ("under_threshold", "dry_run", "allowed", "approved")
+
+
 class Loaded(StageResult):
     #: ``dynamics`` or ``marketo``: the side written
     side: str
@@ -146,6 +206,8 @@ class RunManifest(BaseModel):
     dynamics_loaded: Loaded | None = None
     marketo_loaded: Loaded | None = None
     committed: Committed | None = None
+    #: the mass-change guard's decision (and the approval's outcome)
+    guard: GuardDecision | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -14,6 +14,9 @@
 | ``MDSYNC_MAX_CHANGE_PAGES`` | ``10`` | pages of Marketo lead changes read before a window switches to a bulk activity export |
 | ``MDSYNC_LOG_LIMIT`` | ``10000`` | activity lines a task writes to its log (all of them go to the state store) |
 | ``MDSYNC_KEEP_STAGING`` | off | keep a successful run's staged frames (failed runs always keep theirs) |
+| ``MDSYNC_GUARD_MAX_RECORDS`` | ``5000`` | mass-change guard: a run writing more records than this to one side … |
+| ``MDSYNC_GUARD_MAX_PERCENT`` | ``10`` | … and more than this % of that side's linked records asks for approval (:mod:`mdsync.guard`) |
+| ``MDSYNC_GUARD_TIMEOUT_MINUTES`` | ``10`` | how long it waits for an answer; then it writes nothing (the changes stay for the next cycle) |
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class Settings:
     marketo_bulk_threshold: int = 3000
     log_limit: int | None = 10000
     max_change_pages: int = 10
+    guard_max_records: int = 5000
+    guard_max_percent: float = 10.0
+    guard_timeout_minutes: float = 10.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -60,6 +66,9 @@ class Settings:
             marketo_bulk_threshold=int(os.environ.get("MDSYNC_MARKETO_BULK_THRESHOLD", "3000")),
             log_limit=int(os.environ.get("MDSYNC_LOG_LIMIT", "10000")) or None,
             max_change_pages=int(os.environ.get("MDSYNC_MAX_CHANGE_PAGES", "10")),
+            guard_max_records=int(os.environ.get("MDSYNC_GUARD_MAX_RECORDS", "5000")),
+            guard_max_percent=float(os.environ.get("MDSYNC_GUARD_MAX_PERCENT", "10")),
+            guard_timeout_minutes=float(os.environ.get("MDSYNC_GUARD_TIMEOUT_MINUTES", "10")),
         )
 
 

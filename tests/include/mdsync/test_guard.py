@@ -1,0 +1,124 @@
+"""The mass-change guard on frames (mdsync.guard): counts per side, entity and field, thresholds, outcomes, sample."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mdsync import guard
+from mdsync.guard import LINK_FIELDS, Limits, decide
+from mdsync.results import GuardDecision
+
+
+def writes(rows: list[tuple[int, str, str | None, str | None]]) -> pd.DataFrame:
+    """``(person_id, field, previous, value)`` rows -> a plan's write frame."""
+    return pd.DataFrame({"person_id": pd.Series([r[0] for r in rows], dtype="int64"),
+                         "dynamics_id": [f"rec-{r[0]}" for r in rows], "field": [r[1] for r in rows],
+                         "value": pd.Series([r[3] for r in rows], dtype="string"),
+                         "previous": pd.Series([r[2] for r in rows], dtype="string")})
+
+
+def links(person_ids) -> pd.DataFrame:
+    ids = list(person_ids)
+    return pd.DataFrame({"person_id": pd.Series(ids, dtype="int64"), "dynamics_id": [f"rec-{p}" for p in ids]})
+
+
+def job_titles(person_ids, old="Engineer", new="Intern") -> pd.DataFrame:
+    return writes([(p, "job_title", old, new) for p in person_ids])
+
+
+def run(dynamics=None, marketo=None, d_links=None, m_links=None, d_creates=None, m_creates=None, linked=None,
+        limits=Limits(max_records=10, max_percent=20), **kw) -> GuardDecision:
+    return decide(dynamics or {}, marketo or {}, d_links or {}, m_links or {}, d_creates or {}, m_creates or {},
+                  linked, limits, **kw)
+
+
+def test_threshold_is_the_larger_of_the_floor_and_the_share_of_linked_records():
+    limits = Limits(max_records=5000, max_percent=10)
+    assert limits.threshold(None) == limits.threshold(0) == limits.threshold(49_999) == 5000
+    assert limits.threshold(50_000) == 5000 and limits.threshold(1_000_000) == 100_000
+    assert Limits().max_records == 5000 and Limits().max_percent == 10  # the shipped defaults
+
+
+def test_a_quiet_cycle_is_under_the_threshold_and_goes_ahead():
+    d = run({"contact": job_titles([1, 2])}, {"lead": writes([(3, "city", "Berlin", "Porto")])}, linked=100)
+    assert not d.tripped and d.outcome == "under_threshold" and d.proceed
+    assert d.sides["dynamics"].records == 2 and d.sides["marketo"].records == 1
+    assert d.sides["dynamics"].threshold == 20  # 20 % of 100 linked is above the floor of 10
+
+
+def test_records_are_counted_once_per_record_across_fields_link_fields_and_entities():
+    dyn = {"contact": writes([(1, "job_title", "a", "b"), (1, "city", "x", "y"), (2, "city", None, "Rome")]),
+           "lead": job_titles([7])}
+    d = run(dyn, d_links={"contact": links([2, 3])}, d_creates={"lead": 4}, linked=100)
+    side = d.sides["dynamics"]
+    assert side.updated == {"contact": 3, "lead": 1} and side.created == {"lead": 4}
+    assert side.records == 3 + 1 + 4
+    assert side.fields == {"contact": {"city": 2, "job_title": 1, LINK_FIELDS: 2}, "lead": {"job_title": 1}}
+    assert d.sides["marketo"].records == 0 and not d.tripped
+
+
+def test_more_records_than_the_threshold_on_one_side_asks_for_approval():
+    d = run({"contact": job_titles(range(1, 12))}, linked=50)  # 11 > max(10, 20 % of 50)
+    assert d.tripped and d.sides["dynamics"].tripped and not d.sides["marketo"].tripped
+    assert d.outcome == "awaiting_approval" and not d.proceed
+    # exactly at the threshold is not over it
+    assert not run({"contact": job_titles(range(1, 11))}, linked=50).tripped
+
+
+def test_the_share_of_linked_records_raises_the_threshold_on_a_large_base():
+    changed = {"lead": job_titles(range(1, 16))}  # 15 records
+    assert run(changed, linked=50).tripped  # threshold 10
+    assert not run(changed, linked=100).tripped  # threshold 20 % of 100 = 20
+
+
+def test_creates_alone_trip_it_on_the_side_they_are_written_to():
+    d = run(m_creates={"contact": 30}, linked=10)  # a botched Dynamics import: 30 new contacts to create in Marketo
+    assert d.sides["marketo"].tripped and not d.sides["dynamics"].tripped
+    assert d.sides["marketo"].created == {"contact": 30}
+
+
+def test_a_dry_run_never_asks_and_allow_mass_change_lets_the_run_through():
+    big = {"contact": job_titles(range(1, 40))}
+    assert run(big, dry_run=True).outcome == "dry_run" and run(big, dry_run=True).proceed
+    assert run(big, allowed=True).outcome == "allowed" and run(big, allowed=True).proceed
+    # neither changes a run under the threshold
+    assert run({"contact": job_titles([1])}, dry_run=True, allowed=True).outcome == "under_threshold"
+
+
+@pytest.mark.parametrize("outcome, proceed", [("approved", True), ("rejected", False), ("timed_out", False),
+                                              ("awaiting_approval", False), ("allowed", True)])
+def test_only_an_approval_lets_an_asking_run_write(outcome, proceed):
+    d = run({"contact": job_titles(range(1, 40))})
+    d.outcome = outcome
+    assert d.proceed is proceed
+
+
+def test_the_sample_shows_a_few_records_old_to_new_with_long_values_cut():
+    long = "x" * 500
+    dyn = {"contact": writes([(9, "job_title", "Engineer", "Intern"), (3, "city", "Berlin", long),
+                              (3, "job_title", None, "CTO"), *[(p, "city", "a", "b") for p in range(100, 120)]]),
+           "lead": job_titles([1])}
+    sample = run(dyn, sample_size=3).sides["dynamics"].sample
+    # the first 3 records by entity type then person id: contact 3, contact 9, then contact 100
+    assert [(s.entity, s.person_id, s.field) for s in sample] == [
+        ("contact", 3, "city"), ("contact", 3, "job_title"), ("contact", 9, "job_title"), ("contact", 100, "city")]
+    assert sample[0].old == "Berlin" and len(sample[0].new) == guard.SAMPLE_VALUE_CHARS and sample[0].new.endswith("…")
+    assert sample[1].old is None and sample[1].new == "CTO" and sample[1].dynamics_id == "rec-3"
+    assert sample[2].old == "Engineer" and sample[2].new == "Intern"
+
+
+def test_the_decision_round_trips_through_xcom_json():
+    d = run({"contact": job_titles(range(1, 40))}, m_creates={"lead": 2}, linked=5)
+    again = GuardDecision.model_validate(d.dump())
+    assert again == d and again.tripped and again.sides["dynamics"].sample[0].new == "Intern"
+
+
+def test_describe_names_each_side_its_threshold_and_what_happens():
+    d = run({"contact": job_titles(range(1, 40))}, linked=None)
+    lines = guard.describe(d)
+    assert "39 records to Dynamics (contact 39 updated + 0 created)" in lines[0] and "OVER" in lines[0]
+    assert "0 records to Marketo" in lines[1] and "OVER" not in lines[1]
+    assert "nothing is written until someone approves" in lines[2]
+    d.outcome, d.responded_by = "rejected", "admin"
+    assert guard.describe(d)[-1].endswith("still there for the next cycle (by admin)")
