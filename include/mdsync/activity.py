@@ -1,6 +1,9 @@
 """The activity log: one readable line per record decision, in the task log and in the state store.
 
-Actions: ``create``, ``update``, ``link``, ``unlink``, ``collision``, ``skip``, ``error``, ``ambiguous``.
+Actions: ``create``, ``update``, ``consent``, ``link``, ``unlink``, ``collision``, ``skip``, ``error``, ``ambiguous``.
+``consent`` is a change of a consent flag (``opt_out_wins``): an opt-out written to the other side
+(:func:`write_activity`), or a re-opt-in held back because the other side still says opted out
+(:func:`consent_held_activity`); ``winner`` names the side whose opt-out holds.
 Every stage builds its rows with the builders here (one place for what a line says).
 ``python -m mdsync.activity --email ann@example.com`` (``make activity EMAIL=…``) prints a person's history.
 """
@@ -13,6 +16,7 @@ import sys
 
 import pandas as pd
 
+from mdsync.config import Side
 from mdsync.constants import LINK_FIELD
 
 COLUMNS = [
@@ -28,12 +32,17 @@ def activity_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
 
 
 def write_activity(entity: str, writes: pd.DataFrame, results: pd.DataFrame, target: str) -> pd.DataFrame:
-    """One activity row per attempted write: ``update`` when it went through, ``error`` when it did not."""
+    """One activity row per attempted write: ``update`` (``consent`` for a consent flag, with the source side
+    as ``winner``) when it went through, ``error`` when it did not."""
     if results.empty:
         return activity_frame([])
+    if "action" not in writes.columns:
+        writes = writes.assign(action="update")
     data = results[results["field"] != LINK_FIELD].merge(
-        writes[["person_id", "field", "previous", "reason"]], on=["person_id", "field"], how="left")
+        writes[["person_id", "field", "previous", "reason", "action"]], on=["person_id", "field"], how="left")
     where = "Dynamics" if target == "dynamics" else "Marketo"
+    action = data["action"].astype(object).where(data["action"].notna(), "update")
+    consent = action.eq("consent")
     ok = data["ok"].astype(bool)
     dry = data["error_code"].eq("dry_run").fillna(False)
     detail = data["reason"].fillna("") + f" -> {where}"
@@ -41,10 +50,26 @@ def write_activity(entity: str, writes: pd.DataFrame, results: pd.DataFrame, tar
     failed = ~ok & ~dry
     detail = detail.where(~failed, f"{where} rejected the value: " + data["error_code"].fillna("").astype(str) + " "
                           + data["error_message"].fillna("").astype(str) + "; not re-sent until the value changes")
+    source = "marketo" if target == "dynamics" else "dynamics"
     return activity_frame(pd.DataFrame({
         "entity_type": entity, "person_id": data["person_id"], "dynamics_type": entity, "dynamics_id": data["dynamics_id"],
-        "action": pd.Series("update", index=data.index).where(~failed, "error"), "field": data["field"],
-        "old_value": data["previous"], "new_value": data["value"], "detail": detail,
+        "action": action.where(~failed, "error"), "field": data["field"],
+        "old_value": data["previous"], "new_value": data["value"],
+        "winner": pd.Series(source, index=data.index).where(consent, None), "detail": detail,
+    }))
+
+
+def consent_held_activity(entity: str, held: pd.DataFrame) -> pd.DataFrame:
+    """``consent`` rows for re-opt-ins not propagated (:attr:`mdsync.plan.SyncPlan.consent_held`): the change on
+    the side that re-opted in (the opt-out it had -> what it says now), the other side as ``winner``."""
+    if held.empty:
+        return activity_frame([])
+    on_marketo = held["reopted"].eq("marketo")
+    now = held["marketo_value"].where(on_marketo, held["dynamics_value"])
+    return activity_frame(pd.DataFrame({
+        "entity_type": entity, "person_id": held["person_id"], "dynamics_type": entity, "dynamics_id": held["dynamics_id"],
+        "action": "consent", "field": held["field"], "old_value": held["baseline"], "new_value": now,
+        "winner": pd.Series("dynamics", index=held.index).where(on_marketo, "marketo"), "detail": held["reason"],
     }))
 
 
@@ -125,7 +150,7 @@ def format_line(row: dict) -> str:
     text = f"{action.upper():<9} {who}"
     if row.get("field"):
         text += f" | {row['field']}"
-        if action in ("update", "collision", "error", "skip"):
+        if action in ("update", "consent", "collision", "error", "skip"):
             text += f": {_short(row.get('old_value'))} -> {_short(row.get('new_value'))}"
     if row.get("winner"):
         text += f" | winner: {row['winner']}"

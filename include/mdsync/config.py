@@ -1,4 +1,4 @@
-"""Load and validate the sync config (entities, field maps, directions, value maps, collision policy).
+"""Load and validate the sync config (entities, field maps, directions, value maps, value rules, collision policy).
 
 The config is read in one place: :func:`load_config`. Every problem is reported as a
 :class:`~mdsync.errors.ConfigError` that names the file, the entry and the problem, e.g.
@@ -39,6 +39,14 @@ class FieldType(str, Enum):
     PICKLIST = "picklist"
 
 
+class ValueRule(str, Enum):
+    """A rule on a field's values that overrides the three-way diff and the collision winner."""
+
+    #: consent flags (true = opted out, on both sides): an opt-out on either side wins over an opt-in
+    #: (see :mod:`mdsync.resolve`); boolean fields that sync both ways only.
+    OPT_OUT_WINS = "opt_out_wins"
+
+
 class Side(str, Enum):
     MARKETO = "marketo"
     DYNAMICS = "dynamics"
@@ -58,6 +66,28 @@ class FieldMap(_Strict):
     direction: Direction = Direction.BOTH
     #: picklists: Dataverse option value -> Marketo label
     values: dict[int, str] | None = None
+    #: a value rule, e.g. ``opt_out_wins`` on consent flags
+    rule: ValueRule | None = None
+
+    @model_validator(mode="after")
+    def _rule(self) -> "FieldMap":
+        if self.rule is ValueRule.OPT_OUT_WINS:
+            if self.type is not FieldType.BOOLEAN:
+                raise ValueError(
+                    f"rule 'opt_out_wins' is only for boolean fields (true = opted out on both sides), "
+                    f"not on type {self.type.value!r}"
+                )
+            if self.direction is not Direction.BOTH:
+                raise ValueError(
+                    f"rule 'opt_out_wins' syncs an opt-out both ways: direction must be 'both', "
+                    f"not {self.direction.value!r}"
+                )
+        return self
+
+    @property
+    def opt_out_wins(self) -> bool:
+        """Whether this is a consent flag whose opt-out (true) on either side wins."""
+        return self.rule is ValueRule.OPT_OUT_WINS
 
     @model_validator(mode="after")
     def _value_map(self) -> "FieldMap":

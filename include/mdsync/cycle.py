@@ -25,8 +25,8 @@ import pandas as pd
 
 from mdsync import access as access_stage
 from mdsync import identity as identity_stage
-from mdsync.activity import (activity_frame, blocked_activity, collision_activity, held_activity, log_activity,
-                             problem_activity, write_activity)
+from mdsync.activity import (activity_frame, blocked_activity, collision_activity, consent_held_activity,
+                             held_activity, log_activity, problem_activity, write_activity)
 from mdsync.canonical import canonical_frame
 from mdsync.commit import commit_cycle, error_rows, resolved_keys, succeeded_baselines
 from mdsync.config import Side, SyncConfig, load_config
@@ -386,12 +386,14 @@ class Cycle:
             m_writes, m_held = suppress_known_rejections(m_writes, errors, Side.MARKETO)
             held = [held_activity(entity_name, d_held, "dynamics"), held_activity(entity_name, m_held, "marketo")]
         collisions = collision_activity(entity_name, plan.collisions)
-        notes = pd.concat([*skipped, *held, collisions], ignore_index=True)
+        consent_held = consent_held_activity(entity_name, plan.consent_held)  # re-opt-ins not propagated
+        notes = pd.concat([*skipped, *held, collisions, consent_held], ignore_index=True)
         notes["email"] = notes["person_id"].map(_emails(persons))
         self._log_activity(notes)
         summary = plan.summary()
-        log.info("plan %s: compared %d linked pairs: %d fields to Dynamics, %d fields to Marketo, %d collisions",
-                 entity_name, summary["compared"], len(d_writes), len(m_writes), summary["collisions"])
+        log.info("plan %s: compared %d linked pairs: %d fields to Dynamics, %d fields to Marketo, %d collisions, "
+                 "%d consent changes, %d re-opt-ins held", entity_name, summary["compared"], len(d_writes),
+                 len(m_writes), summary["collisions"], summary["consent_changes"], summary["consent_held"])
         s = self.staging
         return Planned(
             entity=entity_name,

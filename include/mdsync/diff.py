@@ -9,6 +9,10 @@ A person missing from a side's frame did not change on that side in this window,
 taken to be the baseline. A field missing from a side's frame (the sync user cannot read it, or the side
 does not carry it) is treated the same way for every row. All work is column-wise over the whole frame:
 one vectorised pass per mapped field, no per-row Python.
+
+A consent flag (``rule: opt_out_wins``) is compared by whether it says *opted out* (``"true"``): null and
+``"false"`` both mean "not opted out" and are the same value for the diff, so ``same`` / ``*_changed`` are
+about the opt-out only (:mod:`mdsync.resolve` applies the rule).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import pandas as pd
 
 from mdsync.canonical import CANONICAL_DTYPE, compare_key
 from mdsync.config import EntityConfig, FieldMap
+
+OPTED_OUT = "true"
 
 
 @dataclass
@@ -38,6 +44,9 @@ class FieldDiff:
     dynamics_changed: np.ndarray
     #: the baseline holds exactly this value already (no baseline update needed when the sides agree).
     baseline_exact: np.ndarray
+    #: consent flags (``opt_out_wins``) only: whether each side says opted out (``"true"``); ``None`` otherwise.
+    marketo_opted_out: np.ndarray | None = None
+    dynamics_opted_out: np.ndarray | None = None
 
 
 @dataclass
@@ -54,6 +63,17 @@ def _equal(a: pd.Series, b: pd.Series) -> np.ndarray:
     both_na = a.isna().to_numpy() & b.isna().to_numpy()
     eq = (a == b).to_numpy(dtype=bool, na_value=False)
     return eq | both_na
+
+
+def diff_key(values: pd.Series, fmap: FieldMap) -> pd.Series:
+    """What the diff compares: a consent flag by its opt-out alone (null = false), the rest by :func:`compare_key`."""
+    if fmap.opt_out_wins:
+        return pd.Series(np.where(_opted_out(values), OPTED_OUT, "false"), index=values.index, dtype=CANONICAL_DTYPE)
+    return compare_key(values, fmap)
+
+
+def _opted_out(values: pd.Series) -> np.ndarray:
+    return values.eq(OPTED_OUT).to_numpy(dtype=bool, na_value=False)
 
 
 def _column(frame: pd.DataFrame, name: str, keys: pd.Index) -> pd.Series | None:
@@ -108,7 +128,7 @@ def three_way_diff(
         d = _side_values(
             dynamics, fmap.name, keys, in_dynamics, base, _unchanged_cells(dynamics_invalid, fmap.name, keys)
         )
-        base_k, m_k, d_k = compare_key(base, fmap), compare_key(m, fmap), compare_key(d, fmap)
+        base_k, m_k, d_k = diff_key(base, fmap), diff_key(m, fmap), diff_key(d, fmap)
         diff.fields.append(
             FieldDiff(
                 field=fmap,
@@ -119,6 +139,8 @@ def three_way_diff(
                 marketo_changed=~_equal(m_k, base_k),
                 dynamics_changed=~_equal(d_k, base_k),
                 baseline_exact=_equal(m, base),
+                marketo_opted_out=_opted_out(m) if fmap.opt_out_wins else None,
+                dynamics_opted_out=_opted_out(d) if fmap.opt_out_wins else None,
             )
         )
     return diff

@@ -3,7 +3,9 @@
 :func:`plan_entity` runs diff -> resolve -> plan for one entity type and returns a :class:`SyncPlan` of long
 frames (one row per person and field), which the load stage groups into API records and the record stage
 turns into activity-log lines. Baseline updates carry the write they depend on, so the commit stage
-advances a baseline only when that write succeeded (DESIGN §4.5).
+advances a baseline only when that write succeeded (DESIGN §4.5). A write's ``action`` is ``consent`` for
+consent flags (``opt_out_wins``) and ``update`` otherwise; re-opt-ins the rule holds back are in
+:attr:`SyncPlan.consent_held`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,15 @@ import pandas as pd
 from mdsync.canonical import CANONICAL_DTYPE
 from mdsync.config import EntityConfig, Side
 from mdsync.diff import three_way_diff
-from mdsync.resolve import FieldDecision, resolve
+from mdsync.resolve import FieldDecision, held_reason, resolve
 
-WRITE_COLUMNS = ["person_id", "dynamics_id", "field", "value", "previous", "baseline", "reason"]
+WRITE_COLUMNS = ["person_id", "dynamics_id", "field", "value", "previous", "baseline", "reason", "action"]
+#: ``action`` of a write: an ordinary update, or a consent change (an opt-out flowing to the other side)
+UPDATE, CONSENT = "update", "consent"
+#: re-opt-ins held back by ``opt_out_wins``; ``reopted``: the side that changed to opted in
+CONSENT_HELD_COLUMNS = [
+    "person_id", "dynamics_id", "field", "marketo_value", "dynamics_value", "baseline", "reopted", "reason",
+]
 COLLISION_COLUMNS = [
     "person_id", "dynamics_id", "field", "marketo_value", "dynamics_value", "baseline", "winner", "reason",
 ]
@@ -46,6 +54,8 @@ class SyncPlan:
     collisions: pd.DataFrame
     #: person_id, field, value, requires ("" | "dynamics" | "marketo")
     baseline_updates: pd.DataFrame
+    #: re-opt-ins not propagated because the other side still says opted out (see CONSENT_HELD_COLUMNS)
+    consent_held: pd.DataFrame
     compared: int = 0
 
     @property
@@ -61,6 +71,9 @@ class SyncPlan:
             "marketo_records": int(self.marketo_writes["person_id"].nunique()),
             "marketo_fields": len(self.marketo_writes),
             "collisions": len(self.collisions),
+            "consent_changes": int(self.dynamics_writes["action"].eq(CONSENT).sum()
+                                   + self.marketo_writes["action"].eq(CONSENT).sum()),
+            "consent_held": len(self.consent_held),
             "baseline_updates": len(self.baseline_updates),
         }
 
@@ -100,10 +113,11 @@ def _assemble(
 ) -> SyncPlan:
     person_ids = keys.to_numpy()
     winner = entity.collision_winner
-    to_dyn, to_mkt, collisions, baselines = [], [], [], []
+    to_dyn, to_mkt, collisions, baselines, held = [], [], [], [], []
     for dec in decisions:
         fd = dec.diff
         name = fd.field.name
+        action = CONSENT if dec.consent else UPDATE
 
         def rows(mask: np.ndarray, **columns) -> pd.DataFrame:
             data = {"person_id": person_ids[mask], "dynamics_id": dynamics_ids[mask], "field": name}
@@ -113,12 +127,12 @@ def _assemble(
         if dec.to_dynamics.any():
             m = dec.to_dynamics
             to_dyn.append(rows(m, value=fd.marketo, previous=fd.dynamics, baseline=fd.baseline,
-                               reason=dec.dynamics_reasons(m, entity.name, winner)))
+                               reason=dec.dynamics_reasons(m, entity.name, winner), action=action))
             baselines.append(rows(m, value=fd.marketo, requires=REQUIRES_DYNAMICS))
         if dec.to_marketo.any():
             m = dec.to_marketo
             to_mkt.append(rows(m, value=fd.dynamics, previous=fd.marketo, baseline=fd.baseline,
-                               reason=dec.marketo_reasons(m, entity.name, winner)))
+                               reason=dec.marketo_reasons(m, entity.name, winner), action=action))
             baselines.append(rows(m, value=fd.dynamics, requires=REQUIRES_MARKETO))
         if dec.collision.any():
             m = dec.collision
@@ -126,6 +140,10 @@ def _assemble(
                                    winner=winner.value,
                                    reason=dec.dynamics_reasons(m, entity.name, winner) if winner is Side.MARKETO
                                    else dec.marketo_reasons(m, entity.name, winner)))
+        for side, m in ((Side.MARKETO, dec.held_marketo), (Side.DYNAMICS, dec.held_dynamics)):
+            if m.any():  # the baseline keeps the opt-out: no baseline update
+                held.append(rows(m, marketo_value=fd.marketo, dynamics_value=fd.dynamics, baseline=fd.baseline,
+                                 reopted=side.value, reason=held_reason(side)))
         agreed = fd.same & ~fd.baseline_exact
         if agreed.any():
             baselines.append(rows(agreed, value=fd.marketo, requires=REQUIRES_NOTHING))
@@ -144,6 +162,7 @@ def _assemble(
         dynamics_writes=frame(to_dyn, WRITE_COLUMNS),
         marketo_writes=frame(to_mkt, WRITE_COLUMNS),
         collisions=frame(collisions, COLLISION_COLUMNS),
+        consent_held=frame(held, CONSENT_HELD_COLUMNS),
         baseline_updates=frame(baselines, ["person_id", "field", "value", "requires"]),
         compared=len(keys),
     )

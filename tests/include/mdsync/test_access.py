@@ -7,9 +7,10 @@ import logging
 
 import pandas as pd
 import pytest
+import yaml
 
 from mdsync.access import FieldAccess, refresh_access
-from mdsync.config import load_config
+from mdsync.config import DEFAULT_CONFIG_PATH, load_config, parse_config
 from mdsync.errors import ConfigError
 
 CONFIG = load_config()
@@ -86,12 +87,20 @@ def test_missing_fields_on_either_side_are_dropped():
 
 
 def test_a_read_only_marketo_field_is_dropped_only_where_it_flows_to_marketo():
-    acc = refresh_access(CONFIG, marketo_describe(read_only=["title", "unsubscribed"]), dynamics_metadata())
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    for entity in raw["entities"].values():  # email opt-out as a plain one-way field (no consent rule)
+        field = next(f for f in entity["fields"] if f["name"] == "email_opt_out")
+        field.pop("rule")
+        field["direction"] = "to_dynamics"
+    acc = refresh_access(parse_config(raw), marketo_describe(read_only=["title", "unsubscribed"]), dynamics_metadata())
     lead = acc.entities["lead"]
     assert "job_title" in lead.marketo_read and "job_title" not in lead.marketo_write
     # email_opt_out flows to Dynamics only: a read-only Marketo field is fine
     assert [d["field"] for d in lead.dropped] == ["job_title"]
     assert "email_opt_out" in lead.marketo_read
+    # shipped, the consent flag syncs both ways: read-only in Marketo, it is read but not written there
+    lead = refresh_access(CONFIG, marketo_describe(read_only=["unsubscribed"]), dynamics_metadata()).entities["lead"]
+    assert "email_opt_out" in lead.marketo_read and "email_opt_out" not in lead.marketo_write
 
 
 @pytest.mark.parametrize("missing", LINK_AND_MARKER)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from mdsync.config import DEFAULT_CONFIG_PATH, Direction, Side, load_config, parse_config
+from mdsync.config import DEFAULT_CONFIG_PATH, Direction, FieldType, Side, ValueRule, load_config, parse_config
 from mdsync.errors import ConfigError
 
 
@@ -24,7 +24,12 @@ def test_shipped_config_is_valid_and_realistic():
     lead = config.entity("lead")
     assert lead.email_field.marketo == "email" and lead.email_field.dynamics == "emailaddress1"
     assert lead.field("lead_source").values[8] == "Web"
-    assert lead.field("email_opt_out").direction is Direction.TO_DYNAMICS
+    # consent flags sync both ways and an opt-out wins, on both entity types (issue 9)
+    for entity in config.entities.values():
+        consent = {f.name: (f.marketo, f.dynamics) for f in entity.fields if f.opt_out_wins}
+        assert consent == {"email_opt_out": ("unsubscribed", "donotbulkemail"), "do_not_call": ("doNotCall", "donotphone")}
+        assert all(entity.field(n).direction is Direction.BOTH and entity.field(n).rule is ValueRule.OPT_OUT_WINS
+                   for n in consent)
     assert config.marketo.link_fields.dynamics_id == "dynamicsRecordId"
     assert config.dynamics.marketo_id_column == "mdsync_marketopersonid"
 
@@ -57,6 +62,46 @@ def test_field_mapped_twice(raw):
     assert "dynamics field 'FirstName' is mapped twice (also at fields[1])" in msg
 
 
+def _field(raw, entity: str, name: str) -> dict:
+    return next(f for f in raw["entities"][entity]["fields"] if f["name"] == name)
+
+
+@pytest.mark.parametrize("ftype", [t.value for t in FieldType if t not in (FieldType.BOOLEAN, FieldType.PICKLIST)])
+def test_opt_out_wins_only_on_boolean_fields(raw, ftype):
+    field = _field(raw, "contact", "job_title")
+    field.update(rule="opt_out_wins", type=ftype)
+    msg = _error(raw)
+    assert "entities.contact.fields[3] (job_title)" in msg
+    assert f"rule 'opt_out_wins' is only for boolean fields (true = opted out on both sides), not on type {ftype!r}" in msg
+
+
+def test_opt_out_wins_on_a_picklist_names_the_rule(raw):
+    _field(raw, "lead", "lead_source")["rule"] = "opt_out_wins"
+    assert "rule 'opt_out_wins' is only for boolean fields" in _error(raw)
+
+
+@pytest.mark.parametrize("direction", ["to_dynamics", "to_marketo"])
+def test_opt_out_wins_syncs_both_ways(raw, direction):
+    _field(raw, "lead", "email_opt_out")["direction"] = direction
+    msg = _error(raw)
+    assert "entities.lead.fields[13] (email_opt_out)" in msg
+    assert f"rule 'opt_out_wins' syncs an opt-out both ways: direction must be 'both', not {direction!r}" in msg
+
+
+def test_unknown_rule(raw):
+    _field(raw, "lead", "email_opt_out")["rule"] = "opt_in_wins"
+    msg = _error(raw)
+    assert "entities.lead.fields[13].rule (email_opt_out): 'opt_in_wins' is not one of 'opt_out_wins'" in msg
+
+
+def test_a_boolean_without_the_rule_is_an_ordinary_field(raw):
+    field = _field(raw, "lead", "do_not_call")
+    del field["rule"]
+    field["direction"] = "to_marketo"
+    f = parse_config(raw).entity("lead").field("do_not_call")
+    assert f.rule is None and not f.opt_out_wins and f.direction is Direction.TO_MARKETO
+
+
 def test_marketo_field_mapped_twice(raw):
     raw["entities"]["lead"]["fields"][4]["marketo"] = "title"
     assert "marketo field 'title' is mapped twice (also at fields[3])" in _error(raw)
@@ -65,7 +110,7 @@ def test_marketo_field_mapped_twice(raw):
 def test_value_map_not_one_to_one(raw):
     raw["entities"]["lead"]["fields"][-1]["values"][2] = "Web"
     msg = _error(raw)
-    assert "entities.lead.fields[14] (lead_source)" in msg
+    assert "entities.lead.fields[15] (lead_source)" in msg
     assert "value map is not one-to-one: label 'Web' is mapped from both 2 and 8" in msg
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import yaml
 
-from mdsync.config import Side
+from mdsync.config import DEFAULT_CONFIG_PATH, Side, parse_config
 from mdsync.plan import (
     REQUIRES_DYNAMICS, REQUIRES_MARKETO, REQUIRES_NOTHING, plan_entity, suppress_known_rejections,
 )
@@ -115,7 +116,18 @@ def test_picklist_values_compare_through_the_map(lead):
         {"leadid": "00000000-0000-0000-0000-000000000001", "leadsourcecode": 6}]
 
 
-def test_one_way_field_only_flows_its_way(lead):
+@pytest.fixture(scope="module")
+def one_way_lead():
+    """The shipped lead config with email opt-out as a plain one-way boolean (no consent rule)."""
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    field = next(f for f in raw["entities"]["lead"]["fields"] if f["name"] == "email_opt_out")
+    del field["rule"]
+    field["direction"] = "to_dynamics"
+    return parse_config(raw).entity("lead")
+
+
+def test_one_way_field_only_flows_its_way(one_way_lead):
+    lead = one_way_lead
     base = {**BASE, "email_opt_out": "false"}
     # Dynamics changed a to_dynamics field: Marketo is the source, so Dynamics is set back, never Marketo
     plan = _plan(lead, {1: base}, {1: base}, {1: {**base, "email_opt_out": "true"}})

@@ -1,8 +1,9 @@
 """Properties of diff + resolve + plan over random populations (hypothesis).
 
-After the plan is applied to both sides: every synced field agrees on both sides, a second diff plans no
-writes (no ping-pong), each collision went to its entity type's winner, and no write carried a value the
-target already had.
+After the plan is applied to both sides: every synced field agrees on both sides (but for re-opt-ins that a
+consent flag's ``opt_out_wins`` holds back), a second diff plans no writes (no ping-pong), each collision went
+to its entity type's winner, no write carried a value the target already had, and no write ever turned an
+opt-out into an opt-in.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mdsync.canonical import CANONICAL_DTYPE, compare_key
+from mdsync.canonical import CANONICAL_DTYPE
 from mdsync.config import Direction, FieldType, Side, load_config
+from mdsync.diff import diff_key as compare_key
 from mdsync.plan import REQUIRES_NOTHING, plan_entity
 from tests.include.mdsync.conftest import links_for
 
@@ -120,11 +122,30 @@ def test_plan_converges_without_ping_pong(data):
         written = loser_writes[(loser_writes["person_id"] == c["person_id"]) & (loser_writes["field"] == c["field"])]
         assert written["value"].tolist() == [c[f"{winner.value}_value"]]
 
-    # Applying the plan makes both sides agree on every synced field.
+    # Consent flags: only an opt-out is ever written, and an opt-out on either side before the plan is still an
+    # opt-out on that side after it; every re-opt-in held back has an opted-out side and a baseline opt-out.
     marketo_after = apply_writes(marketo_full, plan.marketo_writes)
     dynamics_after = apply_writes(dynamics_full, plan.dynamics_writes)
+    consent = [f.name for f in fields if f.opt_out_wins]
+    for writes in (plan.dynamics_writes, plan.marketo_writes):
+        mine = writes[writes["field"].isin(consent)]
+        assert mine["value"].eq("true").all() and mine["action"].eq("consent").all(), mine
+        assert writes.loc[~writes["field"].isin(consent), "action"].eq("update").all()
+    for name in consent:
+        for before, after in ((marketo_full, marketo_after), (dynamics_full, dynamics_after)):
+            was_out = before[name].eq("true").fillna(False)
+            assert after.loc[was_out[was_out].index, name].eq("true").all()
+    held = plan.consent_held
+    for _, h in held.iterrows():
+        assert h["baseline"] == "true" and "true" in (h["marketo_value"], h["dynamics_value"])
+        assert h[f"{h['reopted']}_value"] != "true"
+    assert not plan.baseline_updates.merge(held[["person_id", "field"]], on=["person_id", "field"]).shape[0]
+
+    # Applying the plan makes both sides agree on every synced field (a held re-opt-in stays as it is).
     m_keys, d_keys = _keys(marketo_after, fields), _keys(dynamics_after, fields)
     agree = (m_keys == d_keys).fillna(False) | (m_keys.isna() & d_keys.isna())
+    for _, h in held.iterrows():
+        agree.loc[h["person_id"], h["field"]] = True
     assert agree.all().all(), (marketo_after, dynamics_after)
 
     # A second diff right after is empty, also when both sides report everything.
@@ -134,3 +155,6 @@ def test_plan_converges_without_ping_pong(data):
         again = plan_entity(entity, baseline_after, _reported(marketo_after, baseline_after, reported_all),
                             _reported(dynamics_after, baseline_after, reported_all), links)
         assert again.is_empty and again.collisions.empty, (again.dynamics_writes, again.marketo_writes)
+        # the held re-opt-ins are held again, unchanged (reported when their side reports them)
+        assert set(map(tuple, again.consent_held[["person_id", "field"]].values)) <= set(
+            map(tuple, held[["person_id", "field"]].values))
