@@ -25,6 +25,7 @@ import pandas as pd
 
 from mdsync import access as access_stage
 from mdsync import identity as identity_stage
+from mdsync import guard as guard_stage
 from mdsync.activity import (activity_frame, blocked_activity, collision_activity, consent_held_activity,
                              held_activity, log_activity, problem_activity, write_activity)
 from mdsync.canonical import canonical_frame
@@ -34,8 +35,8 @@ from mdsync.extract import dynamics_columns, extract_dynamics, extract_marketo, 
 from mdsync.load import (create_in_dynamics, create_in_marketo, load_dynamics, load_marketo,
                          record_rejections_in_marketo)
 from mdsync.plan import REQUIRES_NOTHING, plan_entity, suppress_known_rejections
-from mdsync.results import (Committed, DynamicsEntityExtracted, DynamicsExtracted, Identified, Loaded,
-                            MarketoExtracted, Planned, RunManifest, SchemaResult, StageResult)
+from mdsync.results import (Committed, DynamicsEntityExtracted, DynamicsExtracted, GuardDecision, Identified,
+                            Loaded, MarketoExtracted, Planned, RunManifest, SchemaResult, StageResult)
 from mdsync.settings import Settings
 from mdsync.staging import Staging
 from mdsync.state import StateStore, open_store
@@ -404,6 +405,14 @@ class Cycle:
             compared=summary["compared"], to_dynamics=len(d_writes), to_marketo=len(m_writes),
             collisions=summary["collisions"], held=int(sum(len(h) for h in held)))
 
+    # -- 4b. mass-change guard -----------------------------------------------------------------------
+
+    def check_guard(self, manifest: RunManifest, allow_mass_change: bool = False) -> GuardDecision:
+        """Whether the plans are a mass change that waits for approval before the loads (:mod:`mdsync.guard`)."""
+        return self._timed("check_mass_change", lambda: guard_stage.check_run(
+            manifest, self.staging, guard_stage.Limits.from_settings(self.settings), dry_run=self.run.dry_run,
+            allowed=allow_mass_change))
+
     # -- 5. load --------------------------------------------------------------------------------------
 
     def load_dynamics(self, manifest: RunManifest) -> Loaded:
@@ -597,7 +606,8 @@ class Cycle:
                 "collisions": p.collisions, "held_back": p.held,
             }
         used = m.calls()
-        dyn, mkt = m.dynamics_loaded, m.marketo_loaded
+        # the loads did not run when a mass change was rejected (or not approved in time)
+        dyn, mkt = m.dynamics_loaded or Loaded(side="dynamics"), m.marketo_loaded or Loaded(side="marketo")
         created = dyn.created + mkt.created
         summary = {
             "extracted_marketo_persons": m.marketo.extracted, "marketo_read": m.marketo.mode, "created": created,
@@ -608,6 +618,9 @@ class Cycle:
             "marketo_write_method": mkt.method,
             "api_calls": used, "committed": m.committed.model_dump() if m.committed else {},
             "tasks": {name: {"seconds": r.elapsed_s, **r.calls} for name, r in m.stage_results()},
+            "mass_change": {"outcome": m.guard.outcome, "written": m.guard.proceed, "responded_by": m.guard.responded_by,
+                            **{k: {"records": v.records, "threshold": v.threshold} for k, v in m.guard.sides.items()}}
+            if m.guard else {},
         }
         lines = [f"sync summary (API calls: Marketo {used['marketo']}, Dynamics {used['dynamics']})",
                  f"  Marketo persons read: {m.marketo.extracted} ({m.marketo.mode}); created: {created} "
@@ -618,6 +631,8 @@ class Cycle:
                          f"collisions {e['collisions']}, held back {e['held_back']}")
         lines.append(f"  written: Dynamics {dyn.written}, Marketo {mkt.written} ({mkt.method}); "
                      f"rejected: Dynamics {summary['errors']['dynamics']}, Marketo {summary['errors']['marketo']}")
+        if m.guard and m.guard.tripped:
+            lines += ["  " + line for line in guard_stage.describe(m.guard)]
         lines.append("  tasks: " + ", ".join(f"{n} {r.elapsed_s:.1f} s" for n, r in m.stage_results()))
         log.info("\n".join(lines))
         return summary

@@ -222,6 +222,8 @@ class RunManifest(BaseModel):
             if value is not None:
                 out.append((name, value))
         out += [(f"plan_{p.entity}", p) for p in self.plans]
+        if self.guard is not None:
+            out.append(("check_mass_change", self.guard))
         for name, value in (("load_dynamics", self.dynamics_loaded), ("load_marketo", self.marketo_loaded),
                             ("commit", self.committed)):
             if value is not None:

@@ -122,3 +122,52 @@ def test_describe_names_each_side_its_threshold_and_what_happens():
     assert "nothing is written until someone approves" in lines[2]
     d.outcome, d.responded_by = "rejected", "admin"
     assert guard.describe(d)[-1].endswith("still there for the next cycle (by admin)")
+
+
+# -- on a real cycle (both sandboxes over HTTP): what the DAG's check_mass_change task runs ----------------------
+
+def plan_only(world, run_id: str, **params):
+    """A cycle run up to its plans (what the DAG has done when the guard is checked)."""
+    from mdsync.cycle import STAGES
+    from mdsync.results import RunManifest
+
+    cycle = world.cycle(run_id, **params)
+    manifest = RunManifest(run_id=run_id)
+    for name in STAGES[:STAGES.index("load_dynamics")]:
+        manifest = cycle.run_stage(name, manifest)
+    return cycle, manifest
+
+
+def test_check_guard_counts_a_mass_change_on_a_real_cycle_and_the_report_says_nothing_was_written(sync_world,
+                                                                                                  monkeypatch):
+    from tests.fixtures.mass_change import retitle_contacts, seed_linked_contacts
+
+    pairs = seed_linked_contacts(sync_world, 10)
+    first = sync_world.cycle("run-1").run_all()  # 10 links, link fields written on both sides: under the floor
+    assert first["new_links"] == 10
+    monkeypatch.setenv("MDSYNC_GUARD_MAX_RECORDS", "3")
+    monkeypatch.setenv("MDSYNC_GUARD_MAX_PERCENT", "20")  # threshold max(3, 20 % of 10) = 3
+    retitle_contacts(sync_world, pairs.contact_ids[:4], "Intern")
+
+    cycle, manifest = plan_only(sync_world, "run-2")
+    decision = cycle.check_guard(manifest)
+    marketo, dynamics = decision.sides["marketo"], decision.sides["dynamics"]
+    assert (marketo.records, marketo.linked, marketo.threshold) == (4, 10, 3) and marketo.tripped
+    assert marketo.fields == {"contact": {"job_title": 4}} and marketo.updated == {"contact": 4}
+    assert dynamics.records == 0 and not dynamics.tripped
+    assert decision.outcome == "awaiting_approval"
+    assert [(s.person_id, s.field, s.old, s.new) for s in marketo.sample[:2]] == [
+        (pairs.person_ids[0], "job_title", "Engineer", "Intern"), (pairs.person_ids[1], "job_title", "Engineer", "Intern")]
+
+    # rejected: the DAG skips the loads and commit; the report says so and nothing moved
+    manifest.guard = decision.model_copy(update={"outcome": "rejected", "responded_by": "admin"})
+    summary = cycle.report(manifest)
+    assert summary["written"] == {"dynamics": 0, "marketo": 0} and summary["committed"] == {}
+    assert summary["mass_change"] == {"outcome": "rejected", "written": False, "responded_by": "admin",
+                                      "dynamics": {"records": 0, "threshold": 3}, "marketo": {"records": 4, "threshold": 3}}
+    # the same plan is there next time, and a dry run or allow_mass_change do not ask
+    _, again = plan_only(sync_world, "run-3", dry_run=True)
+    assert sync_world.cycle("run-3", dry_run=True).check_guard(again).outcome == "dry_run"
+    cycle, again = plan_only(sync_world, "run-4")
+    allowed = cycle.check_guard(again, allow_mass_change=True)
+    assert allowed.outcome == "allowed" and allowed.sides["marketo"].records == 4
