@@ -8,6 +8,8 @@ both sandboxes are at the bottom.
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 import pytest
 
@@ -207,3 +209,125 @@ def test_unreadable_value_is_a_skip_line(lead):
     rows = problem_activity("lead", [problem], links_for([1]))
     assert rows[["action", "field", "new_value"]].values.tolist() == [["skip", "email_opt_out", "maybe"]]
     assert rows["detail"].iloc[0] == "Dynamics value 'maybe' left alone: not a boolean"
+
+
+# -- end to end through both sandboxes (real HTTP) -------------------------------------------------------------
+
+
+def _unsubscribed(world, email: str):
+    return world.person(email, fields=("unsubscribed", "doNotCall"))
+
+
+def _flags(world, entity_set: str, email: str) -> dict:
+    from mdsync.dynamics import eq
+
+    rows = world.dynamics().query(entity_set, [entity_set[:-1] + "id", "donotbulkemail", "donotphone"],
+                                  filter=eq("emailaddress1", email))
+    assert len(rows) == 1, rows
+    return rows.iloc[0].to_dict()
+
+
+def _consent_lines(world, run_id: str) -> pd.DataFrame:
+    act = world.store().activity(run_id=run_id)
+    return act[act["action"] == "consent"]
+
+
+@pytest.mark.integration
+def test_an_opt_out_in_dynamics_reaches_marketo_and_is_never_reverted(sync_world, caplog):
+    ids = sync_world.seed_people()
+    sync_world.cycle("run-1").run_all()
+    # Dynamics opts out the contact (Ann) and the lead (Lena); on the lead (Marketo wins collisions) Marketo also
+    # changes something else, so the person is in Marketo's window with unsubscribed still false
+    sync_world.update_record("contacts", ids["ann"], donotbulkemail=True)
+    sync_world.update_record("leads", ids["lead"], donotbulkemail=True, donotphone=True)
+    sync_world.update_person(ids["lena_pid"], title="CMO", unsubscribed=False)
+
+    with caplog.at_level(logging.INFO, logger="mdsync"):
+        report = sync_world.cycle("run-2").run_all()
+
+    assert _unsubscribed(sync_world, "ann@example.com")["unsubscribed"] is True
+    lena = _unsubscribed(sync_world, "lena@example.com")
+    assert (lena["unsubscribed"], lena["doNotCall"]) == (True, True)
+    assert _flags(sync_world, "contacts", "ann@example.com")["donotbulkemail"] is True  # still opted out
+    lead = _flags(sync_world, "leads", "lena@example.com")
+    assert (lead["donotbulkemail"], lead["donotphone"]) == (True, True)
+    assert sync_world.record("leads", "lena@example.com")["jobtitle"] == "CMO"  # the ordinary change flowed too
+    assert report["written"]["marketo"] >= 2
+
+    lines = _consent_lines(sync_world, "run-2").set_index(["person_id", "field"])
+    assert lines.loc[(ids["ann_pid"], "email_opt_out"), "winner"] == "dynamics"
+    assert lines.loc[(ids["lena_pid"], "email_opt_out"), "new_value"] == "true"
+    assert lines.loc[(ids["lena_pid"], "do_not_call"), "detail"] == (
+        "consent: opted out in Dynamics (an opt-out on either side wins) -> Marketo")
+    assert any(r.getMessage().startswith(f"CONSENT   person {ids['lena_pid']} ") and "do_not_call: (empty) -> 'true'"
+               in r.getMessage() for r in caplog.records)
+
+    # the echo: nothing is written back, nothing reverted
+    quiet = sync_world.cycle("run-3").run_all()
+    assert quiet["written"] == {"dynamics": 0, "marketo": 0}
+    assert _flags(sync_world, "contacts", "ann@example.com")["donotbulkemail"] is True
+
+
+@pytest.mark.integration
+def test_an_unsubscribe_in_marketo_reaches_dynamics_and_a_first_link_keeps_an_opt_out(sync_world):
+    ids = sync_world.seed_people()
+    # a pair linked by email on the first cycle: opted out in Dynamics only, not in Marketo (no baseline yet)
+    dora_id, = sync_world.dataverse_sandbox.seed("contacts", [
+        {"emailaddress1": "dora@example.com", "firstname": "Dora", "lastname": "Out", "donotbulkemail": True}])
+    sync_world.marketo_sandbox.seed_leads([
+        {"email": "dora@example.com", "firstName": "Dora", "lastName": "Out", "unsubscribed": False}])
+    sync_world.cycle("run-1").run_all()
+    assert _unsubscribed(sync_world, "dora@example.com")["unsubscribed"] is True
+    assert _flags(sync_world, "contacts", "dora@example.com")["donotbulkemail"] is True
+
+    # Marketo unsubscribes the contact (Ann; Dynamics wins collisions for contacts) and the lead (Lena)
+    sync_world.update_person(ids["ann_pid"], unsubscribed=True)
+    sync_world.update_person(ids["lena_pid"], unsubscribed=True)
+    sync_world.update_record("contacts", ids["ann"], jobtitle="Principal")  # Dynamics in the window as well
+    sync_world.cycle("run-2").run_all()
+    assert _flags(sync_world, "contacts", "ann@example.com")["donotbulkemail"] is True
+    assert _flags(sync_world, "leads", "lena@example.com")["donotbulkemail"] is True
+    assert _unsubscribed(sync_world, "ann@example.com")["unsubscribed"] is True
+    lines = _consent_lines(sync_world, "run-2")
+    assert set(zip(lines["person_id"], lines["winner"])) == {(ids["ann_pid"], "marketo"), (ids["lena_pid"], "marketo")}
+
+
+@pytest.mark.integration
+def test_a_re_opt_in_on_one_side_is_not_propagated_while_the_other_says_opted_out(sync_world, caplog):
+    ids = sync_world.seed_people()
+    sync_world.cycle("run-1").run_all()
+    sync_world.update_record("contacts", ids["ann"], donotbulkemail=True)
+    sync_world.update_person(ids["lena_pid"], unsubscribed=True)
+    sync_world.cycle("run-2").run_all()  # both opted out on both sides now
+
+    # Ann re-subscribes in Marketo; Lena's lead is cleared in Dynamics
+    sync_world.update_person(ids["ann_pid"], unsubscribed=False)
+    sync_world.update_record("leads", ids["lead"], donotbulkemail=False)
+    with caplog.at_level(logging.INFO, logger="mdsync"):
+        report = sync_world.cycle("run-3").run_all()
+
+    assert report["written"] == {"dynamics": 0, "marketo": 0}  # neither propagated, neither reverted
+    assert _flags(sync_world, "contacts", "ann@example.com")["donotbulkemail"] is True
+    assert _unsubscribed(sync_world, "ann@example.com")["unsubscribed"] is False
+    assert _unsubscribed(sync_world, "lena@example.com")["unsubscribed"] is True
+    assert _flags(sync_world, "leads", "lena@example.com")["donotbulkemail"] is False
+    held = _consent_lines(sync_world, "run-3").set_index("person_id")
+    assert held.loc[ids["ann_pid"], "detail"].startswith(
+        "consent: re-opt-in in Marketo not propagated: Dynamics still says opted out")
+    assert held.loc[ids["lena_pid"], "detail"].startswith(
+        "consent: re-opt-in in Dynamics not propagated: Marketo still says opted out")
+    assert (held.loc[ids["ann_pid"], "old_value"], held.loc[ids["ann_pid"], "new_value"]) == ("true", "false")
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CONSENT")]
+    assert any(m.startswith(f"CONSENT   person {ids['ann_pid']} ") and "re-opt-in in Marketo" in m for m in logged)
+
+    # the other side opts in too: both agree, nothing is written, and the re-opt-in stands
+    sync_world.update_record("contacts", ids["ann"], donotbulkemail=False)
+    report = sync_world.cycle("run-4").run_all()
+    assert report["written"] == {"dynamics": 0, "marketo": 0}
+    assert _consent_lines(sync_world, "run-4").empty
+    assert _unsubscribed(sync_world, "ann@example.com")["unsubscribed"] is False
+    assert _flags(sync_world, "contacts", "ann@example.com")["donotbulkemail"] is False
+    # ... and a later opt-out on either side flows again
+    sync_world.update_record("contacts", ids["ann"], donotbulkemail=True)
+    sync_world.cycle("run-5").run_all()
+    assert _unsubscribed(sync_world, "ann@example.com")["unsubscribed"] is True
