@@ -4,6 +4,11 @@
 Every 5 minutes this DAG keeps Marketo persons and Dynamics 365 (Dataverse) leads and contacts in sync, both
 ways. Each run is one cycle:
 
+0. **hold_lease** — take the state store's **cycle lease**: one cycle at a time per state store, whatever
+   starts it (scheduler, backfill, `make sync`, another deployment). While another run holds it, this run
+   waits (`MDSYNC_LEASE_WAIT_SECONDS`, logging who holds it), then defers: the run is skipped with one line
+   naming the holder; nothing was written and the next run picks up the window. Every task renews the lease
+   and writes nothing without it.
 1. **refresh_schema** — describe both sides; mapped fields the sync user cannot read or update are dropped
    for the run (and logged). Reused for an hour (`MDSYNC_SCHEMA_CACHE_MINUTES`).
 2. **extract_marketo** ∥ **extract_dynamics** — what changed since the watermark: Marketo lead-change and
@@ -18,6 +23,7 @@ ways. Each run is one cycle:
    activity log.
 6. **commit** — baselines, activity, errors and watermarks in one transaction.
 7. **report** — a per-entity summary with API calls used.
+8. **release_lease** — a teardown: gives the lease back whether the run succeeded or failed.
 
 Every decision is one line in the task logs and one row in the state store's `activity` table
 (`make activity EMAIL=…`).
@@ -26,8 +32,10 @@ Every decision is one line in the task logs and one row in the state store's `ac
 (sync these persons now, creating them in Dynamics if unlinked), `sync_as` (`lead`/`contact`),
 `retry_failed` (re-send values the target rejected before).
 
-**Backfills** (`airflow backfill create --dag-id marketo_dynamics_sync --from-date … --to-date …`) replay
-past 5-minute windows safely: runs are serialised and every cycle is idempotent.
+**Backfills** (`airflow backfill create --dag-id marketo_dynamics_sync --max-active-runs 1 --from-date …
+--to-date …`) replay past 5-minute windows one at a time (a backfill's own `max_active_runs` defaults to 10 and
+ignores the DAG's; the lease keeps its runs, scheduled runs and `make sync` apart anyway), and every cycle is
+idempotent.
 """
 
 from __future__ import annotations
@@ -74,72 +82,95 @@ RETRY_DELAY = timedelta(seconds=float(os.environ.get("MDSYNC_RETRY_DELAY_SECONDS
     tags=["marketo", "dynamics365", "sync"],
 )
 def marketo_dynamics_sync():
-    # Each task runs one stage of mdsync.cycle.Cycle and returns its typed result (mdsync.results) as JSON;
-    # commit and report take the run's manifest (every result so far) instead of loose dicts.
+    # hold_lease (setup) -> the cycle's stages -> release_lease (teardown, also after a failure). Each stage
+    # task runs one stage of mdsync.cycle.Cycle inside the run's cycle lease (mdsync_airflow.runtime.leased_cycle:
+    # a task of a run that does not hold it writes nothing) and returns its typed result (mdsync.results) as
+    # JSON; commit and report take the run's manifest (every result so far) instead of loose dicts.
+
+    @task
+    def hold_lease(**context) -> dict:
+        from mdsync_airflow import runtime
+
+        return runtime.hold_lease(context)
+
+    @task
+    def release_lease(**context) -> bool:
+        from mdsync_airflow import runtime
+
+        return runtime.release_lease(context)
 
     @task
     def refresh_schema(**context) -> dict:
-        from mdsync_airflow.runtime import cycle_for
+        from mdsync_airflow.runtime import leased_cycle
 
-        return cycle_for(context).refresh_schema().dump()
+        with leased_cycle(context) as cycle:
+            return cycle.refresh_schema().dump()
 
     @task
     def extract_marketo(schema: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for, manifest_of
+        from mdsync_airflow.runtime import leased_cycle, manifest_of
 
-        return cycle_for(context).extract_marketo(manifest_of(context, schema=schema).schema_).dump()
+        with leased_cycle(context) as cycle:
+            return cycle.extract_marketo(manifest_of(context, schema=schema).schema_).dump()
 
     @task
     def extract_dynamics(schema: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for, manifest_of
+        from mdsync_airflow.runtime import leased_cycle, manifest_of
 
-        return cycle_for(context).extract_dynamics(manifest_of(context, schema=schema).schema_).dump()
+        with leased_cycle(context) as cycle:
+            return cycle.extract_dynamics(manifest_of(context, schema=schema).schema_).dump()
 
     @task
     def identify(schema: dict, marketo: dict, dynamics: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for, manifest_of
+        from mdsync_airflow.runtime import leased_cycle, manifest_of
 
         m = manifest_of(context, schema=schema, marketo=marketo, dynamics=dynamics)
-        return cycle_for(context).identify(m.schema_, m.marketo, m.dynamics).dump()
+        with leased_cycle(context) as cycle:
+            return cycle.identify(m.schema_, m.marketo, m.dynamics).dump()
 
     @task
     def plan(entity: str, schema: dict, identity: dict, **context) -> dict | None:
-        from mdsync_airflow.runtime import cycle_for, manifest_of
+        from mdsync_airflow.runtime import leased_cycle, manifest_of
 
-        cycle = cycle_for(context)
-        if entity not in cycle.config.entities:
-            return None
-        m = manifest_of(context, schema=schema, identity=identity)
-        return cycle.plan(entity, m.schema_, m.identity).dump()
+        with leased_cycle(context) as cycle:
+            if entity not in cycle.config.entities:
+                return None
+            m = manifest_of(context, schema=schema, identity=identity)
+            return cycle.plan(entity, m.schema_, m.identity).dump()
 
     @task
     def load_dynamics(run: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for, manifest_of
+        from mdsync_airflow.runtime import leased_cycle, manifest_of
 
-        return cycle_for(context).load_dynamics(manifest_of(context, **run)).dump()
+        with leased_cycle(context) as cycle:
+            return cycle.load_dynamics(manifest_of(context, **run)).dump()
 
     @task
     def load_marketo(run: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for, manifest_of
+        from mdsync_airflow.runtime import leased_cycle, manifest_of
 
-        return cycle_for(context).load_marketo(manifest_of(context, **run)).dump()
+        with leased_cycle(context) as cycle:
+            return cycle.load_marketo(manifest_of(context, **run)).dump()
 
     @task
     def commit(run: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for, manifest_of
+        from mdsync_airflow.runtime import leased_cycle, manifest_of
 
-        return cycle_for(context).commit(manifest_of(context, **run)).dump()
+        with leased_cycle(context) as cycle:
+            return cycle.commit(manifest_of(context, **run)).dump()
 
     @task
     def report(run: dict, **context) -> dict:
-        from mdsync_airflow.runtime import cycle_for, manifest_of
+        from mdsync_airflow.runtime import leased_cycle, manifest_of
 
-        cycle = cycle_for(context)
-        summary = cycle.report(manifest_of(context, **run))
-        cycle.finish()
-        return summary
+        with leased_cycle(context) as cycle:
+            summary = cycle.report(manifest_of(context, **run))
+            cycle.finish()
+            return summary
 
+    lease = hold_lease()
     schema = refresh_schema()
+    lease >> schema
     marketo = extract_marketo(schema)
     dynamics = extract_dynamics(schema)
     identity = identify(schema, marketo, dynamics)
@@ -150,7 +181,8 @@ def marketo_dynamics_sync():
     marketo_loaded = load_marketo(run)
     run = {**run, "marketo_loaded": marketo_loaded}
     committed = commit(run)
-    report({**run, "committed": committed})
+    summary = report({**run, "committed": committed})
+    summary >> release_lease().as_teardown(setups=lease)
 
 
 marketo_dynamics_sync()

@@ -17,6 +17,9 @@
 | ``MDSYNC_GUARD_MAX_RECORDS`` | ``5000`` | mass-change guard: a run writing more records than this to one side … |
 | ``MDSYNC_GUARD_MAX_PERCENT`` | ``10`` | … and more than this % of that side's linked records asks for approval (:mod:`mdsync.guard`) |
 | ``MDSYNC_GUARD_TIMEOUT_MINUTES`` | ``10`` | how long it waits for an answer; then it writes nothing (the changes stay for the next cycle) |
+| ``MDSYNC_LEASE_TTL_SECONDS`` | ``900`` | the cycle lease lapses this long after its holder last renewed it (:mod:`mdsync.lease`) |
+| ``MDSYNC_LEASE_WAIT_SECONDS`` | ``300`` | how long a run waits for a lease another run holds before it defers |
+| ``MDSYNC_LEASE_POLL_SECONDS`` | ``5`` | how often a waiting run tries to take the lease |
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mdsync.state.store import default_state_url
+from mdsync.state.database import default_state_url
 
 
 def _airflow_home() -> Path:
@@ -50,6 +53,9 @@ class Settings:
     guard_max_records: int = 5000
     guard_max_percent: float = 10.0
     guard_timeout_minutes: float = 10.0
+    lease_ttl_seconds: float = 900.0
+    lease_wait_seconds: float = 300.0
+    lease_poll_seconds: float = 5.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -69,6 +75,9 @@ class Settings:
             guard_max_records=int(os.environ.get("MDSYNC_GUARD_MAX_RECORDS", "5000")),
             guard_max_percent=float(os.environ.get("MDSYNC_GUARD_MAX_PERCENT", "10")),
             guard_timeout_minutes=float(os.environ.get("MDSYNC_GUARD_TIMEOUT_MINUTES", "10")),
+            lease_ttl_seconds=float(os.environ.get("MDSYNC_LEASE_TTL_SECONDS", "900")),
+            lease_wait_seconds=float(os.environ.get("MDSYNC_LEASE_WAIT_SECONDS", "300")),
+            lease_poll_seconds=float(os.environ.get("MDSYNC_LEASE_POLL_SECONDS", "5")),
         )
 
 

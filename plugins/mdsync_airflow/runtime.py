@@ -1,12 +1,33 @@
-"""Airflow-side wiring of a cycle: the run's context -> :class:`mdsync.cycle.Cycle` with hook-built clients."""
+"""Airflow-side wiring of a cycle: the run's context -> :class:`mdsync.cycle.Cycle` with hook-built clients,
+inside the run's cycle lease (:mod:`mdsync.lease`).
+
+- :func:`hold_lease` is the run's first task (a setup task): it brings the state store's schema up to date and
+  takes the lease, waiting while another run holds it, or defers the run (the task is skipped, so is the run's
+  work; nothing was written).
+- :func:`leased_cycle` wraps every other task: it renews the lease (a task of a run that does not hold it fails
+  at once and writes nothing), renews it every minute while the task runs, and fences the state store (every
+  write transaction renews it first).
+- :func:`release_lease` is the run's teardown: it gives the lease back whether the run succeeded or failed.
+
+The lease tasks import neither pandas nor the engine's stages (each Airflow task is its own process).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mdsync.cycle import Cycle, RunInfo
-from mdsync.results import RunManifest
+if TYPE_CHECKING:
+    from mdsync.cycle import Cycle, RunInfo
+    from mdsync.lease import CycleLease, Holder
+    from mdsync.results import RunManifest
+    from mdsync.settings import Settings
+    from mdsync.state import StateStore
+
+log = logging.getLogger("mdsync.lease")
 
 
 def run_info(context: dict[str, Any]) -> RunInfo:
@@ -15,6 +36,8 @@ def run_info(context: dict[str, Any]) -> RunInfo:
     A manual run may have no logical date and no data interval (DESIGN §10): the window then starts at the
     state store's watermark.
     """
+    from mdsync.cycle import RunInfo
+
     dag_run = context["dag_run"]
     params = context.get("params") or {}
     run_type = getattr(dag_run, "run_type", "manual")
@@ -32,28 +55,116 @@ def run_info(context: dict[str, Any]) -> RunInfo:
     )
 
 
-def cycle_for(context: dict[str, Any]) -> Cycle:
+def cycle_for(context: dict[str, Any], store: StateStore | None = None, settings: Settings | None = None) -> Cycle:
     """A :class:`Cycle` for this task: clients from the ``marketo_default`` / ``dynamics_default`` connections,
     staging under ``MDSYNC_STAGING_URL`` as an ``ObjectStoragePath`` (local folder or object storage)."""
     from airflow.sdk import ObjectStoragePath
 
+    from mdsync.cycle import Cycle
     from mdsync.settings import Settings
     from mdsync_airflow.hooks.dynamics import DynamicsHook
     from mdsync_airflow.hooks.marketo import MarketoHook
 
-    settings = Settings.from_env()
+    settings = settings or Settings.from_env()
     return Cycle(
         run_info(context),
         marketo_client=lambda: MarketoHook().get_client(),
         dynamics_client=lambda: DynamicsHook().get_client(),
         staging_root=ObjectStoragePath(settings.staging_url),
         settings=settings,
+        store=store,
     )
 
 
 def manifest_of(context: dict[str, Any], **results) -> RunManifest:
     """The run's :class:`~mdsync.results.RunManifest` from upstream tasks' XCom results (``plans`` may hold
     ``None`` for entity types the config does not sync)."""
+    from mdsync.results import RunManifest
+
     if "plans" in results:
         results["plans"] = [p for p in results["plans"] or [] if p]
     return RunManifest.model_validate({"run_id": context["run_id"], **results})
+
+
+# -- the cycle lease ----------------------------------------------------------------------------------------
+
+
+def holder_of(context: dict[str, Any]) -> Holder:
+    """This run as the lease's holder: the same for every task and retry of the run."""
+    from mdsync.lease import Holder
+
+    dag_run = context["dag_run"]
+    return Holder.of_run(dag_run.dag_id, context["run_id"], getattr(dag_run, "start_date", None))
+
+
+def _lease(settings: Settings, engine=None) -> CycleLease:
+    from mdsync.lease import CycleLease
+    from mdsync.state.database import create_engine
+
+    return CycleLease(engine if engine is not None else create_engine(settings.state_url),
+                      ttl_s=settings.lease_ttl_seconds)
+
+
+def hold_lease(context: dict[str, Any]) -> dict:
+    """The run's first task: migrate the state store, then take the cycle lease, waiting up to
+    ``MDSYNC_LEASE_WAIT_SECONDS`` while another run holds it; still held after that, the run defers (this task
+    and all the run's work are skipped, with one line naming the holder)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from mdsync.lease import LeaseHeld
+    from mdsync.settings import Settings
+    from mdsync.state.database import create_engine, safe_url, upgrade
+
+    settings = Settings.from_env()
+    engine = create_engine(settings.state_url)
+    upgrade(engine, settings.state_url)
+    lease = _lease(settings, engine)
+    try:
+        state = lease.acquire(holder_of(context), wait_s=settings.lease_wait_seconds,
+                              poll_s=settings.lease_poll_seconds)
+    except LeaseHeld as exc:
+        log.warning("%s", exc)
+        raise AirflowSkipException(str(exc)) from None
+    log.info("took the cycle lease of %s until %s (every task renews it; the teardown gives it back)",
+             safe_url(settings.state_url), state.expires_at.isoformat(timespec="seconds"))
+    return {"run_id": state.run_id, "acquired_at": state.acquired_at.isoformat(),
+            "expires_at": state.expires_at.isoformat()}
+
+
+@contextmanager
+def leased_cycle(context: dict[str, Any]) -> Iterator[Cycle]:
+    """The :class:`Cycle` for one task of a run that holds the lease: renewed now (a run that does not hold it
+    fails this task at once, without retries, having written nothing), every minute while the task runs, and
+    inside every state-store write transaction."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from mdsync.lease import LeaseLost
+    from mdsync.settings import Settings
+    from mdsync.state import StateStore
+
+    settings = Settings.from_env()
+    store = StateStore(settings.state_url)  # the first task migrated it
+    lease, holder = _lease(settings, store.engine), holder_of(context)
+    try:
+        lease.renew(holder)
+        store.fence = lease.fence(holder)
+        with lease.heartbeat(holder):
+            yield cycle_for(context, store=store, settings=settings)
+    except LeaseLost as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def release_lease(context: dict[str, Any]) -> bool:
+    """The run's teardown: give the lease back (whether the run succeeded or failed); whether it was held."""
+    from mdsync.settings import Settings
+    from mdsync.state.database import safe_url
+
+    settings = Settings.from_env()
+    lease = _lease(settings)
+    released = lease.release(holder_of(context))
+    if released:
+        log.info("gave back the cycle lease of %s", safe_url(settings.state_url))
+    else:
+        log.info("this run did not hold the cycle lease of %s (it is %s): nothing to give back",
+                 safe_url(settings.state_url), lease.describe())
+    return released

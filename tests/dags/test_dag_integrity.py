@@ -40,13 +40,29 @@ def test_every_task_retries_with_backoff(dag):
 
 
 def test_tasks_read_like_the_cycle(dag):
-    order = ["refresh_schema", "extract_marketo", "extract_dynamics", "identify", "plan_lead", "plan_contact",
-             "load_dynamics", "load_marketo", "commit", "report"]
+    order = ["hold_lease", "refresh_schema", "extract_marketo", "extract_dynamics", "identify", "plan_lead",
+             "plan_contact", "load_dynamics", "load_marketo", "commit", "report", "release_lease"]
     assert sorted(dag.task_ids) == sorted(order)
+    assert dag.get_task("refresh_schema").upstream_task_ids == {"hold_lease"}
     assert dag.get_task("extract_marketo").upstream_task_ids == {"refresh_schema"}
     assert dag.get_task("identify").upstream_task_ids == {"refresh_schema", "extract_marketo", "extract_dynamics"}
     assert "load_dynamics" in dag.get_task("load_marketo").upstream_task_ids
     assert {"load_dynamics", "load_marketo"} <= dag.get_task("commit").upstream_task_ids
+
+
+def test_the_cycle_lease_is_a_setup_and_teardown_around_every_stage(dag):
+    """The first task takes the lease, a teardown gives it back whether the run succeeded or failed, and every
+    other task is in between (so clearing any of them takes the lease again first)."""
+    from airflow.sdk import TriggerRule
+
+    hold, release = dag.get_task("hold_lease"), dag.get_task("release_lease")
+    assert hold.is_setup and not hold.upstream_task_ids
+    assert release.is_teardown and release.trigger_rule == TriggerRule.ALL_DONE_SETUP_SUCCESS
+    assert hold.task_id in release.upstream_task_ids
+    stages = set(dag.task_ids) - {"hold_lease", "release_lease"}
+    assert stages <= hold.get_flat_relative_ids(upstream=False)
+    assert stages <= release.get_flat_relative_ids(upstream=True)
+    assert release.get_flat_relative_ids(upstream=False) == set()
 
 
 def test_params_are_typed_for_the_trigger_form(dag):

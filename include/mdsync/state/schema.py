@@ -5,6 +5,7 @@
 - ``watermarks``: how far extraction got, per source and entity type (a time and/or a paging token).
 - ``activity``: every decision (create, update, link, collision, skip, error), queryable by person.
 - ``sync_errors``: open rejections, so a rejected value is not re-sent every cycle.
+- ``cycle_lease``: one row: which run may run a cycle against this store now (:mod:`mdsync.lease`).
 """
 
 from __future__ import annotations
@@ -87,4 +88,20 @@ sync_errors = sa.Table(
     sa.Column("run_id", sa.String(250)),
     sa.Column("resolved_at", sa.DateTime(timezone=True)),
     sa.Index("ix_sync_errors_open", "person_id", "target", "field", "resolved_at"),
+)
+
+cycle_lease = sa.Table(
+    "cycle_lease",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    # the holder's run (kept after release, as the last holder)
+    sa.Column("run_id", sa.String(250)),
+    # who holds it now (the run's identity: dag, run id and start); NULL when free
+    sa.Column("holder_key", sa.String(64)),
+    sa.Column("host", sa.String(255)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("acquired_at", sa.DateTime(timezone=True)),
+    sa.Column("renewed_at", sa.DateTime(timezone=True)),
+    sa.Column("expires_at", sa.DateTime(timezone=True)),
+    sa.Column("released_at", sa.DateTime(timezone=True)),
 )

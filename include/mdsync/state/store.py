@@ -9,12 +9,10 @@ Every write method takes an optional connection so several writes can share one 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -23,35 +21,16 @@ from sqlalchemy.engine import Connection, Engine
 
 from mdsync.canonical import CANONICAL_DTYPE
 from mdsync.errors import StateStoreError
-from mdsync.state import schema
+from mdsync.state import database, schema
+from mdsync.state.database import default_state_url, utcnow
+from mdsync.state.database import utc as _utc
 
 log = logging.getLogger(__name__)
 
-_MIGRATIONS = Path(__file__).parent / "migrations"
-#: the PostgreSQL advisory lock that serialises schema migrations ("mdsync" in ASCII)
-_MIGRATION_LOCK_KEY = 0x6D6473796E63
 #: rows per executemany / IN (...) chunk; well under SQLite's and PostgreSQL's parameter limits
 _CHUNK = 5000
 
-
-def default_state_url() -> str:
-    """``$MDSYNC_STATE_URL``, else a SQLite file under ``$AIRFLOW_HOME/mdsync/``."""
-    url = os.environ.get("MDSYNC_STATE_URL")
-    if url:
-        return url
-    home = Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow"))
-    return f"sqlite:///{home / 'mdsync' / 'state.sqlite'}"
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite hands datetimes back naive; everything stored is UTC."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+__all__ = ["StateStore", "Watermark", "default_state_url", "open_store", "utcnow"]
 
 
 def _none(value):
@@ -92,18 +71,14 @@ class StateStore:
 
     def __init__(self, url: str | None = None) -> None:
         self.url = url or default_state_url()
-        if self.url.startswith("sqlite:///"):
-            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.engine: Engine = sa.create_engine(self.url, future=True)
-        except Exception as exc:  # bad URL, missing driver
-            raise StateStoreError(f"cannot open the state store {self._safe_url}: {exc}") from exc
-        if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine: Engine = database.create_engine(self.url)
+        #: when set (by the task that holds the cycle lease), every write transaction first renews that lease
+        #: and fails with :class:`mdsync.lease.LeaseLost` when this run no longer holds it
+        self.fence = None
 
     @property
     def _safe_url(self) -> str:
-        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+        return database.safe_url(self.url)
 
     def __repr__(self) -> str:
         return f"StateStore({self._safe_url})"
@@ -111,51 +86,19 @@ class StateStore:
     # -- schema ---------------------------------------------------------------------------------------
 
     def upgrade(self) -> None:
-        """Create or upgrade the schema to the newest migration (idempotent)."""
-        from alembic import command
-        from alembic.config import Config
-
-        cfg = Config()
-        cfg.set_main_option("script_location", str(_MIGRATIONS))
-        try:
-            # Tasks start together (the two extracts of the first run): one migrates, the others wait for it
-            # and then find the schema at head.
-            with self._migration_lock(), self.engine.begin() as conn:
-                if conn.dialect.name == "postgresql":
-                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
-        except sa.exc.OperationalError as exc:
-            raise StateStoreError(f"cannot migrate the state store {self._safe_url}: {exc.orig}") from exc
-
-    @contextmanager
-    def _migration_lock(self) -> Iterator[None]:
-        """An exclusive lock file beside a SQLite store (PostgreSQL uses an advisory lock instead)."""
-        if not self.url.startswith("sqlite:///") or self.url.endswith(":memory:"):
-            yield
-            return
-        import fcntl
-
-        path = Path(self.url.removeprefix("sqlite:///") + ".migrate.lock")
-        with path.open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """Create or upgrade the schema to the newest migration (idempotent; serialised between processes)."""
+        database.upgrade(self.engine, self.url)
 
     def revision(self) -> str | None:
         """The schema revision the database is at (``None`` before the first upgrade)."""
-        from alembic.runtime.migration import MigrationContext
-
-        with self.engine.connect() as conn:
-            ctx = MigrationContext.configure(conn, opts={"version_table": "mdsync_alembic_version"})
-            return ctx.get_current_revision()
+        return database.revision(self.engine)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """One transaction for several writes: committed on success, rolled back on any error."""
         with self.engine.begin() as conn:
+            if self.fence is not None:
+                self.fence(conn)
             yield conn
 
     @contextmanager
@@ -163,7 +106,7 @@ class StateStore:
         if conn is not None:
             yield conn
         else:
-            with self.engine.begin() as own:
+            with self.transaction() as own:
                 yield own
 
     def _upsert(self, conn: Connection, table: sa.Table, rows: list[dict], keys: list[str], update: list[str]) -> None:
@@ -461,15 +404,6 @@ class StateStore:
                     return frame[frame[id_column.name].isin(wanted)].reset_index(drop=True)
                 rows = [r for chunk in _chunks(wanted) for r in c.execute(query.where(id_column.in_(chunk))).all()]
         return _frame(rows, columns)
-
-
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    # WAL lets the report task and the UI read while a cycle writes; a busy timeout rides out brief locks.
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
 
 
 def open_store(url: str | None = None) -> StateStore:

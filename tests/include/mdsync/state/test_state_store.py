@@ -33,11 +33,11 @@ def store(request, tmp_path):
 
 
 def test_schema_is_migrated_and_upgrade_is_idempotent(store):
-    assert store.revision() == "0001"
+    assert store.revision() == "0002"
     store.upgrade()
-    assert store.revision() == "0001"
+    assert store.revision() == "0002"
     tables = set(sa.inspect(store.engine).get_table_names())
-    assert {"links", "baselines", "watermarks", "activity", "sync_errors", "mdsync_alembic_version"} <= tables
+    assert {"links", "baselines", "watermarks", "activity", "sync_errors", "cycle_lease", "mdsync_alembic_version"} <= tables
 
 
 def test_links_round_trip_and_relink(store):
