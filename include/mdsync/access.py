@@ -1,13 +1,16 @@
 """Stage 1 of the cycle: refresh schema (DESIGN §4.1).
 
 Describe both sides and decide, per entity type and mapped field, whether the sync user may read it and
-write it on each side. A mapped field that one side does not have, or that the sync user cannot read or
-update, is dropped for the run and logged (it is then treated as unchanged on that side). The link fields of
-DESIGN §3 must exist: without them the sync cannot keep links, so that is a setup error, not a drop.
+write it on each side. A mapped field that exists but the sync user cannot read or update (field-level
+security, a read-only Marketo field) is dropped for the run and logged (it is then treated as unchanged on that
+side). A mapped field or column that does not exist on its side is a config error (a typo such as
+``adress1_city`` must fail the run, not give a green one), naming the config entry, the unknown name and the
+closest real one. The link fields of DESIGN §3 must exist too: without them the sync cannot keep links.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -59,33 +62,72 @@ class FieldAccess:
         )
 
 
-def _require(names: set[str], wanted: list[str], where: str, hint: str) -> None:
-    missing = [w for w in wanted if w.lower() not in names]
-    if missing:
-        raise ConfigError(f"{where} has no field {', '.join(repr(m) for m in missing)}; {hint}")
+def closest(name: str, names) -> str | None:
+    """The real name closest to a misspelt one (case-insensitive), or None when nothing is close."""
+    by_lower = {str(n).lower(): str(n) for n in names}
+    match = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.75)
+    return by_lower[match[0]] if match else None
 
 
-def refresh_access(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics: dict[str, dict]) -> FieldAccess:
+def _unknown(entry: str, what: str, name: str, names, hint: str = "") -> str:
+    near = closest(name, names)
+    return f"{entry}: {what} has no {'field' if 'Marketo' in what else 'column'} '{name}'" + (
+        f" (did you mean '{near}'?)" if near else "") + (f"; {hint}" if hint else "")
+
+
+def missing_names(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics: dict[str, dict]) -> list[str]:
+    """One line per config entry naming a Marketo field or Dataverse column its side does not have."""
+    m_names = list(marketo_describe["rest_name"])
+    have_m = {str(n).lower() for n in m_names}
+    problems = []
+    link, marker = config.marketo.link_fields, config.marketo.sync_marker
+    create_m = "create it in Marketo Admin > Field Management (README: 'Pointing it at real Marketo and Dynamics')"
+    for entry, name in (("marketo.link_fields.dynamics_id", link.dynamics_id),
+                        ("marketo.link_fields.dynamics_type", link.dynamics_type),
+                        ("marketo.sync_marker.field", marker.field), ("marketo.sync_marker.as_field", marker.as_field)):
+        if name and name.lower() not in have_m:
+            problems.append(_unknown(f"{entry}", "Marketo's lead schema", name, m_names, create_m))
+    for ename, entity in config.entities.items():
+        meta = dynamics[ename]
+        d_names = list(meta["attributes"]["logical_name"])
+        have_d = {str(n).lower() for n in d_names}
+        table = f"Dataverse table '{meta['logical_name']}'"
+        if config.dynamics.marketo_id_column.lower() not in have_d:
+            problems.append(_unknown(f"dynamics.marketo_id_column ({ename})", table, config.dynamics.marketo_id_column,
+                                     d_names, f"create the column and an alternate key "
+                                              f"'{config.dynamics.alternate_key}' on it (README)"))
+        for i, f in enumerate(entity.fields):
+            if f.marketo.lower() not in have_m:
+                problems.append(_unknown(f"entities.{ename}.fields[{i}].marketo ({f.name})", "Marketo's lead schema",
+                                         f.marketo, m_names))
+            if f.dynamics.lower() not in have_d:
+                problems.append(_unknown(f"entities.{ename}.fields[{i}].dynamics ({f.name})", table, f.dynamics,
+                                         d_names))
+    return problems
+
+
+def refresh_access(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics: dict[str, dict],
+                   source: str = "sync config") -> FieldAccess:
     """Decide field access from both sides' metadata.
 
     :param marketo_describe: :meth:`MarketoClient.describe_leads` (rest_name, data_type, length, updateable).
     :param dynamics: per entity type ``{"entity_set", "logical_name", "attributes", "permissions"}`` from
         :meth:`DynamicsClient.attributes` and :meth:`DynamicsClient.field_permissions`.
+    :param source: how messages name the config (its file).
+    :raises ConfigError: a mapped field, column or link field does not exist on its side (every such entry
+        named, with the closest real name).
     """
+    problems = missing_names(config, marketo_describe, dynamics)
+    if problems:
+        raise ConfigError(f"{source} names fields that do not exist (fix the names, or create the fields):\n  "
+                          + "\n  ".join(problems))
     mk = marketo_describe.assign(key=marketo_describe["rest_name"].str.lower()).set_index("key")
-    link = config.marketo.link_fields
-    marker = config.marketo.sync_marker
-    _require(set(mk.index), [link.dynamics_id, link.dynamics_type, marker.field] + ([marker.as_field] if marker.as_field else []),
-             "Marketo's lead schema", "create these custom fields in Marketo Admin > Field Management (README: "
-             "'Pointing it at real Marketo and Dynamics')")
     entities: dict[str, EntityAccess] = {}
     metadata: dict[str, dict] = {}
     for name, entity in config.entities.items():
         meta = dynamics[name]
         attrs = meta["attributes"].assign(key=meta["attributes"]["logical_name"].str.lower()).set_index("key")
         perms = meta["permissions"].assign(key=meta["permissions"]["logical_name"].str.lower()).set_index("key")
-        _require(set(attrs.index), [config.dynamics.marketo_id_column], f"Dataverse table '{meta['logical_name']}'",
-                 f"create the column and an alternate key '{config.dynamics.alternate_key}' on it (README)")
         access = EntityAccess([], [], [], [], [])
         for f in entity.fields:
             _decide(f, mk, attrs, perms, access)
@@ -103,21 +145,15 @@ def _decide(f: FieldMap, mk: pd.DataFrame, attrs: pd.DataFrame, perms: pd.DataFr
     def drop(side: str, reason: str) -> None:
         access.dropped.append({"field": f.name, "side": side, "reason": reason})
 
-    m_key, d_key = f.marketo.lower(), f.dynamics.lower()
-    if m_key not in mk.index:
-        drop("marketo", f"Marketo has no field '{f.marketo}'")
-    else:
-        access.marketo_read.append(f.name)
-        length = mk.loc[m_key, "length"]
-        if pd.notna(length) and str(mk.loc[m_key, "data_type"]) in ("string", "email", "phone", "url", "text"):
-            access.marketo_max_length[f.name] = int(length)
-        if bool(mk.loc[m_key, "updateable"]):
-            access.marketo_write.append(f.name)
-        elif f.flows_to_marketo:
-            drop("marketo", f"Marketo field '{f.marketo}' is not updateable through the API")
-    if d_key not in attrs.index:
-        drop("dynamics", f"Dataverse column '{f.dynamics}' does not exist")
-        return
+    m_key, d_key = f.marketo.lower(), f.dynamics.lower()  # both exist (missing_names checked)
+    access.marketo_read.append(f.name)
+    length = mk.loc[m_key, "length"]
+    if pd.notna(length) and str(mk.loc[m_key, "data_type"]) in ("string", "email", "phone", "url", "text"):
+        access.marketo_max_length[f.name] = int(length)
+    if bool(mk.loc[m_key, "updateable"]):
+        access.marketo_write.append(f.name)
+    elif f.flows_to_marketo:
+        drop("marketo", f"Marketo field '{f.marketo}' is not updateable through the API")
     can = perms.loc[d_key] if d_key in perms.index else None
     if can is None or not bool(can["can_read"]):
         drop("dynamics", f"the sync user cannot read Dataverse column '{f.dynamics}' (field-level security)")

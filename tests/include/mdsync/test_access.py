@@ -78,12 +78,34 @@ def test_a_secured_column_without_permissions_is_neither_read_nor_written():
     assert {d["field"] for d in e.dropped} == {"city"} and len(e.dropped) == 2
 
 
-def test_missing_fields_on_either_side_are_dropped():
-    acc = refresh_access(CONFIG, marketo_describe(without=["website"]), dynamics_metadata(without=["mobilephone"]))
-    lead = acc.entities["lead"]
-    assert "website" not in lead.marketo_read and "mobile_phone" not in lead.dynamics_read
-    reasons = {d["reason"] for d in lead.dropped}
-    assert reasons == {"Marketo has no field 'website'", "Dataverse column 'mobilephone' does not exist"}
+def test_a_mapped_field_or_column_that_does_not_exist_is_a_config_error_naming_entry_and_closest_name():
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    lead = raw["entities"]["lead"]["fields"]
+    contact = raw["entities"]["contact"]["fields"]
+    i_title = next(i for i, f in enumerate(lead) if f["name"] == "job_title")
+    i_city = next(i for i, f in enumerate(contact) if f["name"] == "city")
+    lead[i_title]["marketo"] = "titel"
+    contact[i_city]["dynamics"] = "adress1_city"
+    with pytest.raises(ConfigError) as info:
+        refresh_access(parse_config(raw), marketo_describe(), dynamics_metadata(), source="sync.yaml")
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("sync.yaml names fields that do not exist")
+    assert [line.strip() for line in lines[1:]] == [
+        f"entities.lead.fields[{i_title}].marketo (job_title): Marketo's lead schema has no field 'titel' "
+        "(did you mean 'title'?)",
+        f"entities.contact.fields[{i_city}].dynamics (city): Dataverse table 'contact' has no column 'adress1_city' "
+        "(did you mean 'address1_city'?)",
+    ]
+
+
+def test_every_missing_name_is_reported_at_once_and_nothing_close_means_no_guess():
+    with pytest.raises(ConfigError) as info:
+        refresh_access(CONFIG, marketo_describe(without=["website"]), dynamics_metadata(without=["mobilephone"]))
+    problems = [line.strip() for line in str(info.value).splitlines()[1:]]
+    assert len(problems) == 3  # website on leads; mobilephone on both tables
+    assert any(p.startswith("entities.lead.fields[") and ".marketo (website): Marketo's lead schema has no field "
+               "'website'" in p for p in problems)
+    assert sum(p.endswith("has no column 'mobilephone'") for p in problems) == 2  # no guess when nothing is close
 
 
 def test_a_read_only_marketo_field_is_dropped_only_where_it_flows_to_marketo():
