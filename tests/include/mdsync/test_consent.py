@@ -17,7 +17,7 @@ from mdsync.activity import consent_held_activity, format_line, problem_activity
 from mdsync.canonical import canonical_series
 from mdsync.config import Side
 from mdsync.plan import CONSENT, REQUIRES_DYNAMICS, REQUIRES_MARKETO, REQUIRES_NOTHING, UPDATE, plan_entity
-from tests.include.mdsync.conftest import canonical, links_for
+from tests.include.mdsync.conftest import api_records_for, canonical, links_for
 
 BASE = {"email": "ann@example.com", "first_name": "Ann", "job_title": "Engineer"}
 N, F, T = None, "false", "true"
@@ -156,20 +156,12 @@ def test_consent_rows_beside_ordinary_changes_many_rows(contact):
     assert (summary["consent_changes"], summary["consent_held"], summary["collisions"]) == (2, 2, 0)
 
 
-def _api(writes, entity, side):
-    from mdsync.load import api_cells, api_records
-
-    cells = api_cells(writes, {f.name: f for f in entity.fields}, side)
-    key = {"person_id": "id"} if side is Side.MARKETO else {"dynamics_id": entity.id_column}
-    return api_records(cells, next(iter(key)), key)[0]
-
-
 def test_consent_writes_are_api_booleans(lead):
     plan = _plan(lead, {1: {**_opt(F), "do_not_call": F}}, {1: {**_opt(T), "do_not_call": F}},
                  {1: {**_opt(F), "do_not_call": T}})
-    assert _api(plan.dynamics_writes, lead, Side.DYNAMICS) == [
+    assert api_records_for(plan.dynamics_writes, lead, Side.DYNAMICS) == [
         {"leadid": "00000000-0000-0000-0000-000000000001", "donotbulkemail": True}]
-    assert _api(plan.marketo_writes, lead, Side.MARKETO) == [{"id": 1, "doNotCall": True}]
+    assert api_records_for(plan.marketo_writes, lead, Side.MARKETO) == [{"id": 1, "doNotCall": True}]
 
 
 def _results(rows):

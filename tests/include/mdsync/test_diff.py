@@ -10,7 +10,7 @@ from mdsync.config import DEFAULT_CONFIG_PATH, Side, parse_config
 from mdsync.plan import (
     REQUIRES_DYNAMICS, REQUIRES_MARKETO, REQUIRES_NOTHING, plan_entity, suppress_known_rejections,
 )
-from tests.include.mdsync.conftest import canonical, links_for
+from tests.include.mdsync.conftest import api_records_for, canonical, links_for
 
 BASE = {"email": "ann@example.com", "first_name": "Ann", "job_title": "Engineer", "lead_source": "Web"}
 
@@ -96,23 +96,14 @@ def test_email_change_beyond_case_is_written(lead):
     assert _one(plan.dynamics_writes)["value"] == "ann@new.example"
 
 
-def _api(writes, entity, side):
-    """The API records the load stage builds from a plan's writes (one per record, API names and values)."""
-    from mdsync.load import api_cells, api_records
-
-    cells = api_cells(writes, {f.name: f for f in entity.fields}, side)
-    key = {"person_id": "id"} if side is Side.MARKETO else {"dynamics_id": entity.id_column}
-    return api_records(cells, next(iter(key)), key)[0]
-
-
 def test_picklist_values_compare_through_the_map(lead):
     plan = _plan(lead, {1: BASE}, {1: BASE}, {1: {**BASE, "lead_source": "Trade Show"}})
     write = _one(plan.marketo_writes)
     assert write["value"] == "Trade Show"
-    record = _api(plan.marketo_writes, lead, Side.MARKETO)
+    record = api_records_for(plan.marketo_writes, lead, Side.MARKETO)
     assert record == [{"id": 1, "leadSource": "Trade Show"}]
     plan = _plan(lead, {1: BASE}, {1: {**BASE, "lead_source": "Seminar"}}, {1: BASE})
-    assert _api(plan.dynamics_writes, lead, Side.DYNAMICS) == [
+    assert api_records_for(plan.dynamics_writes, lead, Side.DYNAMICS) == [
         {"leadid": "00000000-0000-0000-0000-000000000001", "leadsourcecode": 6}]
 
 
@@ -135,7 +126,7 @@ def test_one_way_field_only_flows_its_way(one_way_lead):
     write = _one(plan.dynamics_writes)
     assert (write["field"], write["value"], write["reason"]) == (
         "email_opt_out", "false", "one-way field: Marketo is the source")
-    assert _api(plan.dynamics_writes, lead, Side.DYNAMICS)[0]["donotbulkemail"] is False
+    assert api_records_for(plan.dynamics_writes, lead, Side.DYNAMICS)[0]["donotbulkemail"] is False
     # Marketo changed it: it flows to Dynamics
     plan = _plan(lead, {1: base}, {1: {**base, "email_opt_out": "true"}}, {1: base})
     assert _one(plan.dynamics_writes)["value"] == "true" and plan.marketo_writes.empty
@@ -204,7 +195,7 @@ def test_api_records_group_fields_per_record(lead):
     plan = _plan(lead, {1: BASE, 2: BASE},
                  {1: {**BASE, "first_name": "A", "job_title": "B"}, 2: {**BASE, "first_name": "C"}},
                  {1: BASE, 2: BASE}, persons=[1, 2])
-    records = _api(plan.dynamics_writes, lead, Side.DYNAMICS)
+    records = api_records_for(plan.dynamics_writes, lead, Side.DYNAMICS)
     assert sorted(records, key=lambda r: r["leadid"]) == [
         {"leadid": "00000000-0000-0000-0000-000000000001", "firstname": "A", "jobtitle": "B"},
         {"leadid": "00000000-0000-0000-0000-000000000002", "firstname": "C"},
