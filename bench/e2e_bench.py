@@ -91,6 +91,8 @@ TITLES = ["Engineer", "Manager", "Director", "Analyst", "Consultant", "Designer"
 ENTITY_SET = {"lead": "leads", "contact": "contacts"}
 ID_COLUMN = {"lead": "leadid", "contact": "contactid"}
 STAGE_TIMEOUT_S = 3 * 3600
+#: what this script imports at its top level (preloaded with the task worker's modules, see Runner)
+BENCH_IMPORTS = ["numpy", "pandas", "_stage", "sandbox.dataverse", "sandbox.marketo"]
 #: tasks the DAG runs side by side (same upstream); the runner starts them together, as a scheduler would
 SIDE_BY_SIDE = {("extract_marketo", "extract_dynamics"), ("plan_lead", "plan_contact")}
 
@@ -271,8 +273,10 @@ class Runner:
             # (Python 3.11's forkserver ignores the parent's sys.path: PYTHONPATH says where this checkout is)
             os.environ["PYTHONPATH"] = os.pathsep.join([self.env["PYTHONPATH"], str(REPO / "bench")])
             self.forkserver = multiprocessing.get_context("forkserver")
-            # (the bench's tasks run the engine without Airflow, so Airflow's own modules are left out)
-            self.forkserver.set_forkserver_preload([m for m in worker_preload() if m.split(".")[0] != "airflow"])
+            # (the bench's tasks run the engine without Airflow, so Airflow's own modules are left out; each
+            # child re-runs this script's top level as __mp_main__, so what it imports is preloaded too)
+            self.forkserver.set_forkserver_preload(
+                [m for m in worker_preload() if m.split(".")[0] != "airflow"] + BENCH_IMPORTS)
 
     def _spawn(self, stage: str, run_id: str, manifest_in: Path, folder: Path):
         out, stats, log = folder / f"{stage}.manifest.json", folder / f"{stage}.stats.json", folder / f"{stage}.log"
