@@ -231,7 +231,7 @@ class Cycle:
                 persons=self.staging.write_frame("marketo-persons", result.persons),
                 deleted=self.staging.write_frame("marketo-deleted", pd.DataFrame({"id": result.deleted}, dtype="int64")),
                 high_water=result.high_water, since=since, extracted=len(result.persons), full=full,
-                mode=result.mode, complete=result.complete)
+                mode=result.mode, complete=result.complete, missing_person_ids=result.missing_ids)
         return box["result"]
 
     def extract_dynamics(self, schema: SchemaResult) -> DynamicsExtracted:
@@ -616,6 +616,7 @@ class Cycle:
             "written": {"dynamics": dyn.written, "marketo": mkt.written},
             "errors": {"dynamics": dyn.rejected + dyn.create_errors, "marketo": mkt.rejected + mkt.create_errors},
             "marketo_write_method": mkt.method,
+            "person_ids_not_found": m.marketo.missing_person_ids,
             "api_calls": used, "committed": m.committed.model_dump() if m.committed else {},
             "tasks": {name: {"seconds": r.elapsed_s, **r.calls} for name, r in m.stage_results()},
             "mass_change": {"outcome": m.guard.outcome, "written": m.guard.proceed, "responded_by": m.guard.responded_by,
@@ -633,6 +634,9 @@ class Cycle:
                      f"rejected: Dynamics {summary['errors']['dynamics']}, Marketo {summary['errors']['marketo']}")
         if m.guard and m.guard.tripped:
             lines += ["  " + line for line in guard_stage.describe(m.guard)]
+        if m.marketo.missing_person_ids:
+            lines.append(f"  person_ids not found in Marketo (not synced): "
+                         f"{', '.join(map(str, m.marketo.missing_person_ids))}")
         lines.append("  tasks: " + ", ".join(f"{n} {r.elapsed_s:.1f} s" for n, r in m.stage_results()))
         log.info("\n".join(lines))
         return summary

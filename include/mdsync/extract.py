@@ -13,7 +13,7 @@ values per entity type in the plan stage. Re-reading a change twice is harmless:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -58,6 +58,8 @@ class MarketoExtract:
     changed: int
     #: ``changes``, ``bulk_window`` or ``bulk_all`` (see :class:`mdsync.results.MarketoExtracted`)
     mode: str = "changes"
+    #: asked-for persons (a manual run's ``person_ids``) that Marketo does not have (deleted or never existed)
+    missing_ids: list[int] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -177,7 +179,23 @@ def extract_marketo(
         persons = persons[~persons["id"].isin(deleted)].reset_index(drop=True)
     log.info("marketo: %d deleted since %s; read %d persons in full (%s)", len(deleted), since.isoformat(),
              len(persons), mode)
-    return MarketoExtract(persons=persons, deleted=deleted, high_water=started, changed=len(changed_ids), mode=mode)
+    missing = _missing(extra_ids, persons, deleted)
+    return MarketoExtract(persons=persons, deleted=deleted, high_water=started, changed=len(changed_ids), mode=mode,
+                          missing_ids=missing)
+
+
+def _missing(asked, persons: pd.DataFrame, deleted: list[int]) -> list[int]:
+    """The asked-for person ids Marketo did not return, logged (a typo in ``person_ids`` must not go unseen)."""
+    asked = list(dict.fromkeys(int(i) for i in asked))
+    found = set(persons["id"].dropna().astype("int64")) if not persons.empty else set()
+    missing = [i for i in asked if i not in found]
+    if missing:
+        gone = [i for i in missing if i in set(deleted)]
+        log.warning("marketo: %d of the %d person_ids asked for do not exist in Marketo and are not synced: %s%s",
+                    len(missing), len(asked), ", ".join(map(str, missing[:50])) + (" ..." if len(missing) > 50 else ""),
+                    f" ({', '.join(map(str, gone))} deleted since the window start)" if gone else
+                    " (deleted, merged away or never created; check the ids)")
+    return missing
 
 
 

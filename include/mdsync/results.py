@@ -48,6 +48,8 @@ class MarketoExtracted(StageResult):
     mode: str = "changes"
     #: every Marketo person is in ``persons`` (identity needs no Marketo lookups)
     complete: bool = False
+    #: a manual run's ``person_ids`` that Marketo does not have (reported in the log and the run's report)
+    missing_person_ids: list[int] = Field(default_factory=list)
 
 
 class DynamicsEntityExtracted(BaseModel):
