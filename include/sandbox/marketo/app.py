@@ -16,7 +16,8 @@ Admin calls (not part of Marketo; never under ``/rest``, ``/bulk`` or ``/identit
 - ``GET /_sandbox/calls``: calls by endpoint, limited (606/615/607) and injected counts, peak concurrency.
 - ``POST /_sandbox/calls/reset``: zero the call counters.
 - ``POST /_sandbox/faults`` ``{"kind", "count", "path_prefix", "seconds", "status"}``: inject faults
-  (kinds: rate_limit, concurrency, server_error, delay, expire_tokens, quota_exhausted, and job_failure:
+  (kinds: rate_limit, concurrency, server_error, delay, expire_tokens, quota_exhausted, access_denied (603:
+  the API user's role lacks a permission), and job_failure:
   the next ``count`` bulk jobs created through a path under ``path_prefix`` end Failed when they start,
   e.g. ``/bulk/v1/leads.json`` for imports, ``/bulk/v1/activities/export`` for activity exports);
   ``DELETE /_sandbox/faults`` clears them.
@@ -283,6 +284,8 @@ def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: s
                     return failure("615", "Concurrent access limit reached")
                 elif fault.kind == "quota_exhausted":
                     return failure("607", "Daily quota reached")
+                elif fault.kind == "access_denied":  # the API user's role lacks the permission (error-codes.md)
+                    return failure("603", "Access denied")
             if is_api:
                 if not guard.admit_rate():
                     return failure("606", f"Max rate limit '{guard.rate_limit[0]}' exceeded with in "

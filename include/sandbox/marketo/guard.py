@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from pyrate_limiter import InMemoryBucket, Limiter, Rate
 
-FAULT_KINDS = ("rate_limit", "concurrency", "server_error", "delay", "expire_tokens", "quota_exhausted", "job_failure")
+FAULT_KINDS = ("rate_limit", "concurrency", "server_error", "delay", "expire_tokens", "quota_exhausted", "job_failure",
+               "access_denied")
 #: Faults that hit bulk jobs when they start (matched against the path that created the job), not requests.
 JOB_FAULTS = frozenset({"job_failure"})
 
