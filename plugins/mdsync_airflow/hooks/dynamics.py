@@ -2,23 +2,21 @@
 
 Connection (DESIGN §6): ``host`` = organisation URL, ``login`` = client id, ``password`` = client secret,
 ``extra`` = ``{"tenant_id": ..., "authority": optional, "verify": optional CA bundle path or bool,
-"username"/"password": optional, for the username/password grant}``.
+"timeout": optional seconds per request (a number or [connect, read], default [10, 120]),
+"username"/"password": optional, for the username/password grant}``. A missing field, an unknown extra key
+or a value of the wrong kind is a :class:`~mdsync.errors.ConfigError` naming the connection and the entry.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from airflow.providers.http.hooks.http import HttpHook
+
+from mdsync_airflow.hooks import extras as conn_extras
 
 # Extras that configure the Dataverse client: never let HttpHook turn them into request headers.
 _CLIENT_EXTRAS = ("tenant_id", "authority", "username", "password")
-
-
-def _as_verify(value: Any) -> bool | str:
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    return True if value is None or value == "" else value
+#: every extra key the hook reads (HttpHook's own are allowed too; any other key is refused)
+KNOWN_EXTRAS = (*_CLIENT_EXTRAS, "verify", "timeout")
 
 
 class DynamicsHook(HttpHook):
@@ -51,25 +49,27 @@ class DynamicsHook(HttpHook):
         """Build the Dataverse client from the connection; new access tokens are masked in task logs.
 
         :param client_kwargs: passed on to :class:`~mdsync.dynamics.DynamicsClient` (e.g. ``max_concurrent``).
-        :raises mdsync.errors.ConfigError: when the connection lacks the org URL, client id/secret or tenant.
+        :raises mdsync.errors.ConfigError: the connection is undefined, lacks the org URL, client id/secret or
+            tenant, or has a bad extra.
         """
         from airflow.sdk.log import mask_secret
 
         from mdsync.dynamics import DynamicsClient
-        from mdsync.errors import ConfigError
 
-        conn = self.get_connection(self.dynamics_conn_id)
+        cid = self.dynamics_conn_id
+        conn = conn_extras.connection(self, cid, f"AIRFLOW_CONN_{cid.upper()}")
         extra = conn.extra_dejson
-        missing = [name for name, value in (("host", conn.host), ("login", conn.login), ("password", conn.password),
-                                             ("extra.tenant_id", extra.get("tenant_id"))) if not value]
-        if missing:
-            raise ConfigError(f"Airflow connection '{self.dynamics_conn_id}' lacks {', '.join(missing)} "
-                              "(host = org URL, login = client id, password = client secret, extra.tenant_id)")
+        for secret in (conn.password, extra.get("password")):
+            if secret:
+                mask_secret(secret)
+        conn_extras.check_extra_keys(cid, extra, KNOWN_EXTRAS)
+        conn_extras.require(cid, [("host", conn.host, "the organisation URL"), ("login", conn.login, "the client id"),
+                                  ("password", conn.password, "the client secret"),
+                                  ("extra.tenant_id", extra.get("tenant_id"), "the directory id")])
+        timeout = conn_extras.timeout(cid, extra)
+        verify = conn_extras.verify(cid, extra)
         session = self.get_conn()
-        mask_secret(conn.password)
-        if extra.get("password"):
-            mask_secret(extra["password"])
         return DynamicsClient(
             self.base_url, conn.login, conn.password, extra["tenant_id"], authority=extra.get("authority"),
-            verify=_as_verify(extra.get("verify")), username=extra.get("username"), password=extra.get("password"),
-            session=session, token_listener=mask_secret, **client_kwargs)
+            verify=verify, username=extra.get("username"), password=extra.get("password"),
+            session=session, token_listener=mask_secret, timeout=timeout, connection_id=cid, **client_kwargs)

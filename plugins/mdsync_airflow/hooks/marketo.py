@@ -2,7 +2,9 @@
 
 Connection (DESIGN §6): ``host`` = REST base URL (``https://<munchkin>.mktorest.com``), ``login`` = client id,
 ``password`` = client secret. ``extra`` may hold ``verify`` (bool or CA bundle path), ``max_calls_per_window``,
-``window_s``, ``max_concurrent`` (to share the instance with other integrations) and ``timeout``.
+``window_s``, ``max_concurrent`` (to share the instance with other integrations) and ``timeout`` (seconds per
+request, a number or ``[connect, read]``; default ``[10, 120]``). A missing field, an unknown extra key or a
+value of the wrong kind is a :class:`~mdsync.errors.ConfigError` naming the connection and the entry.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from typing import Any
 
 from airflow.providers.http.hooks.http import HttpHook
 
-#: Extra keys the hook consumes itself (everything else in extra is left to HttpHook, which sends it as headers).
+from mdsync_airflow.hooks import extras as conn_extras
+
+#: Extra keys the hook consumes itself (HttpHook's own are allowed too; any other key is refused, since
+#: HttpHook would send it to Marketo as an HTTP header).
 CLIENT_EXTRAS = ("max_calls_per_window", "window_s", "max_concurrent", "timeout", "verify", "verify_ssl")
 
 
@@ -38,34 +43,37 @@ class MarketoHook(HttpHook):
             session.headers.pop(key, None)
         return session
 
-    def get_client(self):
-        """A :class:`~mdsync.marketo.MarketoClient` for the connection; new access tokens are masked in logs."""
+    def get_client(self, **client_kwargs):
+        """A :class:`~mdsync.marketo.MarketoClient` for the connection; new access tokens are masked in logs.
+
+        :param client_kwargs: passed on to the client (e.g. ``max_attempts``).
+        :raises mdsync.errors.ConfigError: the connection is undefined, lacks a field, or has a bad extra.
+        """
         from airflow.sdk.log import mask_secret
 
         from mdsync.marketo import MarketoClient
 
-        conn = self.get_connection(self.marketo_conn_id)
-        session = self.get_conn()
-        if not conn.host or not conn.login or not conn.password:
-            raise ValueError(f"Airflow connection {self.marketo_conn_id!r} needs host (the REST base URL), login "
-                             "(client id) and password (client secret)")
+        cid = self.marketo_conn_id
+        conn = conn_extras.connection(self, cid, f"AIRFLOW_CONN_{cid.upper()}")
+        if conn.password:
+            mask_secret(conn.password)
         extra = conn.extra_dejson
-        verify = extra.get("verify", extra.get("verify_ssl", True))
-        if isinstance(verify, str) and verify.lower() in ("true", "false"):
-            verify = verify.lower() == "true"
-        limits = {k: type_(extra[k]) for k, type_ in (("max_calls_per_window", int), ("window_s", float),
-                                                       ("max_concurrent", int)) if k in extra}
-        timeout = extra.get("timeout")
-        mask_secret(conn.password)
+        conn_extras.check_extra_keys(cid, extra, CLIENT_EXTRAS)
+        conn_extras.require(cid, [("host", conn.host, "the REST base URL, Admin > Web Services, without /rest"),
+                                  ("login", conn.login, "the client id"), ("password", conn.password, "the client secret")])
+        limits = {k: v for k, kind in (("max_calls_per_window", int), ("window_s", float), ("max_concurrent", int))
+                  if (v := conn_extras.positive(cid, extra, k, kind)) is not None}
+        timeout = conn_extras.timeout(cid, extra)
+        verify = conn_extras.verify(cid, extra)
+        session = self.get_conn()
         return MarketoClient(self.base_url, conn.login, conn.password, session=session, verify=verify,
-                             token_listener=mask_secret,
-                             timeout=tuple(timeout) if isinstance(timeout, list) else (timeout or (10, 120)),
-                             **limits)
+                             token_listener=mask_secret, timeout=timeout, connection_id=cid,
+                             **{**limits, **client_kwargs})
 
     def test_connection(self) -> tuple[bool, str]:
         """Fetch a token and describe leads: proves the URL, the credentials and the API user's read access."""
         try:
-            fields = self.get_client().describe_leads()
-        except Exception as exc:
+            fields = self.get_client(max_attempts=2).describe_leads()
+        except Exception as exc:  # shown in the UI's "Test" result
             return False, str(exc)
         return True, f"Connected: {len(fields)} lead fields visible"
