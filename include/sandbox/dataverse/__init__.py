@@ -20,7 +20,10 @@ SQLite, answering what unmodified MSAL and the sync's client use:
   SystemRequired columns, and business rules; field-level security (a secured column the sync user may not
   read is absent from results, and 403 in a filter; an update to one it may not update is a 403).
 - Service protection: 429 with ``Retry-After`` past ``requests_per_window`` per ``window_s`` per user
-  (pyrate-limiter sliding window) or past ``max_concurrent`` requests in flight.
+  (pyrate-limiter sliding window) or past ``max_concurrent`` requests in flight. Every Web API response
+  carries ``x-ms-dop-hint``, the recommended degree of parallelism (``dop_hint``, default 4; 0 sends none).
+- Concurrent requests are served side by side (reads in parallel; writes, like SQLite, one transaction at a
+  time). A bulk message reads all the rows its targets name in one query and writes them by executemany.
 
 Admin API (JSON, no auth, under ``/_sandbox``):
 
@@ -29,6 +32,10 @@ Admin API (JSON, no auth, under ``/_sandbox``):
   so a later delta read reports them.
 - ``GET /_sandbox/calls`` / ``POST /_sandbox/calls/reset``: call counts by ``"METHOD /path"`` (keys in
   parentheses dropped), Web API and token calls.
+- ``GET /_sandbox/concurrency``: ``in_flight`` (Web API requests being served now, all users), ``peak``
+  (the most at once since the last reset), ``max_concurrent`` and ``dop_hint``. ``POST
+  /_sandbox/concurrency/reset`` starts a new peak; ``PUT /_sandbox/concurrency`` ``{"dop_hint": n | null}``
+  changes the hint (until ``/_sandbox/reset``).
 - ``POST /_sandbox/faults`` ``{"kind", "count", "path_prefix", "seconds"}``: ``throttle`` (429,
   ``Retry-After: seconds``), ``server_error`` (500), ``delay`` (sleep ``seconds`` then serve) for the next
   ``count`` matching Web API calls; ``expire_tokens`` (every token issued so far now answers 401) and
@@ -41,7 +48,8 @@ Admin API (JSON, no auth, under ``/_sandbox``):
   A violating write gets 400 with code ``0x80040265`` and the rule's message, as a plug-in would.
 - ``PUT /_sandbox/messages`` ``{"unsupported": {"contact": ["UpsertMultiple"]}}``: bulk messages a table
   does not support (404 "Resource not found for the segment ..."), as for some standard tables.
-- ``POST /_sandbox/reset`` wipes rows, counters, faults, rules, security and message settings. ``GET /_sandbox/health``.
+- ``POST /_sandbox/reset`` wipes rows, counters, faults, rules, security and message settings (and the
+  concurrency peak and hint). ``GET /_sandbox/health``.
 
 The ROPC user is ``sb.username`` / ``sb.user_password``. Not emulated: the combined execution-time limit,
 opportunities (``QualifyLead`` with ``CreateOpportunity``), ``$expand``, FetchXML, metadata ``$filter``,
@@ -68,7 +76,8 @@ class DataverseSandbox:
 
     def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1", client_id: str | None = None,
                  client_secret: str | None = None, tenant_id: str | None = None, token_ttl_s: int = 3600,
-                 requests_per_window: int = 6000, window_s: int = 300, max_concurrent: int = 52) -> None:
+                 requests_per_window: int = 6000, window_s: int = 300, max_concurrent: int = 52,
+                 dop_hint: int | None = 4) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.host = host
         self.port = port
@@ -76,6 +85,7 @@ class DataverseSandbox:
         self.requests_per_window = requests_per_window
         self.window_s = window_s
         self.max_concurrent = max_concurrent
+        self.dop_hint = dop_hint
         self.identity = Identity.ensure(self.data_dir, tenant_id=tenant_id, client_id=client_id,
                                         client_secret=client_secret)
         self._process: subprocess.Popen | None = None
@@ -120,7 +130,7 @@ class DataverseSandbox:
         cmd = [sys.executable, "-m", "sandbox.dataverse", "--port", str(self.port), "--host", self.host,
                "--data-dir", str(self.data_dir), "--token-ttl", str(self.token_ttl_s),
                "--requests-per-window", str(self.requests_per_window), "--window", str(self.window_s),
-               "--max-concurrent", str(self.max_concurrent)]
+               "--max-concurrent", str(self.max_concurrent), "--dop-hint", str(self.dop_hint or 0)]
         self._process = process.spawn(cmd, self.data_dir / "server.log")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -168,6 +178,11 @@ class DataverseSandbox:
 
     def calls(self) -> dict:
         return self.admin("GET", "calls")
+
+    def concurrency(self) -> dict:
+        """``in_flight``, ``peak`` (since the last :meth:`reset` or ``concurrency/reset``), ``max_concurrent``
+        and ``dop_hint`` of the Web API."""
+        return self.admin("GET", "concurrency")
 
     def fault(self, kind: str, count: int = 1, seconds: float = 1, path_prefix: str | None = None) -> dict:
         return self.admin("POST", "faults", {"kind": kind, "count": count, "seconds": seconds,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
-from .app import create_app
+from .app import DEFAULT_DOP_HINT, create_app
 from .identity import Identity, ensure_tls
 
 
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests-per-window", type=int, default=6000)
     parser.add_argument("--window", type=int, default=300, help="service protection window, seconds")
     parser.add_argument("--max-concurrent", type=int, default=52)
+    parser.add_argument("--dop-hint", type=int, default=DEFAULT_DOP_HINT,
+                        help="x-ms-dop-hint of Web API responses (0: not sent)")
     args = parser.parse_args(argv)
 
     data_dir = args.data_dir.resolve()
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     org_url = f"https://{args.host}:{port}"
     app = create_app(data_dir, identity, org_url, token_ttl_s=args.token_ttl,
                      requests_per_window=args.requests_per_window, window_s=args.window,
-                     max_concurrent=args.max_concurrent)
+                     max_concurrent=args.max_concurrent, dop_hint=args.dop_hint or None)
     config = uvicorn.Config(app, ssl_certfile=str(server_pem), ssl_keyfile=str(server_pem), log_level="warning",
                             access_log=False, timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)

@@ -24,13 +24,20 @@ from .webapi import API, Reply, WebApi
 
 
 class Protection:
-    """Service protection per user: requests per sliding window (pyrate-limiter) and concurrent requests."""
+    """Service protection per user: requests per sliding window (pyrate-limiter) and concurrent requests.
 
-    def __init__(self, requests_per_window: int, window_s: int, max_concurrent: int) -> None:
+    It also keeps the most requests that were in flight at once (all users) since :meth:`reset_peak`, which
+    the admin API reports, and the degree of parallelism the service recommends (``x-ms-dop-hint``).
+    """
+
+    def __init__(self, requests_per_window: int, window_s: int, max_concurrent: int,
+                 dop_hint: int | None = None) -> None:
         self.rate = Rate(requests_per_window, window_s * 1000)
         self.max_concurrent = max_concurrent
         self.buckets: dict[str, InMemoryBucket] = {}
         self.in_flight: Counter = Counter()
+        self.peak = 0
+        self.default_dop_hint = self.dop_hint = dop_hint
         self.lock = threading.Lock()
 
     def enter(self, user: str) -> None:
@@ -47,14 +54,26 @@ class Protection:
                 raise DataverseError(429, E.THROTTLE_CONCURRENCY, f"Number of concurrent requests exceeded the "
                                      f"limit of {self.max_concurrent}.", {"Retry-After": "1"})
             self.in_flight[user] += 1
+            self.peak = max(self.peak, sum(self.in_flight.values()))
 
     def leave(self, user: str) -> None:
         with self.lock:
             self.in_flight[user] -= 1
 
+    def concurrency(self) -> dict:
+        with self.lock:
+            return {"in_flight": sum(self.in_flight.values()), "peak": self.peak,
+                    "max_concurrent": self.max_concurrent, "dop_hint": self.dop_hint}
+
+    def reset_peak(self) -> None:
+        with self.lock:
+            self.peak = sum(self.in_flight.values())
+
     def reset(self) -> None:
         with self.lock:
             self.buckets.clear()
+            self.peak = sum(self.in_flight.values())
+            self.dop_hint = self.default_dop_hint
 
 
 class Faults:
@@ -91,18 +110,27 @@ class Faults:
             self.queue.clear()
 
 
+#: the sandbox's recommended degree of parallelism (``x-ms-dop-hint``): one SQLite writer, so a few requests
+#: in flight keep it busy (one parsing while another writes) and more only queue
+DEFAULT_DOP_HINT = 4
+
+
 def _endpoint(method: str, path: str) -> str:
     """Counter key: keys in parentheses dropped (``PATCH /api/data/v9.2/contacts``)."""
     return method + " " + re.sub(r"\([^)]*\)", "", path)
 
 
 def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s: int = 3600,
-               requests_per_window: int = 6000, window_s: int = 300, max_concurrent: int = 52) -> FastAPI:
-    """Build the FastAPI application of one sandbox organisation."""
+               requests_per_window: int = 6000, window_s: int = 300, max_concurrent: int = 52,
+               dop_hint: int | None = DEFAULT_DOP_HINT) -> FastAPI:
+    """Build the FastAPI application of one sandbox organisation.
+
+    :param dop_hint: the ``x-ms-dop-hint`` header of Web API responses (None: not sent).
+    """
     store = Store(data_dir / "dataverse.sqlite3", identity.field_security_profile_id)
     tokens = TokenService(identity, org_url, token_ttl_s)
     webapi = WebApi(store, identity, org_url)
-    protection = Protection(requests_per_window, window_s, max_concurrent)
+    protection = Protection(requests_per_window, window_s, max_concurrent, dop_hint)
     faults = Faults()
     calls: Counter = Counter()
     calls_lock = threading.Lock()
@@ -180,6 +208,13 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
     # Web API ----------------------------------------------------------------------------------------------
     @app.api_route(API + "{path:path}", methods=["GET", "POST", "PATCH", "DELETE"])
     async def web_api(path: str, request: Request):
+        response = await _web_api(path, request)
+        hint = protection.dop_hint
+        if hint is not None:  # every Web API response carries the recommended degree of parallelism
+            response.headers["x-ms-dop-hint"] = str(hint)
+        return response
+
+    async def _web_api(path: str, request: Request):
         method = request.method
         count(method, API + path)
         fault = faults.take(API + path)
@@ -237,6 +272,27 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
         with calls_lock:
             calls.clear()
         return {"total": 0}
+
+    @app.get("/_sandbox/concurrency")
+    def get_concurrency():
+        return protection.concurrency()
+
+    @app.post("/_sandbox/concurrency/reset")
+    def reset_concurrency():
+        protection.reset_peak()
+        return protection.concurrency()
+
+    @app.put("/_sandbox/concurrency")
+    async def put_concurrency(request: Request):
+        body = await request.json()
+        hint = body.get("dop_hint") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or "dop_hint" not in body or not (
+                hint is None or (isinstance(hint, int) and not isinstance(hint, bool) and hint > 0)):
+            return error(DataverseError(400, E.PAYLOAD, "concurrency: give {\"dop_hint\": a positive integer or "
+                                        "null}"))
+        with protection.lock:
+            protection.dop_hint = hint
+        return protection.concurrency()
 
     @app.post("/_sandbox/faults")
     async def add_fault(request: Request):

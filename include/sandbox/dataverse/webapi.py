@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from . import errors as E
 from .errors import DataverseError
 from .schema import CHOICE_TYPES, LINK_KEY_COLUMN, LINK_KEY_NAME, Entity
-from .store import Store, decode_cookie, encode_cookie, utcnow
+from .store import BulkRows, Store, decode_cookie, encode_cookie, utcnow
 
 API = "/api/data/v9.2/"
 MAX_PAGE = 5000
@@ -109,7 +109,8 @@ class WebApi:
         m = _BULK.match(path)
         if m and method == "POST":
             entity = self.store.entity(m.group(1))
-            return self._write(conn, lambda c: self.bulk(entity, m.group(2), self._json(body), c))
+            payload = self._json(body)  # parsed before the write lock is taken
+            return self._write(conn, lambda c: self.bulk(entity, m.group(2), payload, c))
         m = re.fullmatch(r"leads\(([^)]*)\)/Microsoft\.Dynamics\.CRM\.QualifyLead", path)
         if m and method == "POST":
             return self._write(conn, lambda c: self.qualify_lead(m.group(1), self._json(body), c))
@@ -278,24 +279,38 @@ class WebApi:
         if not isinstance(targets, list) or not targets:
             raise DataverseError(400, E.PAYLOAD, f"{message}: 'Targets' must be a non-empty array.")
         expected = f"Microsoft.Dynamics.CRM.{entity.logical_name}"
-        ids = []
-        # A failure raises out of the caller's transaction, which rolls the whole request back.
+        # Targets are checked in order and the first failure raises out of the caller's transaction, which
+        # rolls the whole request back. Keys and payloads are read first (up to a target that can't be read,
+        # whose error is raised when its turn comes), so that the rows they name are read in one SELECT.
+        parsed: list = []
         for i, target in enumerate(targets):
-            if str(target.get("@odata.type", "")).lstrip("#") != expected:
-                raise DataverseError(400, E.PAYLOAD, f"{message}: Targets[{i}] must set @odata.type to "
-                                     f"'{expected}'.")
-            key = self._target_key(entity, target)
-            data = {k: v for k, v in target.items() if not k.startswith("@odata.")}
+            try:
+                if str(target.get("@odata.type", "")).lstrip("#") != expected:
+                    raise DataverseError(400, E.PAYLOAD, f"{message}: Targets[{i}] must set @odata.type to "
+                                         f"'{expected}'.")
+                key = self._target_key(entity, target)
+            except DataverseError as err:
+                parsed.append(err)
+                break
+            parsed.append((key, {k: v for k, v in target.items() if not k.startswith("@odata.")}))
+        rows = BulkRows(entity, conn)
+        rows.prefetch(*_lookups(entity, message, parsed))
+        ids = []
+        for item in parsed:
+            if isinstance(item, DataverseError):
+                raise item
+            key, data = item
             if message == "CreateMultiple":
-                ids.append(self.store.create(entity, data, conn))
+                ids.append(self.store.create(entity, data, conn, rows=rows))
                 continue
-            current = self.store.get(entity, key, conn) if key else None
+            current = rows.get(key) if key else None
             if current is None and message == "UpdateMultiple":
                 raise self._missing(entity, key or {entity.primary_id: None})
             if current is None:
-                ids.append(self.store.create(entity, {**data, **(key or {})}, conn))
+                ids.append(self.store.create(entity, {**data, **(key or {})}, conn, rows=rows))
             else:
-                ids.append(self.store.update(entity, current, data, conn))
+                ids.append(self.store.update(entity, current, data, conn, rows=rows))
+        rows.flush()
         if message == "UpdateMultiple":
             return Reply(204)
         return Reply(200, {"@odata.context": f"{self.org_url}{API}$metadata#Microsoft.Dynamics.CRM.{message}Response",
@@ -500,6 +515,26 @@ class WebApi:
         boundary = f"batchresponse_{uuid.uuid4()}"
         return Reply(status, None, {"Content-Type": f"multipart/mixed; boundary={boundary}",
                                     "_raw": _render_batch(boundary, replies)})
+
+
+def _lookups(entity: Entity, message: str, parsed: list) -> tuple[list, list]:
+    """The primary ids and alternate-key values a bulk request's targets will look up: their keys as
+    given, and the ids (as validation normalises them) and keys their payloads set (duplicate checks)."""
+    ids, keys = [], []
+    for item in parsed:
+        if isinstance(item, DataverseError):
+            break
+        key, data = item
+        for name, value in (key or {}).items():
+            (ids if name == entity.primary_id else keys).append(value)
+        if data.get(LINK_KEY_COLUMN) is not None:
+            keys.append(data[LINK_KEY_COLUMN])
+        if data.get(entity.primary_id) is not None:
+            try:
+                ids.append(str(uuid.UUID(str(data[entity.primary_id]))))
+            except ValueError:
+                pass  # not an id: the target fails its validation on its turn
+    return ids, keys
 
 
 class _Rollback(Exception):
