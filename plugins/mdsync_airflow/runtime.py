@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mdsync.lease")
 
+#: the first task of a run, which takes the lease (``make sync`` reads a deferral from it)
+LEASE_TASK = "hold_lease"
+#: the XCom key under which a deferred run's first task leaves its one line (who holds the lease)
+DEFERRED_XCOM = "deferred"
+
 
 def run_info(context: dict[str, Any]) -> RunInfo:
     """What the cycle needs from the task context.
@@ -37,20 +42,20 @@ def run_info(context: dict[str, Any]) -> RunInfo:
     state store's watermark.
     """
     from mdsync.cycle import RunInfo
+    from mdsync_airflow.params import run_params
 
     dag_run = context["dag_run"]
-    params = context.get("params") or {}
+    params = run_params(context)  # unknown keys and values of the wrong kind: one line, no retries
     run_type = getattr(dag_run, "run_type", "manual")
     run_type = getattr(run_type, "value", run_type)
     start: datetime | None = context.get("data_interval_start")
     end: datetime | None = context.get("data_interval_end")
     if run_type == "manual":
         start = end = None  # a manual run syncs from the watermark to now
-    ids = params.get("person_ids") or []
     return RunInfo(
         run_id=context["run_id"], run_type=str(run_type), window_start=start, window_end=end,
         dry_run=bool(params.get("dry_run")), full_resync=bool(params.get("full_resync")),
-        person_ids=[int(i) for i in ids], sync_as=params.get("sync_as") or None,
+        person_ids=params["person_ids"], sync_as=params.get("sync_as") or None,
         retry_failed=bool(params.get("retry_failed")),
     )
 
@@ -124,6 +129,7 @@ def hold_lease(context: dict[str, Any]) -> dict:
                               poll_s=settings.lease_poll_seconds)
     except LeaseHeld as exc:
         log.warning("%s", exc)
+        context["ti"].xcom_push(key=DEFERRED_XCOM, value=str(exc))
         raise AirflowSkipException(str(exc)) from None
     log.info("took the cycle lease of %s until %s (every task renews it; the teardown gives it back)",
              safe_url(settings.state_url), state.expires_at.isoformat(timespec="seconds"))
@@ -141,6 +147,7 @@ def leased_cycle(context: dict[str, Any]) -> Iterator[Cycle]:
     from mdsync.lease import LeaseLost
     from mdsync.settings import Settings
     from mdsync.state import StateStore
+    from mdsync_airflow.failfast import fail_fast
 
     settings = Settings.from_env()
     store = StateStore(settings.state_url)  # the first task migrated it
@@ -152,6 +159,10 @@ def leased_cycle(context: dict[str, Any]) -> Iterator[Cycle]:
             yield cycle_for(context, store=store, settings=settings)
     except LeaseLost as exc:
         raise AirflowFailException(str(exc)) from None
+    except Exception as exc:  # bad credentials, config, quota...: fail at once, in one line (mdsync_airflow.failfast)
+        if (failed := fail_fast(exc)) is not exc:
+            raise failed from None
+        raise
 
 
 def release_lease(context: dict[str, Any]) -> bool:

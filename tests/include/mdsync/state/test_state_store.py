@@ -12,24 +12,11 @@ from mdsync.errors import StateStoreError
 from mdsync.state import StateStore, open_store
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        yield open_store(f"sqlite:///{tmp_path / 'state.sqlite'}")
-        return
-    url = request.getfixturevalue("postgres_url")
-    # a fresh database per test keeps tests independent on the shared server
-    name = f"t_{request.node.name.replace('[', '_').replace(']', '').lower()}"[:60]
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    s = open_store(url.rsplit("/", 1)[0] + f"/{name}")
+@pytest.fixture
+def store(state_url):
+    s = open_store(state_url)
     yield s
     s.engine.dispose()
-    with admin.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
 
 
 def test_schema_is_migrated_and_upgrade_is_idempotent(store):
