@@ -18,6 +18,11 @@ ways. Each run is one cycle:
    which persons and records to create (pure on frames; it only reads the few records it needs).
 4. **plan** (per entity type) — three-way diff against the last synced values; collisions go to
    **Marketo for leads** and **Dynamics for contacts**.
+4b. **check_mass_change** → **approve_mass_change** — the mass-change guard: a plan that would write more than
+   `MDSYNC_GUARD_MAX_RECORDS` (5,000) records, or `MDSYNC_GUARD_MAX_PERCENT` (10 %) of the linked records if
+   that is more, to one side writes nothing until someone approves on the Required Actions page; Reject or no
+   answer in `MDSYNC_GUARD_TIMEOUT_MINUTES` (10) skips the loads and commit (the changes stay for the next
+   cycle). Under the threshold, in a dry run or with `allow_mass_change`, the approval task just skips.
 5. **load_dynamics** → **load_marketo** — creates and batched writes (large Marketo writes through the Bulk
    Lead Import); rejected values are kept per field, logged, and also written to the person's Marketo
    activity log.
@@ -30,7 +35,8 @@ Every decision is one line in the task logs and one row in the state store's `ac
 
 **Manual runs** take parameters: `dry_run` (plan and log, write nothing), `full_resync`, `person_ids`
 (sync these persons now, creating them in Dynamics if unlinked), `sync_as` (`lead`/`contact`),
-`retry_failed` (re-send values the target rejected before).
+`retry_failed` (re-send values the target rejected before), `allow_mass_change` (write a mass change
+without asking).
 
 **Backfills** (`airflow backfill create --dag-id marketo_dynamics_sync --max-active-runs 1 --from-date …
 --to-date …`) replay past 5-minute windows one at a time (a backfill's own `max_active_runs` defaults to 10 and
@@ -46,6 +52,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
+
+from mdsync_airflow.operators import MassChangeApprovalOperator
 
 ENTITY_TYPES = ["lead", "contact"]
 # Retries ride out outages longer than the clients' own backoff; overridable (e.g. in tests) by environment.
@@ -77,6 +85,9 @@ RETRY_DELAY = timedelta(seconds=float(os.environ.get("MDSYNC_RETRY_DELAY_SECONDS
                          description="Dynamics record type for unlinked person_ids."),
         "retry_failed": Param(False, type="boolean", title="Retry failed",
                               description="Re-send values that Dynamics or Marketo rejected before."),
+        "allow_mass_change": Param(False, type="boolean", title="Allow a mass change",
+                                   description="Write even when the plan is over the mass-change threshold, "
+                                               "without asking for approval."),
     },
     doc_md=__doc__,
     tags=["marketo", "dynamics365", "sync"],
@@ -139,6 +150,15 @@ def marketo_dynamics_sync():
             return cycle.plan(entity, m.schema_, m.identity).dump()
 
     @task
+    def check_mass_change(run: dict, **context) -> dict:
+        from mdsync_airflow.runtime import leased_cycle, manifest_of
+
+        with leased_cycle(context) as cycle:
+            allow = bool((context.get("params") or {}).get("allow_mass_change"))
+            return cycle.check_guard(manifest_of(context, **run), allow).dump()
+
+    # runs when approve_mass_change skipped (nothing to approve); a Reject skips it (and so the writes)
+    @task(trigger_rule="none_failed_min_one_success")
     def load_dynamics(run: dict, **context) -> dict:
         from mdsync_airflow.runtime import leased_cycle, manifest_of
 
@@ -159,12 +179,13 @@ def marketo_dynamics_sync():
         with leased_cycle(context) as cycle:
             return cycle.commit(manifest_of(context, **run)).dump()
 
-    @task
+    @task(trigger_rule="none_failed_min_one_success")  # also when a rejected mass change skipped the writes
     def report(run: dict, **context) -> dict:
+        from mdsync_airflow.operators import guard_outcome
         from mdsync_airflow.runtime import leased_cycle, manifest_of
 
         with leased_cycle(context) as cycle:
-            summary = cycle.report(manifest_of(context, **run))
+            summary = cycle.report(manifest_of(context, **{**run, "guard": guard_outcome(context, run["guard"])}))
             cycle.finish()
             return summary
 
@@ -176,12 +197,15 @@ def marketo_dynamics_sync():
     identity = identify(schema, marketo, dynamics)
     plans = [plan.override(task_id=f"plan_{entity}")(entity, schema, identity) for entity in ENTITY_TYPES]
     run = {"schema": schema, "marketo": marketo, "dynamics": dynamics, "identity": identity, "plans": plans}
+    guard = check_mass_change(run)
+    approval = MassChangeApprovalOperator(decision=guard)  # asks only when the guard says so
     dynamics_loaded = load_dynamics(run)
+    approval >> dynamics_loaded
     run = {**run, "dynamics_loaded": dynamics_loaded}
     marketo_loaded = load_marketo(run)
     run = {**run, "marketo_loaded": marketo_loaded}
     committed = commit(run)
-    summary = report({**run, "committed": committed})
+    summary = report({**run, "committed": committed, "guard": guard})
     summary >> release_lease().as_teardown(setups=lease)
 
 

@@ -41,13 +41,18 @@ def test_every_task_retries_with_backoff(dag):
 
 def test_tasks_read_like_the_cycle(dag):
     order = ["hold_lease", "refresh_schema", "extract_marketo", "extract_dynamics", "identify", "plan_lead",
-             "plan_contact", "load_dynamics", "load_marketo", "commit", "report", "release_lease"]
+             "plan_contact", "check_mass_change", "approve_mass_change", "load_dynamics", "load_marketo", "commit",
+             "report", "release_lease"]
     assert sorted(dag.task_ids) == sorted(order)
     assert dag.get_task("refresh_schema").upstream_task_ids == {"hold_lease"}
     assert dag.get_task("extract_marketo").upstream_task_ids == {"refresh_schema"}
     assert dag.get_task("identify").upstream_task_ids == {"refresh_schema", "extract_marketo", "extract_dynamics"}
     assert "load_dynamics" in dag.get_task("load_marketo").upstream_task_ids
     assert {"load_dynamics", "load_marketo"} <= dag.get_task("commit").upstream_task_ids
+    # the mass-change guard sits between the plans and the loads (tests/dags/test_mass_change_guard.py)
+    assert {"plan_lead", "plan_contact"} <= dag.get_task("check_mass_change").upstream_task_ids
+    assert dag.get_task("approve_mass_change").upstream_task_ids == {"check_mass_change"}
+    assert "approve_mass_change" in dag.get_task("load_dynamics").upstream_task_ids
 
 
 def test_the_cycle_lease_is_a_setup_and_teardown_around_every_stage(dag):
@@ -67,7 +72,8 @@ def test_the_cycle_lease_is_a_setup_and_teardown_around_every_stage(dag):
 
 def test_params_are_typed_for_the_trigger_form(dag):
     params = dag.params.dump()
-    assert params == {"dry_run": False, "full_resync": False, "person_ids": [], "sync_as": "lead", "retry_failed": False}
+    assert params == {"dry_run": False, "full_resync": False, "person_ids": [], "sync_as": "lead", "retry_failed": False,
+                      "allow_mass_change": False}
     schema = {k: dag.params.get_param(k).schema for k in params}
     assert schema["dry_run"]["type"] == "boolean"
     assert schema["person_ids"]["type"] == "array" and schema["person_ids"]["items"] == {"type": "integer"}

@@ -143,7 +143,11 @@ class MassChangeApprovalOperator(ApprovalOperator):
         from mdsync.results import GuardDecision
         from mdsync.settings import Settings
 
+        from mdsync_airflow.runtime import leased_cycle
+
         d = GuardDecision.model_validate(decision)
+        with leased_cycle(context):  # renewed now: the wait below is kept shorter than the lease's TTL
+            pass
         settings = Settings.from_env()
         timeout, cut = answer_timeout(settings.guard_timeout_minutes, getattr(context.get("dag"), "dagrun_timeout", None),
                                         getattr(settings, "lease_ttl_seconds", None))
