@@ -77,6 +77,11 @@ def _cell(value: str | None) -> str:
     return text or "*(blank)*"
 
 
+def _code(text: str) -> str:
+    """Inline code (no escapes apply inside it: a backtick in the text would end it)."""
+    return "`" + text.replace("`", "'") + "`"
+
+
 def subject(decision, run_id: str) -> str:
     over = [f"{s.records:,} records to {name.capitalize()}" for name, s in decision.sides.items() if s.tripped]
     return f"Mass change held: {' and '.join(over)} in run {run_id}. Approve the writes?"
@@ -88,7 +93,7 @@ def body(decision, timeout: timedelta, deadline: datetime, run_id: str) -> str:
     It holds field names, record ids and the planned values only: nothing from the connections.
     """
     sides = decision.sides
-    out = [f"Run `{_cell(run_id)}` would write more records to one side than the mass-change guard allows "
+    out = [f"Run {_code(run_id)} would write more records to one side than the mass-change guard allows "
            f"(more than {decision.max_records:,} records, or {decision.max_percent:g} % of the side's linked records "
            f"if that is more), so **nothing has been written yet**.", "",
            "| side | records to write | updated | created | linked before | threshold | |",
