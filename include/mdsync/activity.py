@@ -1,6 +1,7 @@
 """The activity log: one readable line per record decision, in the task log and in the state store.
 
-Actions: ``create``, ``update``, ``consent``, ``link``, ``unlink``, ``collision``, ``skip``, ``error``, ``ambiguous``.
+Actions: ``create``, ``update``, ``consent``, ``link``, ``unlink``, ``collision``, ``skip``, ``error``, ``ambiguous``,
+and an undo run's ``undo`` (a value restored) and ``undo_skipped`` (not restored, or listed: see :mod:`mdsync.undo`).
 ``consent`` is a change of a consent flag (``opt_out_wins``): an opt-out written to the other side
 (:func:`write_activity`), or a re-opt-in held back because the other side still says opted out
 (:func:`consent_held_activity`); ``winner`` names the side whose opt-out holds.
@@ -14,6 +15,7 @@ import argparse
 import logging
 import sys
 
+import numpy as np
 import pandas as pd
 
 from mdsync.config import Side
@@ -45,7 +47,7 @@ def write_activity(entity: str, writes: pd.DataFrame, results: pd.DataFrame, tar
     consent = action.eq("consent")
     ok = data["ok"].astype(bool)
     dry = data["error_code"].eq("dry_run").fillna(False)
-    detail = data["reason"].fillna("") + f" -> {where}"
+    detail = data["reason"].fillna("") + WRITTEN_TO[target]
     detail = detail.where(~dry, detail + " [dry run: not written]")
     failed = ~ok & ~dry
     detail = detail.where(~failed, f"{where} rejected the value: " + data["error_code"].fillna("").astype(str) + " "
@@ -57,6 +59,20 @@ def write_activity(entity: str, writes: pd.DataFrame, results: pd.DataFrame, tar
         "old_value": data["previous"], "new_value": data["value"],
         "winner": pd.Series(source, index=data.index).where(consent, None), "detail": detail,
     }))
+
+
+#: how a write line's detail ends: the side written (:func:`written_side` reads it back, e.g. for an undo)
+WRITTEN_TO = {"dynamics": " -> Dynamics", "marketo": " -> Marketo"}
+
+
+def written_side(detail: pd.Series) -> pd.Series:
+    """The side a stored write line (:func:`write_activity`) wrote, from its detail: ``dynamics``, ``marketo``, or
+    None (not a write: a held re-opt-in's ``consent`` line, a dry run's line)."""
+    text = detail.astype(object).where(detail.notna(), "").astype(str)
+    to_dynamics = text.str.endswith(WRITTEN_TO["dynamics"]).to_numpy()
+    to_marketo = text.str.endswith(WRITTEN_TO["marketo"]).to_numpy()
+    return pd.Series(np.where(to_dynamics, "dynamics", np.where(to_marketo, "marketo", None)), index=detail.index,
+                     dtype=object)
 
 
 def consent_held_activity(entity: str, held: pd.DataFrame) -> pd.DataFrame:
@@ -150,7 +166,7 @@ def format_line(row: dict) -> str:
     text = f"{action.upper():<9} {who}"
     if row.get("field"):
         text += f" | {row['field']}"
-        if action in ("update", "consent", "collision", "error", "skip"):
+        if action in ("update", "consent", "collision", "error", "skip", "undo", "undo_skipped"):
             text += f": {_short(row.get('old_value'))} -> {_short(row.get('new_value'))}"
     if row.get("winner"):
         text += f" | winner: {row['winner']}"

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import pandas as pd
 
-from mdsync.plan import REQUIRES_DYNAMICS, REQUIRES_MARKETO, REQUIRES_NOTHING
+from mdsync.plan import REQUIRES_BOTH, REQUIRES_DYNAMICS, REQUIRES_MARKETO, REQUIRES_NOTHING
 
 log = logging.getLogger("mdsync.commit")
 
@@ -21,7 +21,7 @@ _KEY = ["person_id", "field"]
 
 
 def succeeded_baselines(updates: pd.DataFrame, dynamics_results: pd.DataFrame, marketo_results: pd.DataFrame) -> pd.DataFrame:
-    """Baseline updates whose required write went through (or that needed none)."""
+    """Baseline updates whose required write (or both writes) went through, or that needed none."""
     if updates.empty:
         return updates
 
@@ -33,9 +33,11 @@ def succeeded_baselines(updates: pd.DataFrame, dynamics_results: pd.DataFrame, m
 
     keys = pd.MultiIndex.from_frame(updates[_KEY].astype({"person_id": "int64", "field": "str"}))
     requires = updates["requires"].to_numpy()
+    dynamics_ok, marketo_ok = keys.isin(ok_keys(dynamics_results)), keys.isin(ok_keys(marketo_results))
     keep = ((requires == REQUIRES_NOTHING)
-            | ((requires == REQUIRES_DYNAMICS) & keys.isin(ok_keys(dynamics_results)))
-            | ((requires == REQUIRES_MARKETO) & keys.isin(ok_keys(marketo_results))))
+            | ((requires == REQUIRES_DYNAMICS) & dynamics_ok)
+            | ((requires == REQUIRES_MARKETO) & marketo_ok)
+            | ((requires == REQUIRES_BOTH) & dynamics_ok & marketo_ok))
     return updates[keep]
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 from mdsync import access as access_stage
 from mdsync import identity as identity_stage
 from mdsync import guard as guard_stage
+from mdsync import undo as undo_stage
 from mdsync.activity import (activity_frame, blocked_activity, collision_activity, consent_held_activity,
                              held_activity, log_activity, problem_activity, write_activity)
 from mdsync.canonical import canonical_frame
@@ -66,6 +67,8 @@ class RunInfo:
     person_ids: list[int] = field(default_factory=list)
     sync_as: str | None = None
     retry_failed: bool = False
+    #: an earlier run whose writes this run undoes (:mod:`mdsync.undo`)
+    undo_run: str | None = None
 
 
 class Cycle:
@@ -162,6 +165,14 @@ class Cycle:
     def _log_activity(self, activity: pd.DataFrame) -> None:
         log_activity(activity, log, limit=self.settings.log_limit)
 
+    def _undone(self) -> pd.DataFrame:
+        """An undo run's undone run: its activity rows, after :func:`mdsync.undo.check_request`."""
+        activity = self.store.activity(run_id=self.run.undo_run)
+        undo_stage.check_request(self.run.undo_run, activity, this_run=self.run.run_id, person_ids=self.run.person_ids,
+                                 full_resync=self.run.full_resync,
+                                 recent=self.store.recent_runs() if activity.empty else None)
+        return activity
+
     # -- 1. refresh schema ----------------------------------------------------------------------------
 
     def refresh_schema(self) -> SchemaResult:
@@ -169,6 +180,8 @@ class Cycle:
         return self._timed("refresh_schema", self._refresh_schema)
 
     def _refresh_schema(self) -> SchemaResult:
+        if self.run.undo_run:  # an undo that cannot be done fails here, before any API call
+            self._undone()
         # one cache per pair of instances and config, so pointing the sync elsewhere never reuses it
         key = hashlib.sha1(repr((getattr(self.marketo, "base_url", ""), getattr(self.dynamics, "org_url", ""),
                                  self.config.model_dump_json())).encode()).hexdigest()[:12]
@@ -217,6 +230,9 @@ class Cycle:
     def extract_marketo(self, schema: SchemaResult) -> MarketoExtracted:
         with self._stage("extract_marketo") as box:
             self.marketo.use_describe(pd.DataFrame(self._access(schema.access).marketo_describe))
+            if self.run.undo_run:
+                box["result"] = self._extract_marketo_undo()
+                return box["result"]
             full = self.full_reconcile_due()
             since = self.window_since()
             pages = self.settings.max_change_pages
@@ -238,6 +254,9 @@ class Cycle:
         with self._stage("extract_dynamics") as box:
             acc = self._access(schema.access)
             self._use_metadata(acc)
+            if self.run.undo_run:
+                box["result"] = self._extract_dynamics_undo(acc)
+                return box["result"]
             full = self.full_reconcile_due()
             out = DynamicsExtracted(full=full)
             for name, entity in self.config.entities.items():
@@ -252,6 +271,35 @@ class Cycle:
                     full_read=result.full_read)
             box["result"] = out
         return box["result"]
+
+    def _extract_marketo_undo(self) -> MarketoExtracted:
+        """An undo reads, by id, the persons the undone run wrote; the watermark stays (the window is not read)."""
+        persons_ids, _ = undo_stage.records_to_read(self._undone())
+        persons = self.marketo.get_leads("id", persons_ids, marketo_fields(self.config)) if persons_ids else \
+            pd.DataFrame(columns=["id", *marketo_fields(self.config)])
+        wm = self.store.watermark("marketo", "persons")
+        log.info("undo of run %s: read %d of the %d persons it wrote", self.run.undo_run, len(persons), len(persons_ids))
+        return MarketoExtracted(
+            persons=self.staging.write_frame("marketo-persons", persons),
+            deleted=self.staging.write_frame("marketo-deleted", pd.DataFrame({"id": []}, dtype="int64")),
+            high_water=wm.high_water if wm else None, since=wm.high_water if wm else None, extracted=len(persons),
+            mode="undo")
+
+    def _extract_dynamics_undo(self, acc) -> DynamicsExtracted:
+        """An undo reads, by id, the Dynamics records the undone run wrote; delta links stay as they are."""
+        _, wanted = undo_stage.records_to_read(self._undone())
+        out = DynamicsExtracted()
+        for name, entity in self.config.entities.items():
+            ids = wanted.get(name, [])
+            columns = dynamics_columns(self.config, entity, acc.entities[name])
+            rows = self._query_in(name, columns, entity.id_column, ids) if ids else pd.DataFrame(columns=columns)
+            wm = self.store.watermark("dynamics", name)
+            out.entities[name] = DynamicsEntityExtracted(
+                rows=self.staging.write_frame(f"dynamics-{name}", rows),
+                deleted=self.staging.write_frame(f"dynamics-{name}-deleted", pd.DataFrame({"id": []}, dtype="str")),
+                delta_link=wm.token if wm else None, high_water=wm.high_water if wm else None, extracted=len(rows))
+            log.info("undo of run %s: read %d of the %d %ss it wrote", self.run.undo_run, len(rows), len(ids), name)
+        return out
 
     # -- 3. identity ----------------------------------------------------------------------------------
 
@@ -372,10 +420,15 @@ class Cycle:
         dynamics, d_problems = canonical_frame(d_raw, d_fields, Side.DYNAMICS)
         keys = marketo.index.union(dynamics.index)
         baseline = self.store.load_baselines(person_ids=keys.tolist(), fields=entity.field_names)
-        plan = plan_entity(entity, baseline, marketo, dynamics, links, keys=keys,
-                           marketo_invalid=_invalid(m_problems), dynamics_invalid=_invalid(d_problems))
-
-        skipped = [problem_activity(entity_name, m_problems + d_problems, links)]
+        skipped, undo = [problem_activity(entity_name, m_problems + d_problems, links)], None
+        if self.run.undo_run:  # restores of what the undone run wrote, instead of the three-way diff
+            undone = undo_stage.plan_undo(entity, self._undone(), marketo, dynamics, links, baseline,
+                                          undone_run=self.run.undo_run)
+            plan, undo = undone.plan, undone.summary
+            skipped.append(undone.notes)
+        else:
+            plan = plan_entity(entity, baseline, marketo, dynamics, links, keys=keys,
+                               marketo_invalid=_invalid(m_problems), dynamics_invalid=_invalid(d_problems))
         # Fields the sync user cannot write this run are not sent (field access, DESIGN §4.1).
         d_writes, d_blocked = _split(plan.dynamics_writes, acc.dynamics_write)
         m_writes, m_blocked = _split(plan.marketo_writes, acc.marketo_write)
@@ -403,7 +456,7 @@ class Cycle:
             baseline_updates=s.write_frame(f"plan-{entity_name}-baselines", plan.baseline_updates),
             activity=s.write_frame(f"plan-{entity_name}-activity", notes),
             compared=summary["compared"], to_dynamics=len(d_writes), to_marketo=len(m_writes),
-            collisions=summary["collisions"], held=int(sum(len(h) for h in held)))
+            collisions=summary["collisions"], held=int(sum(len(h) for h in held)), undo=undo)
 
     # -- 4b. mass-change guard -----------------------------------------------------------------------
 
@@ -622,6 +675,7 @@ class Cycle:
             "mass_change": {"outcome": m.guard.outcome, "written": m.guard.proceed, "responded_by": m.guard.responded_by,
                             **{k: {"records": v.records, "threshold": v.threshold} for k, v in m.guard.sides.items()}}
             if m.guard else {},
+            "undo": _undo_summary(m.plans),
         }
         lines = [f"sync summary (API calls: Marketo {used['marketo']}, Dynamics {used['dynamics']})",
                  f"  Marketo persons read: {m.marketo.extracted} ({m.marketo.mode}); created: {created} "
@@ -634,12 +688,42 @@ class Cycle:
                      f"rejected: Dynamics {summary['errors']['dynamics']}, Marketo {summary['errors']['marketo']}")
         if m.guard and m.guard.tripped:
             lines += ["  " + line for line in guard_stage.describe(m.guard)]
+        lines += _undo_lines(summary["undo"])
         if m.marketo.missing_person_ids:
             lines.append(f"  person_ids not found in Marketo (not synced): "
                          f"{', '.join(map(str, m.marketo.missing_person_ids))}")
         lines.append("  tasks: " + ", ".join(f"{n} {r.elapsed_s:.1f} s" for n, r in m.stage_results()))
         log.info("\n".join(lines))
         return summary
+
+
+def _undo_summary(plans: list[Planned]) -> dict:
+    """An undo run's report: restores planned per side, what was not restored (per reason), what is only listed."""
+    undos = [p for p in plans if p.undo is not None]
+    if not undos:
+        return {}
+    skipped: dict[str, int] = {}
+    for p in undos:
+        for why, n in p.undo.skipped.items():
+            skipped[why] = skipped.get(why, 0) + n
+    return {"run_id": undos[0].undo.run_id,
+            "to_restore": {"dynamics": sum(p.to_dynamics for p in undos), "marketo": sum(p.to_marketo for p in undos)},
+            "not_restored": skipped, "created_listed": sum(p.undo.created for p in undos),
+            "links_listed": sum(p.undo.linked for p in undos),
+            "changed_later": [item.model_dump() for p in undos for item in p.undo.changed_later]}
+
+
+def _undo_lines(undo: dict) -> list[str]:
+    if not undo:
+        return []
+    why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in undo["not_restored"].items()) or "none"
+    lines = [f"  undo of run {undo['run_id']}: fields to restore: Dynamics {undo['to_restore']['dynamics']}, Marketo "
+             f"{undo['to_restore']['marketo']}; not restored: {why}; records it created (listed, not deleted): "
+             f"{undo['created_listed']}; links it made (kept): {undo['links_listed']}"]
+    for item in undo["changed_later"]:
+        lines.append(f"    changed since, kept: {item['entity']} person {item['person_id']} {item['field']} in "
+                     f"{item['changed_in']}: now {item['now']!r} (the run wrote {item['wrote']!r})")
+    return lines
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:

@@ -31,8 +31,9 @@ COLLISION_COLUMNS = [
     "person_id", "dynamics_id", "field", "marketo_value", "dynamics_value", "baseline", "winner", "reason",
 ]
 BASELINE_COLUMNS = ["person_id", "field", "value", "requires"]
-#: ``requires`` values of a baseline update: no write, the Dynamics write, the Marketo write.
-REQUIRES_NOTHING, REQUIRES_DYNAMICS, REQUIRES_MARKETO = "", "dynamics", "marketo"
+#: ``requires`` values of a baseline update: no write, the Dynamics write, the Marketo write, both writes (an
+#: undo that restores a value on both sides of a pair).
+REQUIRES_NOTHING, REQUIRES_DYNAMICS, REQUIRES_MARKETO, REQUIRES_BOTH = "", "dynamics", "marketo", "both"
 
 
 def _empty(columns: list[str]) -> pd.DataFrame:

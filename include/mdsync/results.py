@@ -44,7 +44,8 @@ class MarketoExtracted(StageResult):
     #: the run reconciles everything (first cycle, on demand, or the periodic full reconcile)
     full: bool = False
     #: how persons were read: ``changes`` (lead-change activities), ``bulk_window`` (bulk activity and lead
-    #: export of a large window), ``bulk_all`` (bulk export of every person)
+    #: export of a large window), ``bulk_all`` (bulk export of every person), ``undo`` (an undo run: by id, the
+    #: persons the undone run wrote)
     mode: str = "changes"
     #: every Marketo person is in ``persons`` (identity needs no Marketo lookups)
     complete: bool = False
@@ -93,6 +94,41 @@ class Identified(StageResult):
     refused: int = 0
 
 
+class UndoItem(BaseModel):
+    """A value an undo did not restore because it changed after the undone run wrote it (values cut short)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    entity: str
+    person_id: int
+    dynamics_id: str | None = None
+    field: str
+    #: the side(s) where it changed since: ``dynamics``, ``marketo`` or ``both``
+    changed_in: str
+    #: what the undone run wrote, what the changed side holds now, and what the undo would have restored
+    wrote: str | None = None
+    now: str | None = None
+    restore: str | None = None
+
+
+class UndoSummary(BaseModel):
+    """What an undo run's plan of one entity type did not restore, and what it only lists (:mod:`mdsync.undo`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: the undone run
+    run_id: str
+    #: pair-fields the undone run wrote that the undo restores (on one or both sides)
+    restores: int = 0
+    #: pair-fields not restored, per reason (``changed_later``, ``consent``, ``not_found``, ...)
+    skipped: dict[str, int] = Field(default_factory=dict)
+    #: records the undone run created, and links it made (listed, not deleted)
+    created: int = 0
+    linked: int = 0
+    #: the first of the values not restored because they changed later
+    changed_later: list[UndoItem] = Field(default_factory=list)
+
+
 class Planned(StageResult):
     entity: str
     dynamics_writes: str
@@ -104,6 +140,8 @@ class Planned(StageResult):
     to_marketo: int = 0
     collisions: int = 0
     held: int = 0
+    #: an undo run's plan: what it restores, skips and lists
+    undo: UndoSummary | None = None
 
 
 class ChangeSample(BaseModel):

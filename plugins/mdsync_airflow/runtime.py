@@ -57,6 +57,7 @@ def run_info(context: dict[str, Any]) -> RunInfo:
         dry_run=bool(params.get("dry_run")), full_resync=bool(params.get("full_resync")),
         person_ids=params["person_ids"], sync_as=params.get("sync_as") or None,
         retry_failed=bool(params.get("retry_failed")),
+        undo_run=str(params.get("undo_run") or "").strip() or None,
     )
 
 

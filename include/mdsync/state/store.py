@@ -322,6 +322,16 @@ class StateStore:
         frame["at"] = pd.to_datetime(frame["at"], utc=True)
         return frame
 
+    def recent_runs(self, limit: int = 5) -> pd.DataFrame:
+        """The runs that recorded activity, newest first: ``run_id, last_at, lines`` (e.g. to name an undo's run)."""
+        t = schema.activity
+        last = sa.func.max(t.c.at).label("last_at")
+        query = (sa.select(t.c.run_id, last, sa.func.count().label("lines")).where(t.c.run_id.is_not(None))
+                 .group_by(t.c.run_id).order_by(last.desc()).limit(limit))
+        frame = self._read(query)
+        frame["last_at"] = pd.to_datetime(frame["last_at"], utc=True)
+        return frame
+
     # -- sync errors ----------------------------------------------------------------------------------
 
     def open_errors(self, target: str | None = None, person_ids: Iterable[int] | None = None) -> pd.DataFrame:
