@@ -38,6 +38,10 @@ Every decision is one line in the task logs and one row in the state store's `ac
 `retry_failed` (re-send values the target rejected before), `allow_mass_change` (write a mass change
 without asking).
 
+**Undo a run**: `undo_run` (an earlier run's id) restores, on both sides of each pair, the values that run wrote
+where nobody changed them since (later changes are kept and listed; records it created are listed, not
+deleted); with `dry_run` it only shows what it would restore.
+
 **Backfills** (`airflow backfill create --dag-id marketo_dynamics_sync --max-active-runs 1 --from-date …
 --to-date …`) replay past 5-minute windows one at a time (a backfill's own `max_active_runs` defaults to 10 and
 ignores the DAG's; the lease keeps its runs, scheduled runs and `make sync` apart anyway), and every cycle is
@@ -85,6 +89,9 @@ RETRY_DELAY = timedelta(seconds=float(os.environ.get("MDSYNC_RETRY_DELAY_SECONDS
                          description="Dynamics record type for unlinked person_ids."),
         "retry_failed": Param(False, type="boolean", title="Retry failed",
                               description="Re-send values that Dynamics or Marketo rejected before."),
+        "undo_run": Param(None, type=["null", "string"], title="Undo a run",
+                          description="The id of an earlier run: restore the values it wrote, on both sides, where "
+                                      "nobody changed them since (with Dry run: show what it would restore)."),
         "allow_mass_change": Param(False, type="boolean", title="Allow a mass change",
                                    description="Write even when the plan is over the mass-change threshold, "
                                                "without asking for approval."),
