@@ -93,3 +93,19 @@ def test_a_slow_answer_within_the_timeout_is_fine(dataverse):
     dataverse.fault("delay", count=1, seconds=0.3, path_prefix="/api/data/v9.2/WhoAmI")
     assert client.request("GET", "WhoAmI").json()["UserId"]
     assert dataverse.calls()["by_endpoint"]["GET /api/data/v9.2/WhoAmI"] == 1
+
+
+def test_a_missing_permission_is_not_retried_and_says_what_to_grant(dataverse):
+    from mdsync.dynamics import eq
+    from mdsync.errors import AccessDenied
+
+    dataverse.seed("contacts", [{"lastname": "Sec", "mobilephone": "+1 555"}])
+    dataverse.admin("PUT", "security", {"secured_columns": {"contact": ["mobilephone"]}, "readable": {},
+                                        "updatable": {}})
+    client = client_for(dataverse, max_attempts=5)
+    with pytest.raises(AccessDenied) as err:  # filtering on a column the sync user may not read: 403
+        client.query("contacts", ["lastname"], filter=eq("mobilephone", "+1 555"))
+    text = str(err.value)
+    assert text.startswith(f"Dynamics connection 'dynamics_default' ({dataverse.org_url}): error ")
+    assert "(HTTP 403)" in text and "grant the sync user's security role" in text and not is_retryable(err.value)
+    assert dataverse.calls()["by_endpoint"]["GET /api/data/v9.2/contacts"] == 1
