@@ -73,11 +73,12 @@ def test_the_cycle_lease_is_a_setup_and_teardown_around_every_stage(dag):
 def test_params_are_typed_for_the_trigger_form(dag):
     params = dag.params.dump()
     assert params == {"dry_run": False, "full_resync": False, "person_ids": [], "sync_as": "lead", "retry_failed": False,
-                      "allow_mass_change": False}
+                      "undo_run": None, "allow_mass_change": False}
     schema = {k: dag.params.get_param(k).schema for k in params}
     assert schema["dry_run"]["type"] == "boolean"
     assert schema["person_ids"]["type"] == "array" and schema["person_ids"]["items"] == {"type": "integer"}
     assert schema["sync_as"]["enum"] == ["lead", "contact"]
+    assert schema["undo_run"]["type"] == ["null", "string"]
 
 
 def test_documented(dag):

@@ -31,6 +31,8 @@ def test_a_valid_conf_passes(declared):
     validate_conf({"dry_run": True, "person_ids": [12, 13], "sync_as": "contact", "retry_failed": False}, declared)
     validate_conf({}, declared)
     validate_conf(None, declared)
+    validate_conf({"undo_run": "manual__2026-11-22T08:00:00+00:00", "dry_run": True}, declared)
+    validate_conf({"undo_run": None}, declared)
 
 
 def test_an_unknown_key_is_refused_with_the_valid_ones_and_the_closest(declared):
@@ -49,6 +51,7 @@ def test_an_unknown_key_is_refused_with_the_valid_ones_and_the_closest(declared)
                          "5678] (person_ids = 12)"),
     ({"dry_run": "yes"}, "run parameter dry_run: 'yes' is not valid, expected true or false (dry_run = 'yes')"),
     ({"sync_as": "account"}, "run parameter sync_as: 'account' is not valid, expected one of 'lead', 'contact'"),
+    ({"undo_run": 12}, "run parameter undo_run: 12 is not valid, expected a string (undo_run = 12)"),
 ])
 def test_a_value_of_the_wrong_kind_is_one_line(declared, conf, message):
     assert problem(conf, declared).startswith(message)
