@@ -6,6 +6,7 @@ exactly what the runner looks at; the test then plays the scheduler's part by en
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -121,3 +122,23 @@ def test_no_scheduler_when_its_heartbeat_is_old(scheduler):
         session.execute(sa.update(Job).where(Job.id == scheduler).values(
             latest_heartbeat=datetime.now(timezone.utc) - timedelta(minutes=10)))
     assert run_once.live_scheduler() is None  # a stopped scheduler: make sync runs in-process
+
+
+def test_ctrl_c_in_process_gives_back_the_lease_this_process_holds(tmp_path, monkeypatch, capsys):
+    """An in-process run stopped with Ctrl-C never reaches its teardown: make sync gives the lease back itself,
+    and only when a task of this very process renewed it last."""
+    from mdsync.lease import CycleLease, Holder
+    from mdsync.state import open_store
+
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    monkeypatch.setenv("MDSYNC_STATE_URL", url)
+    lease = CycleLease(open_store(url).engine)
+    other = Holder.of_run(run_once.DAG_ID, "scheduled__other", None)
+    lease.try_acquire(Holder(other.run_id, other.key, pid=os.getpid() + 1))  # another process's run
+    run_once._release_own_lease()
+    assert lease.state().holder_key == other.key and capsys.readouterr().err == ""
+    lease.release(other)
+    lease.try_acquire(Holder.of_run(run_once.DAG_ID, "manual__mine", None))  # a task of this process took it
+    run_once._release_own_lease()
+    assert lease.state().holder_key is None
+    assert "interrupted: gave back the cycle lease of run 'manual__mine'" in capsys.readouterr().err
