@@ -3,12 +3,11 @@ backoff. Real HTTPS to the sandbox, real MSAL; "not retried" is a call count."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from mdsync.dynamics import DynamicsClient
 from mdsync.errors import AuthError, ServiceError, ServiceUnavailable, is_retryable
+from tests.fixtures.ports import closed_port
 
 
 def client_for(sb, *, secret=None, authority=None, verify=None, **kw) -> DynamicsClient:
@@ -21,33 +20,32 @@ def token_calls(sb) -> int:
     return sum(n for k, n in sb.calls()["by_endpoint"].items() if k.endswith("/oauth2/v2.0/token"))
 
 
+def who_am_i_fails(client, error: type) -> ServiceError:
+    """The error a WhoAmI call ends in (after the client's own retries, if any)."""
+    with pytest.raises(error) as err:
+        client.request("GET", "WhoAmI")
+    return err.value
+
+
 def web_api_calls(sb) -> int:
     return sum(n for k, n in sb.calls()["by_endpoint"].items() if "/api/data/" in k)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_wrong_secret_fails_at_once_naming_the_connection_and_authority(dataverse):
     client = client_for(dataverse, secret="not-the-secret")
-    with pytest.raises(AuthError) as err:
-        client.request("GET", "WhoAmI")
-    text = str(err.value)
+    err = who_am_i_fails(client, AuthError)
+    text = str(err)
     assert text.startswith(f"Dynamics connection 'dynamics_default' ({dataverse.org_url}): error invalid_client: "
                            f"the authority {dataverse.authority} refused the credentials: AADSTS7000215")
     assert "check the connection's login (client id" in text and "not retried" in text
-    assert "not-the-secret" not in text and not is_retryable(err.value)
+    assert "not-the-secret" not in text and not is_retryable(err)
     assert token_calls(dataverse) == 1 and web_api_calls(dataverse) == 0
 
 
 def test_an_unknown_tenant_is_named_not_msals_discovery_error(dataverse):
     client = client_for(dataverse, authority=f"{dataverse.org_url}/00000000-0000-0000-0000-000000000000")
-    with pytest.raises(AuthError) as err:
-        client.request("GET", "WhoAmI")
-    text = str(err.value)
+    err = who_am_i_fails(client, AuthError)
+    text = str(err)
     assert f"the authority {dataverse.org_url}/00000000-0000-0000-0000-000000000000 has no OpenID configuration" in text
     assert "extra.tenant_id" in text and "well-known" not in text and "Unable to get authority" not in text
     assert token_calls(dataverse) == 0 and web_api_calls(dataverse) == 0
@@ -56,24 +54,22 @@ def test_an_unknown_tenant_is_named_not_msals_discovery_error(dataverse):
 def test_an_unreachable_authority_names_the_connection_and_the_authority_after_the_backoff(dataverse):
     authority = f"https://127.0.0.1:{closed_port()}/{dataverse.tenant_id}"
     client = client_for(dataverse, authority=authority, max_attempts=3)
-    with pytest.raises(ServiceUnavailable) as err:
-        client.request("GET", "WhoAmI")
-    text = str(err.value)
+    err = who_am_i_fails(client, ServiceUnavailable)
+    text = str(err)
     assert text.startswith(f"Dynamics connection 'dynamics_default' ({dataverse.org_url}): error transport: "
                            f"the authority {authority} refused the connection")
     assert "still failing after 3 attempts" in text and "extra.authority" in text
     for raw in ("ConnectionError", "HTTPSConnectionPool", "openid-configuration", "Errno"):
         assert raw not in text
-    assert is_retryable(err.value) and client.calls_made == 0 and web_api_calls(dataverse) == 0
+    assert is_retryable(err) and client.calls_made == 0 and web_api_calls(dataverse) == 0
 
 
 def test_an_untrusted_certificate_is_not_retried_and_points_at_verify(dataverse):
     client = client_for(dataverse, verify=True, max_attempts=5)  # the system CAs do not know the sandbox's CA
-    with pytest.raises(ServiceError) as err:
-        client.request("GET", "WhoAmI")
-    text = str(err.value)
+    err = who_am_i_fails(client, ServiceError)
+    text = str(err)
     assert f"the TLS certificate of the authority {dataverse.authority} is not trusted" in text
-    assert "extra.verify" in text and not is_retryable(err.value)
+    assert "extra.verify" in text and not is_retryable(err)
     assert token_calls(dataverse) == 0 and web_api_calls(dataverse) == 0
 
 
@@ -81,10 +77,9 @@ def test_the_timeout_applies_and_a_slow_answer_is_retried_then_named(dataverse):
     client = client_for(dataverse, timeout=(5, 0.2), max_attempts=3)
     client.request("GET", "WhoAmI")
     dataverse.fault("delay", count=3, seconds=1.0, path_prefix="/api/data/v9.2/WhoAmI")
-    with pytest.raises(ServiceUnavailable) as err:
-        client.request("GET", "WhoAmI")
-    assert f"{dataverse.org_url} did not answer within 0.2 s (read time-out)" in str(err.value)
-    assert "still failing after 3 attempts" in str(err.value)
+    text = str(who_am_i_fails(client, ServiceUnavailable))
+    assert f"{dataverse.org_url} did not answer within 0.2 s (read time-out)" in text
+    assert "still failing after 3 attempts" in text
     assert dataverse.calls()["by_endpoint"]["GET /api/data/v9.2/WhoAmI"] == 4  # 1 + 3 attempts
 
 

@@ -3,7 +3,6 @@ their backoff. Against the sandbox over real HTTP; every "not retried" is a call
 
 from __future__ import annotations
 
-import socket
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from mdsync.errors import AccessDenied, AuthError, QuotaExhausted, ServiceError, ServiceUnavailable, is_retryable
 from mdsync.marketo import MarketoClient
 from mdsync.marketo.client import CENTRAL
+from tests.fixtures.ports import closed_port
 
 
 def client_for(sb, secret=None, **kw) -> MarketoClient:
@@ -20,12 +20,6 @@ def client_for(sb, secret=None, **kw) -> MarketoClient:
 
 def identity_calls(sb) -> int:
     return sb.calls()["by_endpoint"].get("POST /identity/oauth/token", 0)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_wrong_secret_fails_at_once_naming_the_connection_without_the_secret(marketo):

@@ -4,19 +4,13 @@ line naming the connection and the entry; extra.timeout reaches the client; erro
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
 from mdsync.errors import AuthError, ConfigError, ServiceUnavailable
 from mdsync_airflow.hooks.dynamics import DynamicsHook
 from mdsync_airflow.hooks.marketo import MarketoHook
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.fixtures.ports import closed_port
 
 
 def marketo_conn(monkeypatch, sb=None, **changes) -> None:
