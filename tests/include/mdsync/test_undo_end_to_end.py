@@ -36,7 +36,7 @@ def dynamics(world, entity_set: str, email: str, *extra: str) -> dict:
 
 
 def blank(value) -> bool:
-    return value is None or value == "" or (not isinstance(value, str) and pd.isna(value))
+    return value is None or (pd.isna(value) if not isinstance(value, str) else value == "")
 
 
 def both_sides(world) -> list[dict]:
