@@ -48,8 +48,8 @@ sync: venv
 	@bash scripts/sync.sh $(if $(CONF),--conf '$(CONF)')
 
 activity: venv
-	@test -n "$(EMAIL)$(PERSON)" || { echo "usage: make activity EMAIL=someone@example.com (or PERSON=<Marketo id>)" >&2; exit 2; }
-	AIRFLOW_HOME=$${AIRFLOW_HOME:-$(CURDIR)/.airflow} $(PY) -m mdsync.activity $(if $(EMAIL),--email "$(EMAIL)",--person "$(PERSON)")
+	@test -n "$(EMAIL)$(PERSON)$(RUN)" || { echo "usage: make activity EMAIL=someone@example.com (or PERSON=<Marketo id>, RUN=<run id>)" >&2; exit 2; }
+	AIRFLOW_HOME=$${AIRFLOW_HOME:-$(CURDIR)/.airflow} $(PY) -m mdsync.activity $(if $(EMAIL),--email "$(EMAIL)",$(if $(PERSON),--person "$(PERSON)",--run "$(RUN)"))
 
 clean:
 	rm -rf .sandbox .staging .state .pytest_cache .hypothesis
