@@ -57,6 +57,11 @@ _WAIT_LOG_S = 60.0
 _T = schema.cycle_lease
 
 
+def _busy(exc: sa.exc.OperationalError) -> bool:
+    """SQLite's "database is locked": a write transaction of another connection outlasted the busy timeout."""
+    return "database is locked" in str(exc.orig)
+
+
 def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "?"
 
@@ -211,7 +216,12 @@ class CycleLease:
         deadline = started + timedelta(seconds=wait_s)
         logged: datetime | None = None
         while True:
-            taken = self.try_acquire(holder)
+            try:
+                taken = self.try_acquire(holder)
+            except sa.exc.OperationalError as exc:
+                if not _busy(exc):
+                    raise
+                taken = None  # SQLite: another run's write transaction (its commit) holds the store for now
             now = self.clock()
             if taken is not None:
                 if logged is not None:
@@ -287,7 +297,12 @@ class CycleLease:
                     log.error("%s", exc)
                     lost.set()
                     return
-                except Exception as exc:  # a locked or unreachable database: try again at the next beat
+                except sa.exc.OperationalError as exc:
+                    if _busy(exc):  # this run's own long write (its commit) holds SQLite, and renews it itself
+                        log.info("cycle lease not renewed this beat: the state store is busy with a write")
+                    else:  # unreachable: try again at the next beat
+                        log.warning("could not renew the cycle lease (will retry in %.0f s): %s", every, exc.orig)
+                except Exception as exc:
                     log.warning("could not renew the cycle lease (will retry in %.0f s): %s", every, exc)
 
         thread = threading.Thread(target=beat, name=f"mdsync-lease-{holder.run_id}", daemon=True)

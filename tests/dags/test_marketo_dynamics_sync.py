@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from pathlib import Path
 
 import requests
 
 from mdsync.lease import CycleLease, Holder
 from mdsync_airflow.run_once import run_once
+from tests.fixtures.sync_env import task_logs
 
 
 def _marketo_token(sandbox) -> str:
@@ -19,16 +18,6 @@ def _marketo_token(sandbox) -> str:
     r = requests.get(f"{sandbox.base_url}/identity/oauth/token", params={
         "grant_type": "client_credentials", "client_id": sandbox.client_id, "client_secret": sandbox.client_secret})
     return r.json()["access_token"]
-
-
-def _logs(capfd, caplog) -> str:
-    """What the runs logged: task logs reach the terminal and Python logging (which one depends on how logging
-    was set up earlier), and the task log files."""
-    out = capfd.readouterr()
-    logs = out.out + out.err + caplog.text
-    for path in Path(os.environ["AIRFLOW_HOME"]).rglob("*.log"):
-        logs += path.read_text(errors="replace")
-    return logs
 
 
 def _lease(sync_world) -> CycleLease:
@@ -64,7 +53,7 @@ def test_dag_syncs_both_ways_dry_runs_pushes_on_demand_and_keeps_secrets_out_of_
     lease = _lease(sync_world).state()
     assert lease.run_id.startswith("manual__") and lease.holder_key is None and lease.released_at > lease.acquired_at
 
-    logs = _logs(capfd, caplog)
+    logs = task_logs(capfd, caplog)
     assert "sync summary" in logs  # the report task's summary
     assert "LINK" in logs and "CREATE" in logs  # one line per record decision
     secrets = [sync_world.marketo_sandbox.client_secret, sync_world.dataverse_sandbox.client_secret,
@@ -101,7 +90,7 @@ def test_a_run_that_finds_the_lease_held_waits_then_defers_and_writes_nothing(sy
     from mdsync_airflow.run_once import main
 
     assert main([]) == 1
-    logs = _logs(capfd, caplog)
+    logs = task_logs(capfd, caplog)
     assert "waiting for the cycle lease" in logs and "held by run 'scheduled__2026-12-02T08:00:00+00:00'" in logs
     deferred = [line for line in logs.splitlines() if line.startswith("marketo_dynamics_sync: run manual__")]
     assert len(deferred) == 1 and "deferred: the cycle lease of this state store is held by run " \

@@ -108,6 +108,24 @@ def test_a_waiting_run_takes_the_lease_once_it_is_given_back(store):
     assert taken.run_id == "manual__b" and taken.acquired_at == T0 + timedelta(seconds=15)
 
 
+def test_on_sqlite_a_long_write_of_the_holder_makes_a_waiting_run_wait_not_fail(tmp_path):
+    """The holder's commit keeps SQLite's write lock for its whole transaction (minutes at a million rows):
+    a run that tries to take the lease meanwhile is refused by the busy timeout and goes on waiting."""
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    store = open_store(url)
+    clock = Clock()
+    CycleLease(store.engine, clock=clock).try_acquire(holder("scheduled__a"))
+    impatient = sa.create_engine(url, connect_args={"timeout": 0.05})  # a busy timeout of 50 ms, not 30 s
+    with store.engine.connect() as commit:
+        commit.exec_driver_sql("BEGIN IMMEDIATE")  # the holder's long write transaction
+        with pytest.raises(LeaseHeld, match="held by run 'scheduled__a'"):
+            CycleLease(impatient, clock=clock).acquire(holder("manual__b"), wait_s=10, poll_s=5, sleep=clock.sleep)
+        commit.exec_driver_sql("ROLLBACK")
+    assert sum(clock.slept) == 10
+    impatient.dispose()
+    store.engine.dispose()
+
+
 def test_renewal_keeps_the_lease_and_without_it_the_lease_lapses(store):
     clock = Clock()
     lease = CycleLease(store.engine, ttl_s=60, clock=clock)
