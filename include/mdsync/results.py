@@ -94,8 +94,8 @@ class Identified(StageResult):
     refused: int = 0
 
 
-class UndoItem(BaseModel):
-    """A value an undo did not restore because it changed after the undone run wrote it (values cut short)."""
+class RecordField(BaseModel):
+    """One field of one linked pair, named in a result (a change shown to an approver, a value an undo kept)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -103,6 +103,11 @@ class UndoItem(BaseModel):
     person_id: int
     dynamics_id: str | None = None
     field: str
+
+
+class UndoItem(RecordField):
+    """A value an undo did not restore because it changed after the undone run wrote it (values cut short)."""
+
     #: the side(s) where it changed since: ``dynamics``, ``marketo`` or ``both``
     changed_in: str
     #: what the undone run wrote, what the changed side holds now, and what the undo would have restored
@@ -144,15 +149,9 @@ class Planned(StageResult):
     undo: UndoSummary | None = None
 
 
-class ChangeSample(BaseModel):
+class ChangeSample(RecordField):
     """One planned field change shown to whoever approves a mass change (values cut short)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    entity: str
-    person_id: int
-    dynamics_id: str | None = None
-    field: str
     old: str | None = None
     new: str | None = None
 

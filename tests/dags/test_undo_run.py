@@ -5,21 +5,12 @@ fails at once in one line (retries on, no API call)."""
 from __future__ import annotations
 
 import logging
-import os
 import re
-from pathlib import Path
 
 import pandas as pd
 
 from mdsync_airflow.run_once import run
-
-
-def logs_of(capfd, caplog) -> str:
-    out = capfd.readouterr()
-    text = out.out + out.err + caplog.text
-    for path in Path(os.environ["AIRFLOW_HOME"]).rglob("*.log"):
-        text += path.read_text(errors="replace")
-    return text
+from tests.fixtures.sync_env import task_logs
 
 
 def blank(value) -> bool:
@@ -48,14 +39,14 @@ def test_undo_through_the_dag_dry_run_then_for_real_and_an_unknown_run_fails_in_
     assert undone.state == "success"
     assert w.record("leads", "lena@example.com")["jobtitle"] == "VP Marketing"
     assert phones(w, "ann@example.com") == ("+1 555 0101", "+1 555 0101")
-    logs_of(capfd, caplog)  # what came before is not the undo's
+    task_logs(capfd, caplog)  # what came before is not the undo's
 
     dry = run({"undo_run": undone.run_id, "dry_run": True})
     assert dry.state == "success"
     assert w.record("leads", "lena@example.com")["jobtitle"] == "VP Marketing"
     assert w.person("lena@example.com")["title"] == "VP Marketing"
     assert w.store().activity(run_id=dry.run_id).empty
-    logs = logs_of(capfd, caplog)
+    logs = task_logs(capfd, caplog)
     line = re.compile(r"UNDO +person (\d+) .*? \| (\w+): .* -> (Dynamics|Marketo) \[dry run: not written\]")
     shown = {(int(m[1]), m[2], m[3]) for m in line.finditer(logs)}
     assert shown == {(ids["lena_pid"], "job_title", "Dynamics"), (ids["lena_pid"], "job_title", "Marketo"),
@@ -74,7 +65,7 @@ def test_undo_through_the_dag_dry_run_then_for_real_and_an_unknown_run_fails_in_
     unknown = run({"undo_run": "manual__1999-01-01T00:00:00+00:00"})
     assert unknown.state == "failed"
     assert w.marketo_sandbox.calls()["total"] == calls  # refused before any call, and not retried
-    logs = logs_of(capfd, caplog)
+    logs = task_logs(capfd, caplog)
     assert ("run parameter undo_run: run 'manual__1999-01-01T00:00:00+00:00' recorded no activity in this state "
             f"store") in logs and f"the latest runs with activity are {done.run_id} (" in logs
     assert "not retried" in logs
