@@ -8,6 +8,7 @@ and a tombstone table ``<entity>_deleted`` so deletions show up in delta reads a
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ class Column:
         """Name of the SQL column and of the property in Web API payloads (``_x_value`` for lookups)."""
         return f"_{self.logical_name}_value" if self.type in LOOKUP_TYPES else self.logical_name
 
-    @property
+    @functools.cached_property
     def option_values(self) -> set[int]:
         return {int(o[0]) for o in self.options}
 

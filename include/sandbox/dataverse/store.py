@@ -13,6 +13,7 @@ import json
 import re
 import string
 import threading
+import time
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -32,13 +33,14 @@ def utcnow() -> dt.datetime:
 
 
 _ASCII_FOLD = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_CANONICAL_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 #: values per ``IN (...)`` of a bulk request's lookups
 _LOOKUP_CHUNK = 500
 
 
 def nocase(value: str) -> str:
     """``value`` as SQLite's NOCASE collation compares it: ASCII letters folded, nothing else."""
-    return value.translate(_ASCII_FOLD)
+    return value.lower() if value.isascii() else value.translate(_ASCII_FOLD)
 
 
 class _FilterVisitor(AstToSqlAlchemyCoreVisitor):
@@ -98,6 +100,7 @@ class Store:
         self.metadata.create_all(self.engine)
         self.lock = threading.RLock()  # one writer at a time, like SQLite itself
         self._get_stmt: dict[tuple[str, str], sa.Select] = {}
+        self._now_cache: tuple[int, str] = (0, "")
         with self.engine.connect() as conn:
             versions = [conn.execute(sa.select(sa.func.max(t.c.versionnumber))).scalar() or 0
                         for e in self.entities.values() for t in (e.table, e.deleted)]
@@ -376,12 +379,15 @@ class Store:
                 raise DataverseError(400, E.VALIDATION, f"A validation error occurred. The value of '{name}' "
                                      f"on record of type '{ename}' is required.")
             return None
-        bad = DataverseError(400, E.PAYLOAD, f"Error identified in Payload provided by the user for Entity "
-                             f":'{entity.entity_set}', Cannot convert the literal '{value}' to the expected "
-                             f"type of '{name}' ({col.type}).")
+
+        def bad() -> DataverseError:  # made only when raised (this runs for every value written)
+            return DataverseError(400, E.PAYLOAD, f"Error identified in Payload provided by the user for Entity "
+                                  f":'{entity.entity_set}', Cannot convert the literal '{value}' to the expected "
+                                  f"type of '{name}' ({col.type}).")
+
         if col.type in STRING_TYPES:
             if not isinstance(value, str):
-                raise bad
+                raise bad()
             if col.max_length is not None and len(value) > col.max_length:
                 raise DataverseError(400, E.VALIDATION, f"A validation error occurred.  The length of the "
                                      f"'{name}' attribute of the '{ename}' entity exceeded the maximum allowed "
@@ -389,11 +395,11 @@ class Store:
             return value
         if col.type == "Boolean":
             if not isinstance(value, bool):
-                raise bad
+                raise bad()
             return value
         if col.type in CHOICE_TYPES or col.type in ("Integer", "BigInt"):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise bad
+                raise bad()
             lo, hi = col.min_value, col.max_value
             if col.type in CHOICE_TYPES and col.options and value not in col.option_values:
                 accepted = ". Accepted Values: " + ",".join(str(v) for v in sorted(col.option_values))
@@ -405,16 +411,18 @@ class Store:
                                  f"on record of type '{ename}' is outside the valid range{accepted}")
         if col.type == "DateTime":
             if not isinstance(value, str):
-                raise bad
+                raise bad()
             try:
                 parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
             except ValueError:
-                raise bad from None
+                raise bad() from None
             return parsed.isoformat() if col.format == "DateOnly" else iso_utc(parsed)
         return value
 
     @staticmethod
     def _guid(value, name: str) -> str:
+        if isinstance(value, str) and _CANONICAL_GUID.fullmatch(value):
+            return value  # what str(UUID(value)) gives back
         try:
             return str(uuid.UUID(str(value)))
         except ValueError:
@@ -450,8 +458,15 @@ class Store:
                                  f"{rule['pattern']}.")
 
     # writes ---------------------------------------------------------------------------------------------
+    def _now(self) -> str:
+        """``modifiedon`` / ``createdon`` of a write now (second resolution, formatted once a second)."""
+        second = int(time.time())
+        if self._now_cache[0] != second:
+            self._now_cache = (second, iso_utc(dt.datetime.fromtimestamp(second, dt.timezone.utc)))
+        return self._now_cache[1]
+
     def _stamp(self, entity: Entity, values: dict, current=None) -> dict:
-        now = iso_utc(utcnow())
+        now = self._now()
         values["versionnumber"] = self.next_version()
         values["modifiedon"] = now
         if current is None:
@@ -459,8 +474,11 @@ class Store:
             values.setdefault("statecode", 0)
             values.setdefault("statuscode", _default_status(entity, values["statecode"]))
         if entity.primary_name == "fullname" and ("firstname" in values or "lastname" in values):
-            merged = {**(dict(current) if current else {}), **values}
-            values["fullname"] = " ".join(p for p in (merged.get("firstname"), merged.get("lastname")) if p)
+            def merged(name):
+                if name in values:
+                    return values[name]
+                return current[name] if current is not None and name in current else None
+            values["fullname"] = " ".join(p for p in (merged("firstname"), merged("lastname")) if p)
         return values
 
     def create(self, entity: Entity, body: dict, conn, *, values: dict | None = None,
@@ -562,7 +580,12 @@ class BulkRows:
         self.by_id: dict[str, dict | None] = {}  # primary id -> row (None: no such row)
         self.by_key: dict[str, str | None] = {}  # NOCASE alternate key -> primary id (None: no such row)
         self.pending: list[tuple[str, dict]] = []
-        self._blank = {c.name: None for c in entity.table.columns}
+        #: the columns a bulk write consults of an existing row (ids, key, version, state, what the full
+        #: name is made of): rows are read with these only, not all hundred-odd columns
+        t = entity.table
+        self.columns = [t.c[n] for n in dict.fromkeys([self.pid, LINK_KEY_COLUMN, "versionnumber", "statecode",
+                                                       "statuscode", "firstname", "lastname"]) if n in t.c]
+        self._blank = {c.name: None for c in self.columns}
 
     def prefetch(self, ids, keys) -> None:
         """Read the rows with these primary ids and alternate-key values (one SELECT per 500 values)."""
@@ -576,7 +599,7 @@ class BulkRows:
         t = self.entity.table
         for start in range(0, len(values), _LOOKUP_CHUNK):
             chunk = values[start:start + _LOOKUP_CHUNK]
-            result = self.conn.execute(sa.select(t).where(t.c[name].in_(chunk)))
+            result = self.conn.execute(sa.select(*self.columns).where(t.c[name].in_(chunk)))
             names = list(result.keys())
             for found in result:
                 self._remember(dict(zip(names, found)))
@@ -610,7 +633,7 @@ class BulkRows:
             return self.by_id[row_id] if row_id is not None else None
         self.flush()  # an unusual key (not text): ask the database, as a single write would
         t = self.entity.table
-        found = self.conn.execute(sa.select(t).where(t.c[name] == value)).mappings().first()
+        found = self.conn.execute(sa.select(*self.columns).where(t.c[name] == value)).mappings().first()
         if found is None:
             return None
         self._remember(dict(found))
@@ -618,7 +641,7 @@ class BulkRows:
 
     def insert(self, values: dict) -> None:
         self.pending.append(("insert", values))
-        self.by_id[values[self.pid]] = row = {**self._blank, **values}
+        self.by_id[values[self.pid]] = row = {**self._blank, **{k: values.get(k) for k in self._blank}}
         if isinstance(row.get(LINK_KEY_COLUMN), str):
             self.by_key[nocase(row[LINK_KEY_COLUMN])] = row[self.pid]
 
@@ -635,7 +658,7 @@ class BulkRows:
                 self.by_key[nocase(old)] = None
             if isinstance(values[LINK_KEY_COLUMN], str):
                 self.by_key[nocase(values[LINK_KEY_COLUMN])] = row_id
-        row.update(values)
+        row.update((k, v) for k, v in values.items() if k in self._blank)
 
     def flush(self) -> None:
         """Send the queued writes in order: one executemany per run of the same kind and column set."""

@@ -109,8 +109,9 @@ class WebApi:
         m = _BULK.match(path)
         if m and method == "POST":
             entity = self.store.entity(m.group(1))
-            payload = self._json(body)  # parsed before the write lock is taken
-            return self._write(conn, lambda c: self.bulk(entity, m.group(2), payload, c))
+            payload = self._json(body)
+            plan = self.prepare_bulk(entity, m.group(2), payload)  # before the write lock is taken
+            return self._write(conn, lambda c: self.bulk(entity, m.group(2), payload, c, plan))
         m = re.fullmatch(r"leads\(([^)]*)\)/Microsoft\.Dynamics\.CRM\.QualifyLead", path)
         if m and method == "POST":
             return self._write(conn, lambda c: self.qualify_lead(m.group(1), self._json(body), c))
@@ -270,8 +271,11 @@ class WebApi:
         return Reply(204)
 
     # bulk messages --------------------------------------------------------------------------------------
-    def bulk(self, entity: Entity, message: str, body: dict, conn) -> Reply:
-        """CreateMultiple / UpdateMultiple / UpsertMultiple: all-or-nothing, like standard tables."""
+    def prepare_bulk(self, entity: Entity, message: str, body: dict) -> "_BulkPlan":
+        """The part of a bulk message that needs no stored row, done before the write lock is taken (so a
+        request validates while another one writes): the message and ``Targets`` checks, each target's key
+        and payload, and for ``CreateMultiple`` / ``UpdateMultiple`` its validation. Targets are checked in
+        order; an error is kept for its target's turn in :meth:`bulk` (an earlier target may fail first)."""
         if message in self.store.unsupported_messages.get(entity.logical_name, []):
             raise DataverseError(404, E.NO_SEGMENT, f"Resource not found for the segment "
                                  f"'Microsoft.Dynamics.CRM.{message}'.")
@@ -279,9 +283,6 @@ class WebApi:
         if not isinstance(targets, list) or not targets:
             raise DataverseError(400, E.PAYLOAD, f"{message}: 'Targets' must be a non-empty array.")
         expected = f"Microsoft.Dynamics.CRM.{entity.logical_name}"
-        # Targets are checked in order and the first failure raises out of the caller's transaction, which
-        # rolls the whole request back. Keys and payloads are read first (up to a target that can't be read,
-        # whose error is raised when its turn comes), so that the rows they name are read in one SELECT.
         parsed: list = []
         for i, target in enumerate(targets):
             try:
@@ -293,15 +294,37 @@ class WebApi:
                 parsed.append(err)
                 break
             parsed.append((key, {k: v for k, v in target.items() if not k.startswith("@odata.")}))
+        values: list = []  # an upsert validates as a create or an update: known once the row is looked up
+        if message != "UpsertMultiple":
+            for item in parsed:
+                if isinstance(item, DataverseError):
+                    break
+                try:
+                    values.append(self.store.coerce(entity, item[1], creating=message == "CreateMultiple"))
+                except DataverseError as err:
+                    values.append(err)
+                    break
+        return _BulkPlan(entity, message, parsed, values)
+
+    def bulk(self, entity: Entity, message: str, body: dict, conn, plan: "_BulkPlan | None" = None) -> Reply:
+        """CreateMultiple / UpdateMultiple / UpsertMultiple: all-or-nothing, like standard tables.
+
+        A failure raises out of the caller's transaction, which rolls the whole request back. The rows the
+        targets name are read in one SELECT per key column and written by executemany (:class:`BulkRows`).
+        """
+        plan = plan or self.prepare_bulk(entity, message, body)
         rows = BulkRows(entity, conn)
-        rows.prefetch(*_lookups(entity, message, parsed))
+        rows.prefetch(*_lookups(entity, message, plan.parsed))
         ids = []
-        for item in parsed:
+        for i, item in enumerate(plan.parsed):
             if isinstance(item, DataverseError):
                 raise item
             key, data = item
+            checked = plan.values[i] if i < len(plan.values) else None
             if message == "CreateMultiple":
-                ids.append(self.store.create(entity, data, conn, rows=rows))
+                if isinstance(checked, DataverseError):
+                    raise checked
+                ids.append(self.store.create(entity, data, conn, values=checked, rows=rows))
                 continue
             current = rows.get(key) if key else None
             if current is None and message == "UpdateMultiple":
@@ -309,7 +332,9 @@ class WebApi:
             if current is None:
                 ids.append(self.store.create(entity, {**data, **(key or {})}, conn, rows=rows))
             else:
-                ids.append(self.store.update(entity, current, data, conn, rows=rows))
+                if isinstance(checked, DataverseError):
+                    raise checked
+                ids.append(self.store.update(entity, current, data, conn, values=checked, rows=rows))
         rows.flush()
         if message == "UpdateMultiple":
             return Reply(204)
@@ -531,10 +556,21 @@ def _lookups(entity: Entity, message: str, parsed: list) -> tuple[list, list]:
             keys.append(data[LINK_KEY_COLUMN])
         if data.get(entity.primary_id) is not None:
             try:
-                ids.append(str(uuid.UUID(str(data[entity.primary_id]))))
-            except ValueError:
+                ids.append(Store._guid(data[entity.primary_id], entity.primary_id))
+            except DataverseError:
                 pass  # not an id: the target fails its validation on its turn
     return ids, keys
+
+
+@dataclass
+class _BulkPlan:
+    """A bulk message's targets as :meth:`WebApi.prepare_bulk` read them: per target ``(key, payload)`` (or
+    the error that stops the request there) and, except for upserts, its validated values (or error)."""
+
+    entity: Entity
+    message: str
+    parsed: list
+    values: list
 
 
 class _Rollback(Exception):
