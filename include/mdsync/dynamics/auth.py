@@ -107,6 +107,7 @@ class TokenProvider:
         self._verify = verify
         self._lock = threading.Lock()
         self._seen: set[str] = set()
+        self._current: str | None = None  # the token handed out last
         self._app: msal.ConfidentialClientApplication | None = None
 
     @property
@@ -151,7 +152,12 @@ class TokenProvider:
                 result = self._acquire()
             except requests.RequestException as exc:
                 self._unreachable(exc)
-        if "access_token" not in result:
+            token = result.get("access_token")
+            fresh = token is not None and token not in self._seen
+            if token is not None:
+                self._seen.add(token)
+                self._current = token
+        if token is None:
             code = result.get("error")
             desc = result.get("error_description") or "no token"
             if code in UNAVAILABLE:
@@ -164,9 +170,7 @@ class TokenProvider:
                                 "(client secret), extra.tenant_id and host (the org URL is the token's scope)"
                                 + (", and extra.username / extra.password" if self.username else "")
                                 + "; not retried")
-        token = result["access_token"]
-        if token not in self._seen:
-            self._seen.add(token)
+        if fresh:
             if self.token_listener:
                 self.token_listener(token)
             log.info("dynamics: new access token from %s (source %s)", "password grant" if self.username
@@ -183,13 +187,20 @@ class TokenProvider:
                 return result
         return self.app.acquire_token_by_username_password(self.username, self.password, scopes=self.scopes)
 
-    def renew(self) -> None:
-        """Forget cached tokens after the Web API refused one (401), so the next :meth:`token` is fresh."""
+    def renew(self, refused: str | None = None) -> bool:
+        """Forget cached tokens after the Web API refused one (401), so the next :meth:`token` is fresh.
+
+        :param refused: the token that was refused; when another one was handed out since (a request in
+            parallel renewed it already), nothing is dropped and False is returned.
+        """
         if self._app is None:
-            return
+            return True
         with self._lock:
+            if refused is not None and refused != self._current:
+                return False
             if self.username is None:
                 self.app.remove_tokens_for_client()
             else:
                 for account in self.app.get_accounts(username=self.username):
                     self.app.remove_account(account)
+        return True

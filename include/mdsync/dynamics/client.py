@@ -161,8 +161,9 @@ class DynamicsClient(WritesMixin):
     def _send_once(self, method, url, label, json, data, headers, what) -> requests.Response:
         renewed = False
         while True:
+            token = self._token()
             hdrs = {"Accept": "application/json", "OData-Version": "4.0", "OData-MaxVersion": "4.0", **headers,
-                    "Authorization": f"Bearer {self._token()}"}
+                    "Authorization": f"Bearer {token}"}
             with self._slots:
                 with self._count_lock:
                     self.calls_made += 1
@@ -183,8 +184,8 @@ class DynamicsClient(WritesMixin):
             if resp.status_code == 401 and not renewed:
                 # The token expired or was revoked mid-run: renew once and send again.
                 log.info("dynamics: %s answered 401; renewing the access token", label)
-                self.tokens.renew()
-                renewed = True
+                # Requests in parallel: the first 401 renews, the others send again with its new token.
+                renewed = self.tokens.renew(refused=token)
                 continue
             if resp.status_code == 429:
                 retry_after = _retry_after(resp)
