@@ -79,12 +79,15 @@ class DynamicsClient(WritesMixin):
     :param max_attempts: attempts per request on 429 / 5xx / transport errors before giving up.
     :param backoff_s: first backoff for 5xx and transport errors (doubles per attempt, max 30 s).
     :param connection_id: the Airflow connection the client was built from, named in every error.
+    :param max_parallel_requests: bulk-write requests sent at once (default 4, see :mod:`.writes`); lowered to
+        the service's ``x-ms-dop-hint``, capped by ``max_concurrent``.
     """
 
     def __init__(self, org_url: str, client_id: str, client_secret: str, tenant_id: str, *, authority=None,
                  verify=True, username=None, password=None, session: requests.Session | None = None,
                  max_concurrent: int = 8, timeout=(10, 120), token_listener=None, max_attempts: int = 8,
-                 backoff_s: float = 1.0, connection_id: str | None = None) -> None:
+                 backoff_s: float = 1.0, connection_id: str | None = None,
+                 max_parallel_requests: int | None = None) -> None:
         self.org_url = org_url.rstrip("/")
         self.base = self.org_url + API
         self.verify = verify
@@ -97,6 +100,7 @@ class DynamicsClient(WritesMixin):
                                     verify=verify, username=username, password=password,
                                     token_listener=token_listener, timeout=timeout, where=self.where)
         self._slots = threading.BoundedSemaphore(max_concurrent)
+        self.max_parallel_requests = max_parallel_requests
         self._count_lock = threading.Lock()
         self.calls_made = 0
         self.max_attempts = max_attempts
@@ -197,6 +201,7 @@ class DynamicsClient(WritesMixin):
                 cls = {401: AuthError, 403: AccessDenied}.get(resp.status_code, ServiceError)
                 raise cls("dynamics", code, message, request=label + (f" ({what})" if what else ""),
                           status=resp.status_code, next_step=_next_step(resp.status_code), where=self.where)
+            self._note_dop_hint(resp)  # the service's recommended parallelism, for bulk writes
             return resp
 
     def _error(self, code: str | None, message: str, **kw) -> ServiceError:

@@ -5,17 +5,30 @@ When that happens (or the table doesn't support the message) the chunk is re-sen
 ``Prefer: odata.continue-on-error``: the good records land, each bad one comes back with the service's
 code and message. Upserts address rows by the alternate key on the Marketo-id column (DESIGN §3), so a
 retried create updates the row it already made instead of duplicating it.
+
+Chunks go in parallel (send-parallel-requests.md: the way to throughput with bulk messages), up to
+``max_parallel_requests`` requests at once (default :data:`DEFAULT_PARALLEL`), lowered to the service's
+``x-ms-dop-hint`` (its recommended degree of parallelism, read from the first response), and never more
+than the client's ``max_concurrent``. Results come back in input order whatever the order the requests
+finish in; a chunk that fails as a whole falls back to ``$batch`` on its own, without touching the other
+chunks; each request keeps its own 429 / ``Retry-After`` and 5xx retries. An error that no retry or
+fallback can fix stops the write: chunks not yet sent are not sent, those in flight finish, and the error
+of the earliest failed chunk is raised.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import email.parser
 import email.policy
 import json
 import logging
 import re
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
+import numpy as np
 import pandas as pd
 
 from mdsync.errors import ServiceError
@@ -27,26 +40,62 @@ CHUNK = 1000
 _ENTITY_ID = re.compile(r"\(([0-9a-fA-F-]{36})\)\s*$")
 _STATUS_LINE = re.compile(r"^HTTP/1\.[01] (\d{3})")
 RESULT_COLUMNS = ["index", "id", "ok", "status", "error_code", "error_message"]
+#: bulk requests in flight at once when the connection doesn't say (``max_parallel_requests``)
+DEFAULT_PARALLEL = 4
+#: the response header with the service's recommended degree of parallelism
+DOP_HINT_HEADER = "x-ms-dop-hint"
+_ISO = "%Y-%m-%dT%H:%M:%SZ"
+#: value types that go into a JSON body as they are (checked by exact type: a numpy or pandas scalar isn't one)
+_PLAIN = frozenset({str, int, bool, type(None), list, dict})
+T = TypeVar("T")
+
+
+def _clean(v):
+    """One value as JSON takes it: missing (None, NaN, NA, NaT) -> None, timestamps -> ISO UTC, numpy -> Python."""
+    if type(v) in _PLAIN or isinstance(v, (list, dict, str)):
+        return v
+    if pd.isna(v):
+        return None
+    if isinstance(v, pd.Timestamp):
+        return v.tz_convert("UTC").strftime(_ISO) if v.tzinfo else v.strftime(_ISO)
+    if hasattr(v, "item"):  # numpy scalar -> Python
+        return v.item()
+    return v
 
 
 def _records(rows) -> list[dict]:
-    """Rows as plain dicts with missing values dropped (pandas NA/NaT are not JSON)."""
+    """Rows as plain dicts, missing values as None (pandas NA/NaT are not JSON).
+
+    A frame is converted column by column; a dict whose values are all plain already (what the load
+    stage hands over) is used as it is, the others are copied with their values cleaned.
+    """
     if isinstance(rows, pd.DataFrame):
-        rows = rows.to_dict("records")
-    out = []
-    for row in rows:
-        clean = {}
-        for k, v in row.items():
-            if v is None or (not isinstance(v, (list, dict, str)) and pd.isna(v)):
-                clean[k] = None
-                continue
-            if isinstance(v, pd.Timestamp):
-                v = v.tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%SZ") if v.tzinfo else v.strftime("%Y-%m-%dT%H:%M:%SZ")
-            elif hasattr(v, "item"):  # numpy scalar -> Python
-                v = v.item()
-            clean[k] = v
-        out.append(clean)
-    return out
+        return _frame_records(rows)
+    plain = _PLAIN
+    return [row if all(type(v) in plain for v in row.values()) else {k: _clean(v) for k, v in row.items()}
+            for row in rows]
+
+
+def _frame_records(frame: pd.DataFrame) -> list[dict]:
+    names = list(frame.columns)
+    if not names:
+        return [{} for _ in range(len(frame))]
+    columns = []
+    for name in names:
+        col = frame[name]
+        if isinstance(col.dtype, pd.DatetimeTZDtype):
+            col = col.dt.tz_convert("UTC").dt.strftime(_ISO)
+        elif pd.api.types.is_datetime64_dtype(col.dtype):
+            col = col.dt.strftime(_ISO)
+        missing = col.isna().to_numpy()
+        values = col.tolist()  # numpy/arrow scalars -> Python
+        if missing.any():
+            for i in np.flatnonzero(missing):
+                values[i] = None
+        if col.dtype == object:
+            values = [v if type(v) in _PLAIN else _clean(v) for v in values]
+        columns.append(values)
+    return [dict(zip(names, row)) for row in zip(*columns)]
 
 
 def _result_frame(results: list[dict]) -> pd.DataFrame:
@@ -59,9 +108,14 @@ class WritesMixin:
     """Write operations of :class:`~mdsync.dynamics.client.DynamicsClient`."""
 
     _bulk_unsupported: set
+    #: most bulk requests in flight at once (None: :data:`DEFAULT_PARALLEL`); the service's ``x-ms-dop-hint``
+    #: lowers it, the client's ``max_concurrent`` caps it
+    max_parallel_requests: int | None = None
+    _dop_hint: int | None = None
+    _dop_known = False
 
     def upsert_multiple(self, entity_set: str, rows, key: str = "mdsync_marketopersonid") -> pd.DataFrame:
-        """Create-or-update rows by the alternate key ``key`` (``UpsertMultiple``, chunks of 1000).
+        """Create-or-update rows by the alternate key ``key`` (``UpsertMultiple``, chunks of 1000, in parallel).
 
         :param rows: dicts / a DataFrame of Web API column values, each with a value for ``key``.
         :returns: one row per input row, in order: ``index``, ``id``, ``ok``, ``status``, ``error_code``,
@@ -78,20 +132,99 @@ class WritesMixin:
         """Update existing rows by primary id (``UpdateMultiple``, chunks of 1000); never creates."""
         return self._bulk(entity_set, "UpdateMultiple", _records(rows), None)
 
+    # parallel requests ------------------------------------------------------------------------------
+    def parallel_requests(self) -> int:
+        """How many bulk requests this client sends at once: ``max_parallel_requests`` (default
+        :data:`DEFAULT_PARALLEL`), lowered to the service's ``x-ms-dop-hint`` once a response carried one."""
+        cap = self.max_parallel_requests or DEFAULT_PARALLEL
+        hint = self._dop_hint
+        return max(1, min(cap, hint) if hint else cap)
+
+    def _note_dop_hint(self, resp) -> None:
+        raw = resp.headers.get(DOP_HINT_HEADER)
+        try:
+            hint = int(raw) if raw is not None else None
+        except ValueError:
+            hint = None
+        if hint is not None and hint > 0 and hint != self._dop_hint:
+            log.info("dynamics: the service recommends %d requests in parallel (x-ms-dop-hint)", hint)
+            self._dop_hint = hint
+        self._dop_known = True
+
+    def _in_parallel(self, jobs: list[Callable[[], T]], what: str) -> list[T]:
+        """Run ``jobs`` (one request each, with its retries and fallback) up to :meth:`parallel_requests` at
+        a time; their results in job order.
+
+        While no response has told the service's degree of parallelism, the first job runs alone. A job
+        that raises stops the rest: jobs not started are dropped, running ones finish, and the error of the
+        earliest failed job is raised.
+        """
+        results: list = [None] * len(jobs)
+        start = 0
+        if jobs and not self._dop_known:
+            results[0] = jobs[0]()
+            self._dop_known = True
+            start = 1
+        workers = min(self.parallel_requests(), len(jobs) - start)
+        if workers <= 1:
+            for i in range(start, len(jobs)):
+                results[i] = jobs[i]()
+            return results
+        log.debug("dynamics: %s in %d requests, %d at a time", what, len(jobs) - start, workers)
+        failed: dict[int, BaseException] = {}
+        pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dynamics-write")
+        try:
+            queue = iter(range(start, len(jobs)))
+            running: dict[concurrent.futures.Future, int] = {}
+
+            def submit_next() -> None:
+                i = next(queue, None)
+                if i is not None:
+                    running[pool.submit(jobs[i])] = i
+
+            for _ in range(workers):
+                submit_next()
+            while running:
+                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    i = running.pop(future)
+                    error = future.exception()
+                    if error is not None:
+                        failed[i] = error
+                    else:
+                        results[i] = future.result()
+                    if not failed:
+                        submit_next()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if failed:
+            first = min(failed)
+            log.warning("dynamics: %s stopped at request %d of %d (%s); %d not sent", what, first + 1, len(jobs),
+                        failed[first], len(jobs) - len(failed) - sum(r is not None for r in results))
+            raise failed[first]
+        return results
+
+    # bulk messages ----------------------------------------------------------------------------------
     def _bulk(self, entity_set: str, message: str, rows: list[dict], key: str | None) -> pd.DataFrame:
         logical = self.logical_name(entity_set)
         pid = logical + "id"
+        if getattr(self, "_bulk_unsupported", None) is None:
+            self._bulk_unsupported = set()
         results: list[dict] = []
+        jobs = []
         for start in range(0, len(rows), CHUNK):
-            chunk = list(enumerate(rows[start:start + CHUNK], start))
-            ready, refused = [], []
-            for i, row in chunk:
+            ready = []
+            for i, row in enumerate(rows[start:start + CHUNK], start):
                 problem = self._precheck(message, row, key, pid)
-                (refused if problem else ready).append((i, row, problem))
-            results += [{"index": i, "id": None, "ok": False, "status": None, "error_code": None,
-                         "error_message": problem} for i, _row, problem in refused]
+                if problem:
+                    results.append({"index": i, "id": None, "ok": False, "status": None, "error_code": None,
+                                    "error_message": problem})
+                else:
+                    ready.append((i, row, None))
             if ready:
-                results += self._write_chunk(entity_set, logical, message, ready, key, pid)
+                jobs.append(lambda ready=ready: self._write_chunk(entity_set, logical, message, ready, key, pid))
+        for chunk_results in self._in_parallel(jobs, f"{message} of {len(rows)} {entity_set}"):
+            results += chunk_results
         results.sort(key=lambda r: r["index"])
         return _result_frame(results)
 
@@ -104,9 +237,7 @@ class WritesMixin:
         return None
 
     def _write_chunk(self, entity_set, logical, message, ready, key, pid) -> list[dict]:
-        unsupported = getattr(self, "_bulk_unsupported", None)
-        if unsupported is None:
-            unsupported = self._bulk_unsupported = set()
+        unsupported = self._bulk_unsupported
         if (entity_set, message) not in unsupported:
             targets = []
             for _i, row, _p in ready:
@@ -123,8 +254,9 @@ class WritesMixin:
                          "error_message": None} for (i, _r, _p), rid in zip(ready, ids)]
             except ServiceError as exc:
                 if exc.status in (404, 405, 501):
-                    log.info("dynamics: %s not available for %s (%s); using $batch", message, entity_set,
-                             exc.service_message)
+                    if (entity_set, message) not in unsupported:
+                        log.info("dynamics: %s not available for %s (%s); using $batch", message, entity_set,
+                                 exc.service_message)
                     unsupported.add((entity_set, message))
                 elif exc.status not in (400, 403, 409, 412):
                     raise
@@ -147,28 +279,33 @@ class WritesMixin:
         return {"method": "POST", "url": entity_set, "body": row}
 
     def batch(self, operations: list[dict]) -> list[dict]:
-        """Run operations as ``$batch`` requests (1000 per request, continue-on-error).
+        """Run operations as ``$batch`` requests (1000 per request, continue-on-error, sent in parallel like
+        the bulk messages).
 
         :param operations: ``{"method", "url" (below /api/data/v9.2/), "body" (dict or None), "headers"}``.
         :returns: per operation, in order: ``ok``, ``status``, ``id`` (from ``OData-EntityId``), ``body``,
             ``error_code``, ``error_message``.
         """
+        jobs = [lambda chunk=operations[start:start + CHUNK]: self._batch_chunk(chunk)
+                for start in range(0, len(operations), CHUNK)]
         out: list[dict] = []
-        for start in range(0, len(operations), CHUNK):
-            chunk = operations[start:start + CHUNK]
-            boundary = f"batch_{uuid.uuid4()}"
-            payload = _render_batch(boundary, self.base, chunk)
-            resp = self.request("POST", "$batch", data=payload.encode("utf-8"),
-                                headers={"Content-Type": f"multipart/mixed; boundary={boundary}",
-                                         "Prefer": "odata.continue-on-error"},
-                                what=f"{len(chunk)} operations")
-            parsed = _parse_batch(resp.headers.get("Content-Type", ""), resp.content)
-            if len(parsed) != len(chunk):
-                raise self._error(None, f"$batch answered {len(parsed)} responses for {len(chunk)} operations",
-                                  request="POST $batch", retryable=True,
-                                  next_step="retry the run; nothing is assumed written for the missing responses")
+        for parsed in self._in_parallel(jobs, f"$batch of {len(operations)} operations"):
             out += parsed
         return out
+
+    def _batch_chunk(self, chunk: list[dict]) -> list[dict]:
+        boundary = f"batch_{uuid.uuid4()}"
+        payload = _render_batch(boundary, self.base, chunk)
+        resp = self.request("POST", "$batch", data=payload.encode("utf-8"),
+                            headers={"Content-Type": f"multipart/mixed; boundary={boundary}",
+                                     "Prefer": "odata.continue-on-error"},
+                            what=f"{len(chunk)} operations")
+        parsed = _parse_batch(resp.headers.get("Content-Type", ""), resp.content)
+        if len(parsed) != len(chunk):
+            raise ServiceError("dynamics", None, f"$batch answered {len(parsed)} responses for {len(chunk)} "
+                               "operations", request="POST $batch", next_step="retry the run; nothing is "
+                               "assumed written for the missing responses")
+        return parsed
 
 
 def _render_batch(boundary: str, base: str, operations: list[dict]) -> str:
