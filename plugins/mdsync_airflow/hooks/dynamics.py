@@ -3,6 +3,8 @@
 Connection (DESIGN §6): ``host`` = organisation URL, ``login`` = client id, ``password`` = client secret,
 ``extra`` = ``{"tenant_id": ..., "authority": optional, "verify": optional CA bundle path or bool,
 "timeout": optional seconds per request (a number or [connect, read], default [10, 120]),
+"max_parallel_requests": optional bulk-write requests sent at once (default 4, lowered to the service's
+``x-ms-dop-hint``; the service allows 52 concurrent requests per user),
 "username"/"password": optional, for the username/password grant}``. A missing field, an unknown extra key
 or a value of the wrong kind is a :class:`~mdsync.errors.ConfigError` naming the connection and the entry.
 """
@@ -14,7 +16,7 @@ from airflow.providers.http.hooks.http import HttpHook
 from mdsync_airflow.hooks import extras as conn_extras
 
 # Extras that configure the Dataverse client: never let HttpHook turn them into request headers.
-_CLIENT_EXTRAS = ("tenant_id", "authority", "username", "password")
+_CLIENT_EXTRAS = ("tenant_id", "authority", "username", "password", "max_parallel_requests")
 #: every extra key the hook reads (HttpHook's own are allowed too; any other key is refused)
 KNOWN_EXTRAS = (*_CLIENT_EXTRAS, "verify", "timeout")
 
@@ -68,6 +70,9 @@ class DynamicsHook(HttpHook):
                                   ("extra.tenant_id", extra.get("tenant_id"), "the directory id")])
         timeout = conn_extras.timeout(cid, extra)
         verify = conn_extras.verify(cid, extra)
+        parallel = conn_extras.positive(cid, extra, "max_parallel_requests", int)
+        if parallel is not None:
+            client_kwargs.setdefault("max_parallel_requests", parallel)
         session = self.get_conn()
         return DynamicsClient(
             self.base_url, conn.login, conn.password, extra["tenant_id"], authority=extra.get("authority"),

@@ -61,3 +61,16 @@ def test_incomplete_connection_is_a_config_error(dataverse, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(conn))
     with pytest.raises(ConfigError, match="extra.tenant_id"):
         DynamicsHook().get_client()
+
+
+def test_max_parallel_requests_extra_reaches_the_client(dataverse, monkeypatch):
+    conn = json.loads(dataverse.connection_json())
+    conn["extra"]["max_parallel_requests"] = 2
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(conn))
+    client = DynamicsHook().get_client()
+    assert client.max_parallel_requests == 2 and client.parallel_requests() == 2
+    assert "max_parallel_requests" not in {k.lower() for k in client.session.headers}
+    conn["extra"]["max_parallel_requests"] = 0
+    monkeypatch.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", json.dumps(conn))
+    with pytest.raises(ConfigError, match="extra.max_parallel_requests 0 is not a positive whole number"):
+        DynamicsHook().get_client()
