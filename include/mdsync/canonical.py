@@ -3,7 +3,8 @@
 Every synced value becomes a string in pandas' pyarrow-backed ``str`` dtype, or NA:
 
 - null and empty string are both NA;
-- strings are kept exactly; emails are kept as written but *compared* case-insensitively (:func:`compare_key`);
+- strings are kept exactly; emails are kept as written but *compared* case-insensitively and without surrounding
+  spaces (:func:`compare_key`), as identity matches them;
 - numbers by value (``"12"`` for 12, 12.0 and ``"12.00"``; ``"12.5"``);
 - booleans ``"true"`` / ``"false"``;
 - datetimes in UTC at second resolution, ``"2026-11-22T02:47:54Z"``;
@@ -129,9 +130,11 @@ def canonical_frame(raw: pd.DataFrame, fields: list[FieldMap], side: Side) -> tu
 
 
 def compare_key(values: pd.Series, field: FieldMap) -> pd.Series:
-    """What two canonical values are compared by: emails case-insensitively, everything else exactly."""
+    """What two canonical values are compared by: emails as identity matches them (case-insensitively, surrounding
+    spaces aside: ``" Ann@x.com "`` is the address ``ann@x.com``), everything else exactly."""
     if field.type is FieldType.EMAIL:
-        return values.str.lower()
+        key = values.str.strip().str.lower()
+        return key.mask(key == "")
     return values
 
 
