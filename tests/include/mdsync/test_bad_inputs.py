@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -27,11 +28,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from airflow.sdk.exceptions import AirflowFailException
 
 from mdsync.config import DEFAULT_CONFIG_PATH
 from mdsync.cycle import STAGES
 from mdsync.errors import ConfigError
-from tests.fixtures.module_world import ID_COLUMN, ModuleWorld, module_world
+from mdsync_airflow.failfast import fail_fast
+from tests.fixtures.module_world import ID_COLUMN, ModuleWorld, airflow_context, module_world
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -822,6 +825,8 @@ def test_a_bad_config_stops_the_run_at_once_naming_the_entry_and_writes_nothing(
         assert str(path) in message
     assert _writes(world) == calls  # not a single write on either side
     assert len(world.store().activity()) == store_rows
+    failed = fail_fast(refused.value)  # at the Airflow boundary: the task fails at once, in one line
+    assert isinstance(failed, AirflowFailException) and "\n" not in str(failed) and expected in str(failed)
 
 
 def _writes(world: ModuleWorld) -> dict:
@@ -867,3 +872,39 @@ def test_a_bad_connection_is_refused_naming_the_connection_and_entry_before_any_
     assert expected in str(refused.value) and ("marketo_default" in str(refused.value)
                                                or "dynamics_default" in str(refused.value))
     assert (world.marketo_sandbox.calls()["total"], world.dataverse_sandbox.calls()["total"]) == calls
+
+
+BAD_RUN_PARAMETERS = {
+    # name: (the run's conf, what the one line must say)
+    "run_parameter_with_a_typo": ({"person_id": [12]}, "unknown run parameter 'person_id' (did you mean 'person_ids'?)"),
+    "run_parameter_not_a_person_id": ({"person_ids": [-3]}, "person_ids[0]: -3"),
+    "run_parameter_of_the_wrong_kind": ({"dry_run": "yes"}, "run parameter dry_run: 'yes' is not valid, expected true "
+                                                            "or false"),
+}
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).dags["marketo_dynamics_sync"]
+
+
+@pytest.mark.parametrize("name", list(BAD_RUN_PARAMETERS))
+def test_a_bad_run_parameter_fails_the_first_task_in_one_line_and_the_run_writes_nothing(world, dag, monkeypatch, name):
+    from mdsync_airflow import runtime
+
+    conf, expected = BAD_RUN_PARAMETERS[name]
+    monkeypatch.setenv("MDSYNC_LEASE_WAIT_SECONDS", "0")
+    ctx = airflow_context(f"manual__{name}", dag=dag, conf=conf, started_at=datetime.now(timezone.utc))
+    calls = (world.marketo_sandbox.calls()["total"], world.dataverse_sandbox.calls()["total"])
+    runtime.hold_lease(ctx)
+    try:
+        with pytest.raises(AirflowFailException) as failed:  # no retries: a retry cannot fix a typo
+            with runtime.leased_cycle(ctx) as cycle:
+                cycle.refresh_schema()
+    finally:
+        assert runtime.release_lease(ctx)
+    assert expected in str(failed.value) and "\n" not in str(failed.value)
+    assert (world.marketo_sandbox.calls()["total"], world.dataverse_sandbox.calls()["total"]) == calls
+    assert world.store().activity(run_id=ctx["run_id"]).empty

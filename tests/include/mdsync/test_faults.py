@@ -23,7 +23,8 @@ import pandas as pd
 import pytest
 
 from mdsync.cycle import STAGES
-from mdsync.errors import QuotaExhausted, ServiceError, ServiceUnavailable
+from mdsync.errors import ServiceError, ServiceUnavailable
+from mdsync_airflow.failfast import fail_fast
 from tests.fixtures.module_world import ModuleWorld, airflow_context, module_world
 from tests.fixtures.waiting import wait_for
 
@@ -200,6 +201,7 @@ def test_a_marketo_storm_that_outlasts_the_backoff_stops_the_run_before_any_writ
 
     err = failed.value
     assert err.code == "606" and err.retryable and "still failing after 4 attempts" in str(err)
+    assert fail_fast(err) is err  # raised as it is: the task keeps Airflow's retries
     assert world.marketo_sandbox.base_url in str(err) and "GET /rest/v1/leads.json" in str(err)
     assert_nothing_committed(world, "marketo_storm_outlasts_backoff", before)
     # nothing was written on either side
@@ -487,26 +489,45 @@ def test_a_crash_in_commit_never_retried_is_repaired_by_the_next_run_without_dup
 
 # -- the daily quota -------------------------------------------------------------------------------------------
 
-def test_the_daily_quota_running_out_mid_cycle_stops_at_once_and_loses_nothing(world, slots):
+def _task(ctx: dict, stage: str, manifest):
+    """One of the run's stage tasks, as the DAG runs it: inside the run's lease, failing fast at the boundary."""
+    from mdsync_airflow import runtime
+
+    with runtime.leased_cycle(ctx) as cycle:
+        return cycle.run_stage(stage, manifest)
+
+
+def test_the_daily_quota_running_out_mid_cycle_stops_at_once_and_loses_nothing(world, slots, lease_env):
+    from airflow.sdk.exceptions import AirflowFailException
+    from mdsync.marketo.client import quota_reset_time
+    from mdsync.results import RunManifest
+    from mdsync_airflow import runtime
+
     slot = slots["daily_quota_mid_cycle"]
     change_both_sides(world, slot)
     before = watermarks(world)
-    cycle = world.cycle("daily_quota_mid_cycle")
-    manifest = world.stages(cycle, STAGES[:STAGES.index("load_marketo")])
-    marketo_fault(world, "quota_exhausted", 1000)  # the quota is used up from now on
-    calls = world.marketo_sandbox.calls()["total"]
+    ctx = airflow_context("manual__daily-quota", started_at=datetime.now(timezone.utc))
+    runtime.hold_lease(ctx)
+    try:
+        manifest = RunManifest(run_id=ctx["run_id"])
+        for stage in STAGES[:STAGES.index("load_marketo")]:
+            manifest = _task(ctx, stage, manifest)
+        marketo_fault(world, "quota_exhausted", 1000)  # the quota is used up from now on
+        calls = world.marketo_sandbox.calls()["total"]
+        resets = {quota_reset_time().isoformat()}
+        with pytest.raises(AirflowFailException) as stopped:  # failed at once: Airflow does not retry it
+            _task(ctx, "load_marketo", manifest)
+        resets.add(quota_reset_time().isoformat())
+        calls = world.marketo_sandbox.calls()["total"] - calls
+        world.clear_faults()  # "after the reset at midnight"
+    finally:
+        assert runtime.release_lease(ctx)  # the teardown gives the lease back
 
-    with pytest.raises(QuotaExhausted) as stopped:
-        world.stages(cycle, ["load_marketo"], manifest)
-    calls = world.marketo_sandbox.calls()["total"] - calls
-    world.clear_faults()  # "after the reset at midnight"
-
-    err = stopped.value
+    line = str(stopped.value)
     assert calls == 1  # one call, not retried
-    assert err.code == "607" and not err.retryable and err.resets_at > datetime.now(timezone.utc)
-    assert err.resets_at - datetime.now(timezone.utc) <= timedelta(hours=25)
-    assert "midnight US Central time" in str(err) and "Nothing is lost" in str(err)
-    assert_nothing_committed(world, "daily_quota_mid_cycle", before)
+    assert "\n" not in line and "error 607" in line and world.marketo_sandbox.base_url in line
+    assert "midnight US Central time" in line and any(r in line for r in resets) and "Nothing is lost" in line
+    assert_nothing_committed(world, ctx["run_id"], before)
     # after the reset: the next run finishes the work (the first load's writes are not repeated)
     report = world.run("daily_quota_mid_cycle-after-reset")
     assert report["written"]["dynamics"] == 0 and report["created_in"] == {"dynamics": 0, "marketo": 1}
@@ -749,8 +770,8 @@ def test_a_failed_bulk_export_in_a_full_reconcile_stops_the_run_and_the_next_one
 
     assert "Failed" in str(failed.value) or "failed" in str(failed.value)
     assert_nothing_committed(world, "marketo_bulk_export_fails", before)
-    report = world.run("marketo_bulk_export_fails-again", full_resync=True)
-    assert report["marketo_read"] == "bulk_all" and report["created_in"] == {"dynamics": 1, "marketo": 1}
+    report = world.run("marketo_bulk_export_fails-next")  # the next (ordinary) run carries the changes
+    assert report["created_in"] == {"dynamics": 1, "marketo": 1}
     assert_synced(world, slot)
 
 
