@@ -73,6 +73,11 @@ def commit_cycle(
         same transaction (a first sync's millions of rows never sit in memory at once).
     """
     with store.transaction() as tx:
+        earlier = _committed_before(tx, run_id, watermarks)
+        if earlier is not None:
+            log.info("run %s committed this cycle already (an earlier try of this task committed, then the task was "
+                     "not seen to finish): nothing is recorded twice", run_id)
+            return earlier
         if unlinked:
             store.remove_links(unlinked, conn=tx)
         if links is not None and not links.empty:
@@ -88,3 +93,29 @@ def commit_cycle(
 
 def _frames(parts):
     return [parts] if isinstance(parts, pd.DataFrame) else parts
+
+
+def _committed_before(conn, run_id: str, watermarks) -> dict | None:
+    """What an earlier try of this same commit recorded, when it went through: a retried commit task whose first
+    try committed (the worker died before Airflow saw the task finish) must not record the run's activity, errors
+    and baselines twice. It is the same commit when the run's first watermark is already this run's, at this very
+    high-water mark (a whole run cleared and run again extracts anew, so it commits a later one)."""
+    import sqlalchemy as sa
+
+    from mdsync.state import schema
+    from mdsync.state.database import utc
+
+    if not watermarks:
+        return None
+    source, entity, high_water, _ = watermarks[0]
+    w = schema.watermarks
+    row = conn.execute(sa.select(w.c.run_id, w.c.high_water).where(w.c.source == source,
+                                                                  w.c.entity_type == entity)).first()
+    if row is None or row.run_id != run_id or utc(row.high_water) != utc(high_water):
+        return None
+
+    def count(table) -> int:
+        return conn.execute(sa.select(sa.func.count()).select_from(table).where(table.c.run_id == run_id)).scalar_one()
+
+    return {"baselines": count(schema.baselines), "errors": count(schema.sync_errors),
+            "activity": count(schema.activity), "watermarks": len(watermarks)}
