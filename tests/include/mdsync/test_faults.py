@@ -37,6 +37,7 @@ CASES = [
     "dataverse_slow_responses", "marketo_token_expiry_mid_paging", "dataverse_token_expiry_mid_paging",
     "tokens_expire_between_tasks", "crash_between_loads_task_retried", "crash_between_loads_new_run",
     "crash_in_marketo_load_after_creates", "crash_in_commit_task_retried", "crash_in_commit_new_run",
+    "commit_retried_after_it_committed",
     "daily_quota_mid_cycle", "state_store_lost", "expired_delta_token", "edits_at_the_window_edge",
     "edit_racing_the_load", "two_cycles_started_together", "backfill_beside_scheduled_run",
     "lease_holder_dies", "marketo_bulk_export_fails",
@@ -485,6 +486,31 @@ def test_a_crash_in_commit_never_retried_is_repaired_by_the_next_run_without_dup
     assert_synced(world, slot)
     links = world.activity(run_id="crash_in_commit_new_run-next")
     assert links["action"].eq("link").sum() >= 2
+
+
+def test_a_commit_retried_after_it_committed_records_nothing_twice(world, slots):
+    slot = slots["commit_retried_after_it_committed"]
+    change_both_sides(world, slot)
+    # and a value Dynamics refuses, so the run also opens a sync error
+    world.dataverse_sandbox.admin("PUT", "rules", [{"entity": "contact", "column": "address1_city", "op": "forbid",
+                                                    "values": ["Nowhere"], "message": "Nowhere is not a city."}])
+    try:
+        world.set_person(slot.contact_pid, city="Nowhere")
+        cycle = world.cycle("commit_retried_after_it_committed")
+        manifest = world.stages(cycle, STAGES)
+        store = world.store()
+        lines, errors = store.activity(run_id=cycle.run.run_id), store.open_errors(person_ids=[slot.contact_pid])
+        assert errors[["field", "occurrences"]].values.tolist() == [["city", 1]]
+        # the worker died after the commit went through, before Airflow saw the task finish: the task is retried
+        again = world.cycle("commit_retried_after_it_committed").run_stage("commit", manifest)
+    finally:
+        world.dataverse_sandbox.admin("PUT", "rules", [])
+
+    assert store.activity(run_id=cycle.run.run_id)["id"].tolist() == lines["id"].tolist()  # no line twice
+    assert store.open_errors(person_ids=[slot.contact_pid])[["field", "occurrences"]].values.tolist() == [["city", 1]]
+    assert (again.committed.activity, again.committed.errors) == (manifest.committed.activity,
+                                                                  manifest.committed.errors)
+    assert_synced(world, slot)
 
 
 # -- the daily quota -------------------------------------------------------------------------------------------
