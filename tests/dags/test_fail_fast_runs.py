@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.fixtures.sync_env import task_logs
 
 
 @pytest.fixture
@@ -28,14 +29,6 @@ def run_dag(conf: dict | None = None) -> str:
     return str(getattr(run.state, "value", run.state))
 
 
-def logs_of(capfd, caplog) -> str:
-    out = capfd.readouterr()
-    text = out.out + out.err + caplog.text
-    for path in Path(os.environ["AIRFLOW_HOME"]).rglob("*.log"):
-        text += path.read_text(errors="replace")
-    return text
-
-
 def test_a_wrong_marketo_secret_fails_the_run_at_once_in_one_line(sync_world, airflow_db, retrying, monkeypatch,
                                                                  capfd, caplog):
     caplog.set_level(logging.INFO)
@@ -45,7 +38,7 @@ def test_a_wrong_marketo_secret_fails_the_run_at_once_in_one_line(sync_world, ai
     assert run_dag() == "failed"
     # refresh_schema asked for a token once: no client retry, no task retry
     assert sync_world.marketo_sandbox.calls()["by_endpoint"] == {"POST /identity/oauth/token": 1}
-    logs = logs_of(capfd, caplog)
+    logs = task_logs(capfd, caplog)
     assert (f"Marketo connection 'marketo_default' ({sync_world.marketo_sandbox.base_url}): error unauthorized "
             "(HTTP 401): identity refused the client credentials") in logs
     assert "not retried" in logs and "wrong-secret-for-the-test" not in logs
@@ -57,7 +50,7 @@ def test_the_daily_quota_stops_the_run_at_once_saying_when_it_resets(sync_world,
     assert run_dag() == "failed"
     calls = sync_world.marketo_sandbox.calls()
     assert calls["injected"] == {"quota_exhausted": 1}  # one REST call, never retried
-    logs = logs_of(capfd, caplog)
+    logs = task_logs(capfd, caplog)
     assert "error 607: Daily quota reached: the subscription's daily API quota is used up" in logs
     assert "the quota resets at midnight US Central time" in logs and "Nothing is lost" in logs
     assert "check the client id" not in logs
@@ -67,7 +60,7 @@ def test_an_unknown_run_parameter_is_refused_before_any_call(sync_world, airflow
     caplog.set_level(logging.INFO)
     assert run_dag({"person_id": [12]}) == "failed"
     assert sync_world.marketo_sandbox.calls()["total"] == 0
-    logs = logs_of(capfd, caplog)
+    logs = task_logs(capfd, caplog)
     assert "unknown run parameter 'person_id' (did you mean 'person_ids'?); the valid ones are dry_run" in logs
 
 
@@ -86,6 +79,6 @@ def test_a_misspelt_dataverse_column_fails_the_run_naming_the_entry(sync_world, 
     assert run_dag() == "failed"
     describes = sync_world.marketo_sandbox.calls()["by_endpoint"].get("GET /rest/v1/leads/describe2.json")
     assert describes == 1  # the schema refresh ran once
-    logs = logs_of(capfd, caplog)
+    logs = task_logs(capfd, caplog)
     assert (f"entities.contact.fields[{i}].dynamics (city): Dataverse table 'contact' has no column 'adress1_city' "
             "(did you mean 'address1_city'?)") in logs
