@@ -410,7 +410,9 @@ def create_in_marketo(config: SyncConfig, access, creates: pd.DataFrame, records
         res = client.sync_leads(recs, action="createOnly", lookup_field="email")
         good = res["status"].isin(["created", "updated"]).to_numpy() & res["id"].notna().to_numpy()
         pids = pd.array(res["id"].where(good), dtype="Int64")
-        codes, messages = res["reason_code"].to_numpy(), res["reason_message"].to_numpy()
+        codes, messages = res["reason_code"].to_numpy().copy(), res["reason_message"].to_numpy().copy()
+        _made_already(client, recs, all_dids, link.dynamics_id, ~good & (res["reason_code"].astype(str) == "1005"),
+                      pids, codes, messages)
     for entity, ent, dids, emails, canon, start in batches:
         mine = slice(start, start + len(dids))
         e_pids, e_codes, e_messages = pids[mine], codes[mine], messages[mine]
@@ -434,6 +436,25 @@ def create_in_marketo(config: SyncConfig, access, creates: pd.DataFrame, records
                             config.dynamics.marketo_id_column, int(bad.sum()), entity,
                             res.loc[bad, "error_message"].head(3).tolist())
     return _gather(out, links, values, notes, errors)
+
+
+def _made_already(client, recs: list[dict], dids: np.ndarray, link_field: str, exists: np.ndarray, pids, codes,
+                  messages) -> None:
+    """Creates Marketo skipped as "1005 Lead already exists" whose person names the very Dynamics record: made by an
+    earlier try of this task (or by a slow first request that landed after its retry). They count as created, so a
+    retried create ends as the first try did; a person with that email who names another record stays refused."""
+    at = [i for i in np.flatnonzero(np.asarray(exists, dtype=bool)) if recs[i].get("email")]
+    if not at:
+        return
+    found = client.get_leads("email", [recs[i]["email"] for i in at], ["id", link_field])
+    if found.empty:
+        return
+    mine = pd.Series(found["id"].to_numpy(), index=found[link_field].astype(str).str.lower().to_numpy())
+    mine = mine[~mine.index.duplicated(keep=False)]
+    for i in at:
+        pid = mine.get(str(dids[i]).lower())
+        if pid is not None and not pd.isna(pid):
+            pids[i], codes[i], messages[i] = int(pid), None, None
 
 
 def _import_creates(client, recs: list[dict], dids: np.ndarray, link_field: str, poll_seconds: float):
