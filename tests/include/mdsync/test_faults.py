@@ -37,7 +37,7 @@ CASES = [
     "dataverse_slow_responses", "marketo_token_expiry_mid_paging", "dataverse_token_expiry_mid_paging",
     "tokens_expire_between_tasks", "crash_between_loads_task_retried", "crash_between_loads_new_run",
     "crash_in_marketo_load_after_creates", "crash_in_commit_task_retried", "crash_in_commit_new_run",
-    "commit_retried_after_it_committed",
+    "loads_retried_after_they_succeeded", "commit_retried_after_it_committed",
     "daily_quota_mid_cycle", "state_store_lost", "expired_delta_token", "edits_at_the_window_edge",
     "edit_racing_the_load", "two_cycles_started_together", "backfill_beside_scheduled_run",
     "lease_holder_dies", "marketo_bulk_export_fails",
@@ -486,6 +486,25 @@ def test_a_crash_in_commit_never_retried_is_repaired_by_the_next_run_without_dup
     assert_synced(world, slot)
     links = world.activity(run_id="crash_in_commit_new_run-next")
     assert links["action"].eq("link").sum() >= 2
+
+
+def test_loads_retried_after_they_succeeded_create_nothing_twice_and_report_the_same(world, slots):
+    slot = slots["loads_retried_after_they_succeeded"]
+    change_both_sides(world, slot)
+    cycle = world.cycle("loads_retried_after_they_succeeded")
+    first = world.stages(cycle, STAGES[:STAGES.index("commit")])
+    # both load tasks went through, but their workers died before Airflow saw them finish: both are retried
+    retry = world.cycle("loads_retried_after_they_succeeded")
+    again = world.stages(retry, ["load_dynamics", "load_marketo", "commit"], first)
+
+    for side in ("dynamics_loaded", "marketo_loaded"):  # the retried creates found what the first tries made
+        a, b = getattr(first, side), getattr(again, side)
+        assert (b.created, b.create_errors) == (a.created, a.create_errors) == (1, 0)
+    lines = world.activity(run_id="loads_retried_after_they_succeeded")
+    assert lines["action"].eq("create").sum() == 2 and lines["action"].ne("error").all()
+    assert_synced(world, slot)
+    quiet = world.run("loads_retried_after_they_succeeded-next")
+    assert quiet["created"] == 0 and quiet["new_links"] == 0
 
 
 def test_a_commit_retried_after_it_committed_records_nothing_twice(world, slots):
