@@ -199,13 +199,11 @@ class CycleLease:
             return self.state(conn) if conn.execute(take).rowcount == 1 else None
 
     def _insert_row(self) -> None:
-        with self.engine.begin() as conn:
-            exists = conn.execute(sa.select(_T.c.name).where(_T.c.name == NAME)).first()
-            if exists is None:
-                try:
-                    conn.execute(sa.insert(_T).values(name=NAME))
-                except sa.exc.IntegrityError:  # another process put it back first
-                    pass
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(_T).values(name=NAME))
+        except sa.exc.IntegrityError:  # another process put it back first
+            pass
 
     def acquire(self, holder: Holder, wait_s: float = 0.0, poll_s: float = DEFAULT_POLL_S,
                 sleep: Callable[[float], None] = time.sleep,
