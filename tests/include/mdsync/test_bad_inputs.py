@@ -34,13 +34,14 @@ from mdsync.config import DEFAULT_CONFIG_PATH
 from mdsync.cycle import STAGES
 from mdsync.errors import ConfigError
 from mdsync_airflow.failfast import fail_fast
-from tests.fixtures.module_world import ID_COLUMN, ModuleWorld, airflow_context, module_world
+from tests.fixtures.module_world import ModuleWorld, Snapshot, airflow_context, module_world
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: canonical field -> (Marketo REST name, Dataverse column)
-NAMES = {"first_name": ("firstName", "firstname"), "last_name": ("lastName", "lastname"), "job_title": ("title", "jobtitle"),
-         "city": ("city", "address1_city"), "street": ("address", "address1_line1"), "phone": ("phone", "telephone1"),
+NAMES = {"first_name": ("firstName", "firstname"), "last_name": ("lastName", "lastname"),
+         "job_title": ("title", "jobtitle"), "city": ("city", "address1_city"), "street": ("address", "address1_line1"),
+         "phone": ("phone", "telephone1"),
          "company": ("company", "companyname"), "lead_source": ("leadSource", "leadsourcecode"),
          "role": ("leadRole", "nickname"), "email": ("email", "emailaddress1")}
 RULES = [
@@ -63,61 +64,14 @@ def module_config() -> dict:
 
 # -- the cases -------------------------------------------------------------------------------------------------
 
-@dataclass
-class Ctx:
-    """What a case's steps see: the world, its own ids (filled in when seeded), and after the cycles the
-    end state of both sides and the state store."""
+class Ctx(Snapshot):
+    """What a case's steps see: the world, its own ids (filled in when seeded), and after the cycles the end
+    state of both sides (a :class:`Snapshot`), the activity, the open errors and the runs' reports."""
 
-    world: ModuleWorld
-    ids: dict = field(default_factory=dict)
-    persons: pd.DataFrame | None = None
-    rows: dict | None = None
-    activity: pd.DataFrame | None = None
-    errors: pd.DataFrame | None = None
-    links: pd.DataFrame | None = None
-    reports: dict | None = None
-
-    # the end state, by email
-    def persons_with(self, email: str) -> pd.DataFrame:
-        return self.persons[self.persons["email"].str.lower() == email.lower()]
-
-    def person(self, email: str) -> dict:
-        found = self.persons_with(email)
-        assert len(found) == 1, f"expected one Marketo person with {email!r}, found {len(found)}"
-        return found.iloc[0].to_dict()
-
-    def person_by_id(self, pid: int) -> dict:
-        found = self.persons[self.persons["id"] == pid]
-        assert len(found) == 1, f"Marketo person {pid}: found {len(found)}"
-        return found.iloc[0].to_dict()
-
-    def rows_with(self, entity_set: str, email: str) -> pd.DataFrame:
-        rows = self.rows[entity_set]
-        return rows[rows["emailaddress1"].fillna("").str.lower() == email.lower()]
-
-    def row(self, entity_set: str, email: str) -> dict:
-        found = self.rows_with(entity_set, email)
-        assert len(found) == 1, f"expected one Dynamics {entity_set} row with {email!r}, found {len(found)}"
-        return found.iloc[0].to_dict()
-
-    def row_by_id(self, entity_set: str, rid: str) -> dict:
-        rows = self.rows[entity_set]
-        found = rows[rows[ID_COLUMN[entity_set]].str.lower() == rid.lower()]
-        assert len(found) == 1, f"Dynamics {entity_set} row {rid}: found {len(found)}"
-        return found.iloc[0].to_dict()
-
-    def linked(self, pid: int, entity_set: str, rid: str) -> None:
-        """Person ``pid`` and row ``rid`` name each other, and the state store links them."""
-        person, row = self.person_by_id(pid), self.row_by_id(entity_set, rid)
-        assert str(person["dynamicsRecordId"]).lower() == rid.lower() and person["dynamicsRecordType"] == entity_set[:-1]
-        assert row["mdsync_marketopersonid"] == str(pid)
-        assert self.links.loc[pid, "dynamics_id"].lower() == rid.lower()
-
-    def unlinked(self, pid: int) -> None:
-        person = self.person_by_id(pid)
-        assert pd.isna(person["dynamicsRecordId"]) and pid not in self.links.index
-        for rows in self.rows.values():
-            assert not rows["mdsync_marketopersonid"].eq(str(pid)).any()
+    def __init__(self, world: ModuleWorld) -> None:
+        super().__init__(pd.DataFrame(), {}, pd.DataFrame())
+        self.world, self.ids = world, {}
+        self.activity = self.errors = self.reports = None
 
     def lines(self, run: str | None = None, *, pid: int | None = None, email: str | None = None,
               action: str | None = None, rid: str | None = None) -> pd.DataFrame:
@@ -160,7 +114,8 @@ class Case:
 
 
 BASE_M = {"firstName": "F", "lastName": "Base", "title": "Start", "city": "Start", "address": "Start"}
-BASE_D = {"firstname": "F", "lastname": "Base", "jobtitle": "Start", "address1_city": "Start", "address1_line1": "Start"}
+BASE_D = {"firstname": "F", "lastname": "Base", "jobtitle": "Start", "address1_city": "Start",
+          "address1_line1": "Start"}
 LEAD_M = {**BASE_M, "company": "Acme", "leadSource": "Web"}
 LEAD_D = {**BASE_D, "companyname": "Acme", "leadsourcecode": 8}
 
@@ -188,7 +143,7 @@ def flow(name: str, value, fld: str, side: str, entity: str = "contact") -> Case
         pid, rid = ctx.ids["pair"]
         got_m, got_d = ctx.person_by_id(pid)[m_name], ctx.row_by_id(es, rid)[d_name]
         assert (got_m, got_d) == (value, value), f"sent {value!r}: Marketo has {got_m!r}, Dynamics has {got_d!r}"
-        ctx.linked(pid, es, rid)
+        ctx.pair(pid, es, rid)
         assert len(ctx.lines("bad-2", pid=pid, action="update")) == 1
         ctx.quiet_afterwards(pid)
 
@@ -261,7 +216,7 @@ def linked_by_lookup(name: str, email: str, where: str) -> Case:
         pid = ctx.ids["pid"] if where == "dynamics" else ctx.ids["person"][0]
         assert len(ctx.persons_with(email)) == 1 and len(ctx.rows_with("contacts", email)) == 1
         assert ctx.rows_with("leads", email).empty
-        ctx.linked(pid, "contacts", ctx.ids["rid"])
+        ctx.pair(pid, "contacts", ctx.ids["rid"])
         assert ctx.lines(pid=pid, action="create").empty
         assert len(ctx.lines("bad-2", pid=pid, action="link")) == 1
 
@@ -284,7 +239,7 @@ def created_exactly(name: str, email: str) -> Case:
         pid = ctx.ids["pid"]
         lead = ctx.row("leads", email)
         assert lead["emailaddress1"] == email
-        ctx.linked(pid, "leads", lead["leadid"])
+        ctx.pair(pid, "leads", lead["leadid"])
         assert sum(int(r["mdsync_marketopersonid"].eq(str(pid)).sum()) for r in ctx.rows.values()) == 1
         assert ctx.lines("bad-2", action="link", pid=pid).empty  # never linked to an existing record
         assert len(ctx.lines("bad-2", action="create", pid=pid)) == 1
@@ -323,7 +278,7 @@ def _check_rule_create(ctx: Ctx) -> None:
     assert err["code"] == "0x80040265" and "Interns are not contacts." in err["message"]
     # the other create of the same batch went through
     fine = ctx.row("contacts", email.replace(".pair@", ".fine@"))
-    ctx.linked(ctx.ids["fine"], "contacts", fine["contactid"])
+    ctx.pair(ctx.ids["fine"], "contacts", fine["contactid"])
 
 
 def _invalid_email_new(ctx: Ctx) -> None:
@@ -342,7 +297,8 @@ def _check_invalid_email_new(ctx: Ctx) -> None:
 def _comma_email(ctx: Ctx) -> None:
     w, e = ctx.world, CASE_EMAILS["comma_joins_two_existing_emails"]
     one, two = e.replace(".pair@", ".one@"), e.replace(".pair@", ".two@")
-    ctx.ids["one"], ctx.ids["two"] = w.new_persons([{"email": one, "lastName": "One"}, {"email": two, "lastName": "Two"}])
+    ctx.ids["one"], ctx.ids["two"] = w.new_persons([{"email": one, "lastName": "One"},
+                                                    {"email": two, "lastName": "Two"}])
     ctx.ids["rid"] = w.new_row("contacts", emailaddress1=f"{one},{two}", lastname="Joined")
 
 
@@ -365,7 +321,7 @@ def _spaced_email(ctx: Ctx) -> None:
 
 def _check_spaced_email(ctx: Ctx) -> None:
     e = CASE_EMAILS["email_with_surrounding_spaces"]
-    ctx.linked(ctx.ids["pid"], "contacts", ctx.ids["rid"])  # matched by the address, spaces aside
+    ctx.pair(ctx.ids["pid"], "contacts", ctx.ids["rid"])  # matched by the address, spaces aside
     assert ctx.person_by_id(ctx.ids["pid"])["email"] == e  # Marketo keeps its valid address
     assert ctx.errors[ctx.errors["person_id"] == ctx.ids["pid"]].empty  # and nothing was refused
     assert ctx.lines(pid=ctx.ids["pid"], action="collision").empty
@@ -386,7 +342,7 @@ def _case_only_check(ctx: Ctx) -> None:
     assert ctx.person_by_id(pid)["email"] == email  # Marketo keeps its spelling
     assert ctx.row_by_id("contacts", rid)["emailaddress1"] == email.upper()
     assert ctx.lines(pid=pid, action="update").empty
-    ctx.linked(pid, "contacts", rid)
+    ctx.pair(pid, "contacts", rid)
 
 
 def _case_at_link(ctx: Ctx) -> None:
@@ -398,7 +354,7 @@ def _case_at_link(ctx: Ctx) -> None:
 def _check_case_at_link(ctx: Ctx) -> None:
     e = CASE_EMAILS["email_differs_only_in_case_at_link"]
     assert len(ctx.persons_with(e)) == 1
-    ctx.linked(ctx.ids["pid"], "contacts", ctx.ids["rid"])
+    ctx.pair(ctx.ids["pid"], "contacts", ctx.ids["rid"])
     assert ctx.person_by_id(ctx.ids["pid"])["email"] == e.upper()
 
 
@@ -445,7 +401,7 @@ def _lead_and_contact(ctx: Ctx) -> None:
 
 def _check_lead_and_contact(ctx: Ctx) -> None:
     e = CASE_EMAILS["a_lead_and_a_contact_share_an_email"]
-    ctx.linked(ctx.ids["pid"], "contacts", ctx.ids["contact"])  # the contact gets the person
+    ctx.pair(ctx.ids["pid"], "contacts", ctx.ids["contact"])  # the contact gets the person
     assert pd.isna(ctx.row_by_id("leads", ctx.ids["lead"])["mdsync_marketopersonid"])
     assert len(ctx.rows_with("leads", e)) == 1 and len(ctx.persons_with(e)) == 1
 
@@ -475,7 +431,7 @@ def _garbage_link_column(ctx: Ctx) -> None:
 def _check_garbage_link_column(ctx: Ctx) -> None:
     e = CASE_EMAILS["injection_in_the_dynamics_link_column"]
     person = ctx.person(e)  # made from the record; the forged id named nobody
-    ctx.linked(int(person["id"]), "contacts", ctx.ids["rid"])
+    ctx.pair(int(person["id"]), "contacts", ctx.ids["rid"])
     err = ctx.lines("bad-2", rid=ctx.ids["rid"], action="error")
     assert "holds '1 or 1 eq 1', which is not a Marketo person id" in " ".join(err["detail"])
 
@@ -689,8 +645,8 @@ def synced(world: ModuleWorld, config_path) -> dict[str, Ctx]:
     persons = world.marketo().export_leads(fields, created_at=(now - timedelta(days=1), now + timedelta(minutes=1)),
                                            poll_interval_s=0.1)
     rows = {es: world.dynamics().query(es, cols) for es, cols in {
-        "contacts": ["contactid", "emailaddress1", "firstname", "lastname", "jobtitle", "address1_city", "address1_line1",
-                     "telephone1", "nickname", "mdsync_marketopersonid"],
+        "contacts": ["contactid", "emailaddress1", "firstname", "lastname", "jobtitle", "address1_city",
+                     "address1_line1", "telephone1", "nickname", "mdsync_marketopersonid"],
         "leads": ["leadid", "emailaddress1", "firstname", "lastname", "jobtitle", "companyname", "address1_city",
                   "leadsourcecode", "mdsync_marketopersonid"]}.items()}
     store = world.store()
@@ -876,7 +832,8 @@ def test_a_bad_connection_is_refused_naming_the_connection_and_entry_before_any_
 
 BAD_RUN_PARAMETERS = {
     # name: (the run's conf, what the one line must say)
-    "run_parameter_with_a_typo": ({"person_id": [12]}, "unknown run parameter 'person_id' (did you mean 'person_ids'?)"),
+    "run_parameter_with_a_typo": ({"person_id": [12]},
+                                  "unknown run parameter 'person_id' (did you mean 'person_ids'?)"),
     "run_parameter_not_a_person_id": ({"person_ids": [-3]}, "person_ids[0]: -3"),
     "run_parameter_of_the_wrong_kind": ({"dry_run": "yes"}, "run parameter dry_run: 'yes' is not valid, expected true "
                                                             "or false"),

@@ -111,6 +111,19 @@ def change_both_sides(world: ModuleWorld, slot: Slot) -> None:
     world.mark(slot.email("marked"), "contact", firstName="K", lastName=slot.name, title="Marked")  # -> Dynamics
 
 
+def begin(world: ModuleWorld, slots: dict, name: str) -> Slot:
+    """The case's slot, with the four changes made on both sides."""
+    slot = slots[name]
+    change_both_sides(world, slot)
+    return slot
+
+
+def run_until(world: ModuleWorld, run_id: str, stage: str, **clients):
+    """A cycle of ``run_id`` (``clients``: its client factories or store), its stages run up to ``stage``."""
+    cycle = world.cycle(run_id, **clients)
+    return cycle, world.stages(cycle, STAGES[:STAGES.index(stage)])
+
+
 def assert_synced(world: ModuleWorld, slot: Slot) -> None:
     """All four changes arrived, once, and everything is linked both ways (nothing lost, nothing duplicated)."""
     seen = world.read([slot.email(w) for w in ("lead", "contact", "new", "marked")])
@@ -191,8 +204,7 @@ def test_a_transient_storm_is_ridden_out_within_the_run(world, slots, name):
 # -- persistent faults: the run stops with a clear error, nothing committed, the next run converges -----------
 
 def test_a_marketo_storm_that_outlasts_the_backoff_stops_the_run_before_any_write(world, slots):
-    slot = slots["marketo_storm_outlasts_backoff"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "marketo_storm_outlasts_backoff")
     before = watermarks(world)
     marketo_fault(world, "rate_limit", 50, path="/rest/v1/leads.json")
 
@@ -213,11 +225,10 @@ def test_a_marketo_storm_that_outlasts_the_backoff_stops_the_run_before_any_writ
 
 
 def test_a_dataverse_5xx_that_outlasts_the_backoff_in_the_first_load_is_carried_by_the_next_run(world, slots):
-    slot = slots["dataverse_5xx_outlasts_backoff_in_load"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "dataverse_5xx_outlasts_backoff_in_load")
     before = watermarks(world)
-    cycle = world.cycle("dataverse_5xx_outlasts_backoff_in_load", dynamics=lambda: world.dynamics(max_attempts=4))
-    manifest = world.stages(cycle, STAGES[:STAGES.index("load_dynamics")])
+    cycle, manifest = run_until(world, "dataverse_5xx_outlasts_backoff_in_load", "load_dynamics",
+                                dynamics=lambda: world.dynamics(max_attempts=4))
     dataverse_fault(world, "server_error", 50, path=API + "contacts")
 
     with pytest.raises(ServiceUnavailable) as failed:
@@ -253,8 +264,7 @@ def _delay_first(client, wanted, fault):
 
 
 def test_slow_marketo_responses_time_out_and_are_retried_without_duplicating_a_create(world, slots):
-    slot = slots["marketo_slow_responses"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "marketo_slow_responses")
     clients = []
 
     def slow_create(method, url, body):
@@ -279,10 +289,9 @@ def test_slow_marketo_responses_time_out_and_are_retried_without_duplicating_a_c
 
 
 def test_slow_dataverse_responses_time_out_and_are_retried_without_duplicating_a_create(world, slots):
-    slot = slots["dataverse_slow_responses"]
-    change_both_sides(world, slot)
-    cycle = world.cycle("dataverse_slow_responses", dynamics=lambda: world.dynamics(timeout=(5, 1.0)))
-    manifest = world.stages(cycle, STAGES[:STAGES.index("load_dynamics")])
+    slot = begin(world, slots, "dataverse_slow_responses")
+    cycle, manifest = run_until(world, "dataverse_slow_responses", "load_dynamics",
+                                dynamics=lambda: world.dynamics(timeout=(5, 1.0)))
     calls = world.dataverse_calls()
     # the create (UpsertMultiple) and the update (UpdateMultiple) answer after 4 s, the first attempt of each:
     # the client gives up at 1 s and sends them again
@@ -301,8 +310,7 @@ def test_slow_dataverse_responses_time_out_and_are_retried_without_duplicating_a
 # -- token expiry mid-paging, on both sides --------------------------------------------------------------------
 
 def test_a_marketo_token_expiring_between_two_pages_of_lead_changes_is_renewed(world, slots):
-    slot = slots["marketo_token_expiry_mid_paging"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "marketo_token_expiry_mid_paging")
     paging = slots["_paging"]
     res = world.marketo().sync_leads([{"id": p, "title": "Paged"} for p in paging], "updateOnly", "id")
     assert (res["status"] == "updated").all()
@@ -349,8 +357,7 @@ class _OneRowPages:
 
 
 def test_a_dataverse_token_expiring_between_two_pages_of_a_delta_read_is_renewed(world, slots):
-    slot = slots["dataverse_token_expiry_mid_paging"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "dataverse_token_expiry_mid_paging")
     expired = []
 
     def expire_after_first_page(resp, *args, **kwargs):
@@ -369,10 +376,8 @@ def test_a_dataverse_token_expiring_between_two_pages_of_a_delta_read_is_renewed
 
 
 def test_tokens_of_both_sides_expiring_between_tasks_are_renewed(world, slots):
-    slot = slots["tokens_expire_between_tasks"]
-    change_both_sides(world, slot)
-    cycle = world.cycle("tokens_expire_between_tasks")
-    manifest = world.stages(cycle, STAGES[:STAGES.index("load_dynamics")])
+    slot = begin(world, slots, "tokens_expire_between_tasks")
+    cycle, manifest = run_until(world, "tokens_expire_between_tasks", "load_dynamics")
     world.marketo_sandbox.fault("expire_tokens")
     world.dataverse_sandbox.admin("POST", "faults", {"kind": "expire_tokens"})
     world.stages(cycle, ["load_dynamics", "load_marketo", "commit"], manifest)
@@ -382,11 +387,10 @@ def test_tokens_of_both_sides_expiring_between_tasks_are_renewed(world, slots):
 # -- crashes between and inside the loads, and in commit -------------------------------------------------------
 
 def test_a_crash_between_the_two_loads_is_finished_by_the_retried_task(world, slots):
-    slot = slots["crash_between_loads_task_retried"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "crash_between_loads_task_retried")
     before = watermarks(world)
-    cycle = world.cycle("crash_between_loads_task_retried", marketo=lambda: world.marketo(max_attempts=3))
-    manifest = world.stages(cycle, STAGES[:STAGES.index("load_marketo")])
+    cycle, manifest = run_until(world, "crash_between_loads_task_retried", "load_marketo",
+                                marketo=lambda: world.marketo(max_attempts=3))
     # the Marketo load's task dies on its first call (its process is killed: no write, nothing committed)
     marketo_fault(world, "server_error", 50, path="/rest/v1/leads.json")
     with pytest.raises(ServiceUnavailable):
@@ -404,8 +408,7 @@ def test_a_crash_between_the_two_loads_is_finished_by_the_retried_task(world, sl
 
 
 def test_a_crash_between_the_two_loads_is_repaired_by_a_new_run_without_duplicates(world, slots):
-    slot = slots["crash_between_loads_new_run"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "crash_between_loads_new_run")
     cycle = world.cycle("crash_between_loads_new_run")
     world.stages(cycle, STAGES[:STAGES.index("load_marketo")])  # then the worker dies; the run is never retried
     marked = world.person(slot.email("marked"))
@@ -419,10 +422,9 @@ def test_a_crash_between_the_two_loads_is_repaired_by_a_new_run_without_duplicat
 
 
 def test_a_crash_in_the_marketo_load_after_its_creates_is_repaired_without_duplicates(world, slots):
-    slot = slots["crash_in_marketo_load_after_creates"]
-    change_both_sides(world, slot)
-    cycle = world.cycle("crash_in_marketo_load_after_creates", dynamics=lambda: world.dynamics(max_attempts=3))
-    manifest = world.stages(cycle, STAGES[:STAGES.index("load_marketo")])
+    slot = begin(world, slots, "crash_in_marketo_load_after_creates")
+    cycle, manifest = run_until(world, "crash_in_marketo_load_after_creates", "load_marketo",
+                                dynamics=lambda: world.dynamics(max_attempts=3))
     # the person for the new contact is created in Marketo; setting the contact's link column then fails
     dataverse_fault(world, "server_error", 50, path=API + "contacts/Microsoft.Dynamics.CRM.UpdateMultiple")
     with pytest.raises(ServiceUnavailable):
@@ -450,12 +452,11 @@ def _failing_commit(world: ModuleWorld, monkeypatch):
 
 
 def test_a_crash_in_commit_rolls_back_and_the_retried_commit_converges(world, slots, monkeypatch):
-    slot = slots["crash_in_commit_task_retried"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "crash_in_commit_task_retried")
     before = watermarks(world)
     links_before = len(world.store().load_links())
-    cycle = world.cycle("crash_in_commit_task_retried", store=_failing_commit(world, monkeypatch))
-    manifest = world.stages(cycle, STAGES[:STAGES.index("commit")])
+    cycle, manifest = run_until(world, "crash_in_commit_task_retried", "commit",
+                                store=_failing_commit(world, monkeypatch))
     with pytest.raises(RuntimeError, match="in the middle of the commit"):
         world.stages(cycle, ["commit"], manifest)
     # one transaction: nothing of it stayed
@@ -472,8 +473,7 @@ def test_a_crash_in_commit_rolls_back_and_the_retried_commit_converges(world, sl
 
 
 def test_a_crash_in_commit_never_retried_is_repaired_by_the_next_run_without_duplicates(world, slots, monkeypatch):
-    slot = slots["crash_in_commit_new_run"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "crash_in_commit_new_run")
     cycle = world.cycle("crash_in_commit_new_run", store=_failing_commit(world, monkeypatch))
     with pytest.raises(RuntimeError, match="in the middle of the commit"):
         cycle.run_all()
@@ -489,8 +489,7 @@ def test_a_crash_in_commit_never_retried_is_repaired_by_the_next_run_without_dup
 
 
 def test_loads_retried_after_they_succeeded_create_nothing_twice_and_report_the_same(world, slots):
-    slot = slots["loads_retried_after_they_succeeded"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "loads_retried_after_they_succeeded")
     cycle = world.cycle("loads_retried_after_they_succeeded")
     first = world.stages(cycle, STAGES[:STAGES.index("commit")])
     # both load tasks went through, but their workers died before Airflow saw them finish: both are retried
@@ -508,8 +507,7 @@ def test_loads_retried_after_they_succeeded_create_nothing_twice_and_report_the_
 
 
 def test_a_commit_retried_after_it_committed_records_nothing_twice(world, slots):
-    slot = slots["commit_retried_after_it_committed"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "commit_retried_after_it_committed")
     # and a value Dynamics refuses, so the run also opens a sync error
     world.dataverse_sandbox.admin("PUT", "rules", [{"entity": "contact", "column": "address1_city", "op": "forbid",
                                                     "values": ["Nowhere"], "message": "Nowhere is not a city."}])
@@ -548,8 +546,7 @@ def test_the_daily_quota_running_out_mid_cycle_stops_at_once_and_loses_nothing(w
     from mdsync.results import RunManifest
     from mdsync_airflow import runtime
 
-    slot = slots["daily_quota_mid_cycle"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "daily_quota_mid_cycle")
     before = watermarks(world)
     ctx = airflow_context("manual__daily-quota", started_at=datetime.now(timezone.utc))
     runtime.hold_lease(ctx)
@@ -603,8 +600,7 @@ def test_a_state_store_lost_between_cycles_is_rebuilt_from_the_link_fields_witho
 
 
 def test_an_expired_delta_token_falls_back_to_a_full_read_without_duplicates(world, slots):
-    slot = slots["expired_delta_token"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "expired_delta_token")
     old = world.store().watermark("dynamics", "contact").token
     contacts = world.dynamics().query("contacts", ["contactid"])
     world.dataverse_sandbox.admin("POST", "faults", {"kind": "expire_delta_tokens"})
@@ -620,10 +616,8 @@ def test_an_expired_delta_token_falls_back_to_a_full_read_without_duplicates(wor
 # -- edits at the window edge ----------------------------------------------------------------------------------
 
 def test_edits_made_while_a_cycle_runs_are_synced_by_the_next_one_and_overlap_rereads_are_harmless(world, slots):
-    slot = slots["edits_at_the_window_edge"]
-    change_both_sides(world, slot)
-    cycle = world.cycle("edits_at_the_window_edge")
-    manifest = world.stages(cycle, STAGES[:STAGES.index("identify")])
+    slot = begin(world, slots, "edits_at_the_window_edge")
+    cycle, manifest = run_until(world, "edits_at_the_window_edge", "identify")
     # right after both extracts (inside this window, after its reads): one more edit on each side
     world.set_person(slot.contact_pid, city="Edge City")
     world.set_row("leads", slot.lead_id, address1_city="Edge Town")
@@ -642,10 +636,8 @@ def test_edits_made_while_a_cycle_runs_are_synced_by_the_next_one_and_overlap_re
                    "is about to write, is overwritten by the load (UpdateMultiple has no optimistic concurrency; a fix "
                    "needs If-Match on the row version per record in mdsync/dynamics/writes.py and a re-plan)")
 def test_a_dynamics_edit_racing_the_load_on_the_same_field_is_not_lost(world, slots):
-    slot = slots["edit_racing_the_load"]
-    change_both_sides(world, slot)
-    cycle = world.cycle("edit_racing_the_load")
-    manifest = world.stages(cycle, STAGES[:STAGES.index("load_dynamics")])
+    slot = begin(world, slots, "edit_racing_the_load")
+    cycle, manifest = run_until(world, "edit_racing_the_load", "load_dynamics")
     world.set_row("leads", slot.lead_id, jobtitle="Edited in Dynamics meanwhile")  # after the extract, before load
     world.stages(cycle, ["load_dynamics", "load_marketo", "commit"], manifest)
     world.run("edit_racing_the_load-next")
@@ -733,8 +725,7 @@ def lease_env(world, monkeypatch):
 
 
 def test_two_cycles_started_together_run_one_after_the_other(world, slots, lease_env):
-    slot = slots["two_cycles_started_together"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "two_cycles_started_together")
     now = datetime.now(timezone.utc)
     runs = [airflow_context("manual__two-together-1", started_at=now),
             airflow_context("manual__two-together-2", started_at=now)]
@@ -752,8 +743,7 @@ def test_two_cycles_started_together_run_one_after_the_other(world, slots, lease
 
 
 def test_a_backfill_beside_a_scheduled_run_waits_its_turn_and_never_moves_a_watermark_back(world, slots, lease_env):
-    slot = slots["backfill_beside_scheduled_run"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "backfill_beside_scheduled_run")
     now = datetime.now(timezone.utc).replace(second=0, microsecond=0)
     window = now - timedelta(minutes=now.minute % 5)
     scheduled = airflow_context(f"scheduled__{window.isoformat()}", run_type="scheduled",
@@ -778,8 +768,7 @@ def test_a_run_whose_worker_dies_holding_the_lease_is_taken_over_and_fenced_off(
     from mdsync.results import RunManifest
     from mdsync_airflow import runtime
 
-    slot = slots["lease_holder_dies"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "lease_holder_dies")
     monkeypatch.setenv("MDSYNC_LEASE_TTL_SECONDS", "3")
     now = datetime.now(timezone.utc)
     dead = airflow_context("manual__dies-holding-the-lease", started_at=now)
@@ -804,8 +793,7 @@ def test_a_run_whose_worker_dies_holding_the_lease_is_taken_over_and_fenced_off(
 # -- bulk jobs -------------------------------------------------------------------------------------------------
 
 def test_a_failed_bulk_export_in_a_full_reconcile_stops_the_run_and_the_next_one_converges(world, slots):
-    slot = slots["marketo_bulk_export_fails"]
-    change_both_sides(world, slot)
+    slot = begin(world, slots, "marketo_bulk_export_fails")
     before = watermarks(world)
     marketo_fault(world, "job_failure", 1, path="/bulk/v1/leads/export")
 
