@@ -71,9 +71,8 @@ def _records(rows) -> list[dict]:
     """
     if isinstance(rows, pd.DataFrame):
         return _frame_records(rows)
-    plain = _PLAIN
-    return [row if all(type(v) in plain for v in row.values()) else {k: _clean(v) for k, v in row.items()}
-            for row in rows]
+    plain = _PLAIN.issuperset
+    return [row if plain(map(type, row.values())) else {k: _clean(v) for k, v in row.items()} for row in rows]
 
 
 def _frame_records(frame: pd.DataFrame) -> list[dict]:
