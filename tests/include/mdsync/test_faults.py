@@ -26,7 +26,6 @@ from mdsync.cycle import STAGES
 from mdsync.errors import ServiceError, ServiceUnavailable
 from mdsync_airflow.failfast import fail_fast
 from tests.fixtures.module_world import ModuleWorld, airflow_context, module_world
-from tests.fixtures.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -105,10 +104,14 @@ def _no_fault_left_behind(world):
 # -- the four changes every case makes, and their end state ---------------------------------------------------
 
 def change_both_sides(world: ModuleWorld, slot: Slot) -> None:
-    world.set_person(slot.lead_pid, title=slot.title_m)                       # Marketo -> Dynamics (a lead)
+    # in Marketo, in one call: the lead's person retitled (-> Dynamics), a new person marked for sync (-> Dynamics)
+    res = world.marketo().sync_leads([
+        {"email": slot.email("lead"), "title": slot.title_m},
+        {"email": slot.email("marked"), "firstName": "K", "lastName": slot.name, "title": "Marked",
+         "syncToDynamics": True, "dynamicsSyncAs": "contact"}], action="createOrUpdate")
+    assert res["status"].tolist() == ["updated", "created"], res.to_dict("records")
     world.set_row("contacts", slot.contact_id, jobtitle=slot.title_d)        # Dynamics -> Marketo (a contact)
     world.new_row("contacts", emailaddress1=slot.email("new"), firstname="N", lastname=slot.name)  # -> Marketo
-    world.mark(slot.email("marked"), "contact", firstName="K", lastName=slot.name, title="Marked")  # -> Dynamics
 
 
 def begin(world: ModuleWorld, slots: dict, name: str) -> Slot:
@@ -271,11 +274,11 @@ def test_slow_marketo_responses_time_out_and_are_retried_without_duplicating_a_c
         return method == "POST" and "/rest/v1/leads.json" in url and b'"createOnly"' in (body or b"")
 
     def marketo():
-        # the person for the new contact (Sync Leads createOnly) answers after 4 s; the client gives up at 1 s and
-        # sends it again; the slow request lands after the retry created the person, in vain
-        client = world.marketo(timeout=(5, 1.0))
+        # the person for the new contact (Sync Leads createOnly) answers after 2.5 s; the client gives up at 0.75 s
+        # and sends it again; the slow request lands after the retry created the person, in vain
+        client = world.marketo(timeout=(5, 0.75))
         clients.append(_delay_first(client, slow_create, lambda: marketo_fault(
-            world, "delay", 1, path="/rest/v1/leads.json", seconds=4)))
+            world, "delay", 1, path="/rest/v1/leads.json", seconds=2.5)))
         return client
 
     delays = world.marketo_injected().get("delay", 0)
@@ -291,12 +294,12 @@ def test_slow_marketo_responses_time_out_and_are_retried_without_duplicating_a_c
 def test_slow_dataverse_responses_time_out_and_are_retried_without_duplicating_a_create(world, slots):
     slot = begin(world, slots, "dataverse_slow_responses")
     cycle, manifest = run_until(world, "dataverse_slow_responses", "load_dynamics",
-                                dynamics=lambda: world.dynamics(timeout=(5, 1.0)))
+                                dynamics=lambda: world.dynamics(timeout=(5, 0.75)))
     calls = world.dataverse_calls()
-    # the create (UpsertMultiple) and the update (UpdateMultiple) answer after 4 s, the first attempt of each:
-    # the client gives up at 1 s and sends them again
-    dataverse_fault(world, "delay", 1, path=API + "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", seconds=4)
-    dataverse_fault(world, "delay", 1, path=API + "leads/Microsoft.Dynamics.CRM.UpdateMultiple", seconds=4)
+    # the create (UpsertMultiple) and the update (UpdateMultiple) answer after 2.5 s, the first attempt of each:
+    # the client gives up at 0.75 s and sends them again
+    dataverse_fault(world, "delay", 1, path=API + "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", seconds=2.5)
+    dataverse_fault(world, "delay", 1, path=API + "leads/Microsoft.Dynamics.CRM.UpdateMultiple", seconds=2.5)
     world.stages(cycle, ["load_dynamics", "load_marketo", "commit"], manifest)
     world.settle()
 
@@ -732,8 +735,8 @@ def test_two_cycles_started_together_run_one_after_the_other(world, slots, lease
 
     reports, timeline = _run_together(runs)
 
-    (a0, a1), (b0, b1) = sorted(_spans(timeline).values())
-    assert a1 < b0, "the two cycles interleaved"
+    first_span, second_span = sorted(_spans(timeline).values())
+    assert first_span[1] < second_span[0], "the two cycles interleaved"
     # the work was done once: one of them created and wrote, the other found everything in sync
     first, second = sorted(reports, key=lambda r: -r["created"])
     assert first["created"] == 2 and first["written"]["dynamics"] >= 1 and first["written"]["marketo"] >= 1
