@@ -4,8 +4,11 @@ A real HTTPS server on loopback (CA made with trustme on first start and kept in
 SQLite, answering what unmodified MSAL and the sync's client use:
 
 - Entra ID: ``GET /<tenant>/v2.0/.well-known/openid-configuration``, ``POST /<tenant>/oauth2/v2.0/token``
-  (client credentials, password and refresh-token grants; expiring tokens) and ``GET /common/userrealm/<user>``
-  (a managed domain, so MSAL's password grant goes straight to the token endpoint).
+  (client credentials, password and refresh-token grants; expiring tokens), ``GET /common/userrealm/<user>``
+  (a managed domain, so MSAL's password grant goes straight to the token endpoint) and ``GET
+  /common/discovery/instance`` (MSAL's ``instance_discovery=<url>``: the sandbox host is the one known
+  instance, others get ``invalid_instance``). Errors carry Entra ID's body: ``error``, ``error_description``
+  (``AADSTS<n>: ...``), ``error_codes``, ``timestamp``, ``trace_id``, ``correlation_id``, ``error_uri``.
 - ``/api/data/v9.2/`` for ``contacts``, ``leads`` and ``accounts`` (columns, types, MaxLength and option sets
   generated from the entity reference into ``schema.json``): ``$select``, ``$filter`` (odata-query ->
   SQLAlchemy), ``$orderby``, ``$top``, ``$count``, ``Prefer: odata.maxpagesize`` with paging cookies in
@@ -37,9 +40,14 @@ Admin API (JSON, no auth, under ``/_sandbox``):
   /_sandbox/concurrency/reset`` starts a new peak; ``PUT /_sandbox/concurrency`` ``{"dop_hint": n | null}``
   changes the hint (until ``/_sandbox/reset``).
 - ``POST /_sandbox/faults`` ``{"kind", "count", "path_prefix", "seconds"}``: ``throttle`` (429,
-  ``Retry-After: seconds``), ``server_error`` (500), ``delay`` (sleep ``seconds`` then serve) for the next
-  ``count`` matching Web API calls; ``expire_tokens`` (every token issued so far now answers 401) and
-  ``expire_delta_tokens`` (every delta link issued so far is expired) apply at once. ``DELETE`` clears.
+  ``Retry-After: seconds``), ``server_error`` (500), ``unavailable`` (503, ``Retry-After``), ``delay`` (sleep
+  ``seconds`` then serve) for the next ``count`` matching calls; ``expire_tokens`` (every token issued so far
+  now answers 401) and ``expire_delta_tokens`` (every delta link issued so far is expired) apply at once.
+  Without ``path_prefix`` a fault hits Web API calls only; a prefix (starting with ``/``) picks the calls it
+  hits, Entra ID endpoints included (``/<tenant>/oauth2/v2.0/token``, ``/<tenant>/v2.0/.well-known/``,
+  ``/common/discovery/instance``, ``/common/userrealm/``; ``/`` is every call). There the faults answer as
+  Entra ID does: 429 ``temporarily_unavailable`` (AADSTS90024), 503 ``temporarily_unavailable``
+  (AADSTS90033), 500 ``server_error`` (AADSTS50000). ``DELETE`` clears.
 - ``PUT /_sandbox/security`` ``{"secured_columns": {"contact": ["jobtitle"]}, "readable": {"contact": [...]},
   "updatable": {...}, "creatable": {...}}``: secured columns, and which of them the sync user's field
   security profile allows (create defaults to update). Nothing is secured by default. ``GET`` reads it.

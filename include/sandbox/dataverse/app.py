@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import math
 import re
 import threading
 import time
 import urllib.parse
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -77,9 +79,14 @@ class Protection:
 
 
 class Faults:
-    """Faults injected through the admin API, consumed by matching requests in order."""
+    """Faults injected through the admin API, consumed by matching requests in order.
 
-    KINDS = ("throttle", "server_error", "delay", "expire_tokens", "expire_delta_tokens")
+    A fault's ``path_prefix`` says which requests it hits. Empty (the default) means every Web API request,
+    as before; a prefix outside ``/api/data`` (``/<tenant>/oauth2/v2.0/token``, ``/<tenant>/v2.0/.well-known``,
+    ``/common/discovery/instance``, ``/common/userrealm``) targets the Entra ID endpoints, and ``/`` both.
+    """
+
+    KINDS = ("throttle", "server_error", "unavailable", "delay", "expire_tokens", "expire_delta_tokens")
 
     def __init__(self) -> None:
         self.queue: list[dict] = []
@@ -88,17 +95,22 @@ class Faults:
     def add(self, fault: dict) -> dict:
         if fault.get("kind") not in self.KINDS:
             raise DataverseError(400, E.PAYLOAD, f"fault kind must be one of {self.KINDS}, got {fault.get('kind')!r}")
+        prefix = fault.get("path_prefix") or ""
+        if not isinstance(prefix, str) or (prefix and not prefix.startswith("/")):
+            raise DataverseError(400, E.PAYLOAD, f"fault path_prefix must be a path starting with '/', got {prefix!r}")
         entry = {"kind": fault["kind"], "count": int(fault.get("count", 1)), "seconds": float(fault.get("seconds", 1)),
-                 "path_prefix": fault.get("path_prefix") or ""}
+                 "path_prefix": prefix}
         with self.lock:
             self.queue.append(entry)
         return entry
 
-    def take(self, path: str) -> dict | None:
-        """The next throttle / server_error / delay fault that applies to ``path`` (and use one of its count)."""
+    def take(self, path: str, identity: bool = False) -> dict | None:
+        """The next throttle / server_error / unavailable / delay fault that applies to ``path`` (and use one
+        of its count). ``identity``: an Entra ID endpoint, which only a fault naming a prefix reaches."""
         with self.lock:
             for fault in self.queue:
-                if fault["count"] > 0 and path.startswith(fault["path_prefix"]):
+                prefix = fault["path_prefix"]
+                if fault["count"] > 0 and path.startswith(prefix) and (prefix or not identity):
                     fault["count"] -= 1
                     if fault["count"] == 0:
                         self.queue.remove(fault)
@@ -108,6 +120,38 @@ class Faults:
     def clear(self) -> None:
         with self.lock:
             self.queue.clear()
+
+
+def entra_error(status: int, error: str, code: int, text: str, headers: dict | None = None) -> JSONResponse:
+    """An Entra ID (v2.0 endpoints) error answer: ``error``, ``error_description`` starting ``AADSTS<code>:``,
+    ``error_codes``, ``timestamp``, ``trace_id``, ``correlation_id`` and ``error_uri``.
+
+    Real descriptions also end with ``\r\nTrace ID: ...`` lines; they are left out so a client's one-line
+    error messages stay one line (the ids are in their own fields).
+    """
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    body = {"error": error, "error_description": f"AADSTS{code}: {text}", "error_codes": [code],
+            "timestamp": stamp, "trace_id": str(uuid.uuid4()), "correlation_id": str(uuid.uuid4()),
+            "error_uri": f"https://login.microsoftonline.com/error?code={code}"}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _retry_after(fault: dict) -> dict:
+    return {"Retry-After": str(max(0, math.ceil(fault["seconds"])))}
+
+
+def entra_fault(fault: dict) -> JSONResponse | None:
+    """The answer Entra ID gives in place of a request hit by an injected fault (None: serve it)."""
+    if fault["kind"] == "throttle":  # Entra ID throttles token requests with 429 and Retry-After
+        return entra_error(429, "temporarily_unavailable", 90024, "A transient error has occurred. Try again "
+                           "(too many requests; injected fault).", _retry_after(fault))
+    if fault["kind"] == "unavailable":
+        return entra_error(503, "temporarily_unavailable", 90033, "A transient error has occurred. Please try "
+                           "again (injected fault).", _retry_after(fault))
+    if fault["kind"] == "server_error":
+        return entra_error(500, "server_error", 50000, "There was an error issuing a token or an issue with our "
+                           "sign-in service (injected fault).")
+    return None
 
 
 #: the sandbox's recommended degree of parallelism (``x-ms-dop-hint``): one SQLite writer, so a few requests
@@ -145,11 +189,22 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     # Entra ID ---------------------------------------------------------------------------------------------
+    async def identity_fault(path: str) -> JSONResponse | None:
+        """Apply an injected fault to an Entra ID request: its error answer, or None once a delay is over."""
+        fault = faults.take(path, identity=True)
+        if fault and fault["kind"] == "delay":
+            await asyncio.sleep(fault["seconds"])
+            return None
+        return entra_fault(fault) if fault else None
+
     @app.get("/{tenant}/v2.0/.well-known/openid-configuration")
-    def openid_configuration(tenant: str):
+    async def openid_configuration(tenant: str):
+        failed = await identity_fault(f"/{tenant}/v2.0/.well-known/openid-configuration")
+        if failed is not None:
+            return failed
         if tenant != identity.tenant_id:
-            return JSONResponse({"error": "invalid_tenant", "error_description": f"AADSTS90002: Tenant '{tenant}' "
-                                 "not found."}, status_code=400)
+            return entra_error(400, "invalid_tenant", 90002, f"Tenant '{tenant}' not found. Check to make sure you "
+                               "have the correct tenant ID and are signing into the correct cloud.")
         base = f"{org_url}/{tenant}"
         return {"token_endpoint": f"{base}/oauth2/v2.0/token", "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
                 "issuer": f"{base}/v2.0", "jwks_uri": f"{base}/discovery/v2.0/keys",
@@ -157,8 +212,29 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
                 "grant_types_supported": ["client_credentials", "password", "refresh_token"],
                 "response_types_supported": ["code", "id_token", "token id_token"], "tenant_region_scope": "EU"}
 
+    @app.get("/common/discovery/instance")
+    async def instance_discovery(request: Request):
+        # What MSAL asks when told to validate the authority (instance_discovery=<this URL>): the sandbox's
+        # own host is the one instance it knows.
+        failed = await identity_fault("/common/discovery/instance")
+        if failed is not None:
+            return failed
+        endpoint = request.query_params.get("authorization_endpoint", "")
+        parts = urllib.parse.urlsplit(endpoint)
+        host = urllib.parse.urlsplit(org_url).netloc
+        m = re.fullmatch(r"/([^/]+)/oauth2(?:/v2\.0)?/authorize", parts.path)
+        # MSAL names the instance by host name only (the port dropped, as for the user realm)
+        if parts.scheme != "https" or parts.hostname != urllib.parse.urlsplit(org_url).hostname or not m:
+            return entra_error(400, "invalid_instance", 50049, "Unknown or invalid instance.")
+        return {"tenant_discovery_endpoint": f"{org_url}/{m.group(1)}/v2.0/.well-known/openid-configuration",
+                "api-version": request.query_params.get("api-version", "1.1"),
+                "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}]}
+
     @app.get("/common/userrealm/{username}")
-    def user_realm(username: str):
+    async def user_realm(username: str):
+        failed = await identity_fault(f"/common/userrealm/{username}")
+        if failed is not None:
+            return failed
         # A managed (not federated) domain: MSAL continues with a plain password grant.
         domain = username.rpartition("@")[2]
         return {"ver": "1.0", "account_type": "Managed", "domain_name": domain,
@@ -167,43 +243,46 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
     @app.post("/{tenant}/oauth2/v2.0/token")
     async def token(tenant: str, request: Request):
         count("POST", f"/{tenant}/oauth2/v2.0/token")
+        failed = await identity_fault(f"/{tenant}/oauth2/v2.0/token")
+        if failed is not None:
+            return failed
         form = dict(urllib.parse.parse_qsl((await request.body()).decode()))
         return _token_response(tenant, form, request.headers.get("authorization"))
 
     def _token_response(tenant: str, form: dict, basic: str | None):
-        def fail(code: str, text: str, status: int = 400):
-            return JSONResponse({"error": code, "error_description": text}, status_code=status)
+        def fail(error: str, code: int, text: str, status: int = 400):
+            return entra_error(status, error, code, text)
 
         if tenant != identity.tenant_id:
-            return fail("invalid_request", f"AADSTS90002: Tenant '{tenant}' not found.")
+            return fail("invalid_request", 90002, f"Tenant '{tenant}' not found.")
         client_id, secret = form.get("client_id"), form.get("client_secret")
         if client_id != identity.client_id:
-            return fail("unauthorized_client", f"AADSTS700016: Application with identifier '{client_id}' was not "
+            return fail("unauthorized_client", 700016, f"Application with identifier '{client_id}' was not "
                         "found in the directory.")
         if secret != identity.client_secret:
-            return fail("invalid_client", "AADSTS7000215: Invalid client secret provided.", 401)
+            return fail("invalid_client", 7000215, "Invalid client secret provided.", 401)
         scopes = form.get("scope", "").split()
         resource = next((s[: -len("/.default")] for s in scopes if s.endswith("/.default")), None)
         grant = form.get("grant_type")
         if grant != "refresh_token" and resource != org_url:
-            return fail("invalid_scope", f"AADSTS500011: The resource principal named {resource} was not found in "
+            return fail("invalid_scope", 500011, f"The resource principal named {resource} was not found in "
                         f"the tenant. Use scope '{org_url}/.default'.")
         if grant == "client_credentials":
             return tokens.issue(audience=org_url, subject=identity.application_user_id, app_id=client_id,
                                 scope=form.get("scope", ""), with_user=False)
         if grant == "password":
             if form.get("username", "").lower() != identity.username or form.get("password") != identity.user_password:
-                return fail("invalid_grant", "AADSTS50126: Error validating credentials due to invalid username or "
+                return fail("invalid_grant", 50126, "Error validating credentials due to invalid username or "
                             "password.")
             return tokens.issue(audience=org_url, subject=identity.interactive_user_id, app_id=client_id,
                                 scope=form.get("scope", ""), with_user=True)
         if grant == "refresh_token":
             subject = tokens.refresh_tokens.pop(form.get("refresh_token", ""), None)
             if subject is None:
-                return fail("invalid_grant", "AADSTS70008: The provided refresh token has expired or is invalid.")
+                return fail("invalid_grant", 70008, "The provided refresh token has expired or is invalid.")
             return tokens.issue(audience=org_url, subject=subject, app_id=client_id, scope=form.get("scope", ""),
                                 with_user=True)
-        return fail("unsupported_grant_type", f"AADSTS70003: grant_type '{grant}' is not supported.")
+        return fail("unsupported_grant_type", 70003, f"grant_type '{grant}' is not supported.")
 
     # Web API ----------------------------------------------------------------------------------------------
     @app.api_route(API + "{path:path}", methods=["GET", "POST", "PATCH", "DELETE"])
@@ -220,10 +299,12 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
         fault = faults.take(API + path)
         if fault and fault["kind"] == "throttle":
             return error(DataverseError(429, E.THROTTLE_REQUESTS, "Number of requests exceeded the limit of 6000 "
-                                        "over time window of 300 seconds.",
-                                        {"Retry-After": str(max(0, math.ceil(fault["seconds"])))}))
+                                        "over time window of 300 seconds.", _retry_after(fault)))
         elif fault and fault["kind"] == "server_error":
             return error(DataverseError(500, E.SERVER, "An unexpected error occurred (injected fault)."))
+        elif fault and fault["kind"] == "unavailable":
+            return error(DataverseError(503, E.SERVER, "The service is temporarily unavailable (injected fault).",
+                                        _retry_after(fault)))
         try:
             user = tokens.check(request.headers.get("authorization"), org_url)
             protection.enter(user)
