@@ -11,6 +11,8 @@ scheduler also picks up, so some tasks would run twice. With no scheduler, the r
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -53,7 +55,9 @@ def _load_dag(dag_folder: str | None):
     from airflow.dag_processing.dagbag import DagBag
 
     folder = dag_folder or os.environ.get("AIRFLOW__CORE__DAGS_FOLDER")
-    bag = DagBag(dag_folder=folder) if folder else DagBag()
+    # "Filling up the DagBag" goes to stdout: noise in front of an input error's one line
+    with contextlib.redirect_stdout(io.StringIO()):
+        bag = DagBag(dag_folder=folder) if folder else DagBag()
     if bag.import_errors:
         raise RuntimeError(f"the DAG folder has import errors: {bag.import_errors}")
     dag = bag.get_dag(DAG_ID)
@@ -95,10 +99,22 @@ def _outcome(run_id: str) -> Outcome:
         return Outcome("deferred", run_id, line)
 
 
-def run_in_process(conf: dict, dag_folder: str | None = None) -> Outcome:
+def check_conf(conf: dict, dag) -> None:
+    """Refuse run parameters the DAG does not declare, or of the wrong kind, before any run is made (one line,
+    exit status 2): the same check the tasks make, so a typo never becomes a failed run in the UI."""
+    from mdsync.errors import ConfigError
+    from mdsync_airflow.params import validate_conf
+
+    try:
+        validate_conf(conf, dag.params)
+    except ConfigError as exc:
+        raise InputError(f"{exc}; e.g. {EXAMPLE}") from None
+
+
+def run_in_process(conf: dict, dag_folder: str | None = None, dag=None) -> Outcome:
     """The run in this process with ``dag.test()`` (no scheduler needed). Ctrl-C gives back the cycle lease
     this process holds (its teardown cannot run)."""
-    dag = _load_dag(dag_folder)
+    dag = dag or _load_dag(dag_folder)
     try:
         run = dag.test(run_conf=conf)
     except KeyboardInterrupt:
@@ -181,10 +197,13 @@ def run_once(conf: dict | None = None, dag_folder: str | None = None) -> str:
 
 
 def run(conf: dict, dag_folder: str | None = None, say=print) -> Outcome:
+    """One run now; bad parameters are refused first (:class:`InputError`), whoever would run it."""
+    dag = _load_dag(dag_folder)
+    check_conf(conf, dag)
     scheduler = live_scheduler()
     if scheduler is not None:
         return run_through_scheduler(conf, scheduler, say=say)
-    return run_in_process(conf, dag_folder)
+    return run_in_process(conf, dag=dag)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,26 @@ def test_bad_conf_is_one_line_and_exit_status_2(conf, why, capsys):
     assert out.err.startswith(f"error: {why}") and """make sync CONF='{"dry_run": true}'""" in out.err
 
 
+@pytest.mark.parametrize("conf, why", [
+    ('{"person_id": [12]}', "unknown run parameter 'person_id' (did you mean 'person_ids'?); the valid ones are"),
+    ('{"dry_run": "yes"}', "run parameter dry_run: 'yes' is not valid, expected true or false"),
+    ('{"person_ids": ["a"]}', "run parameter person_ids[0]: 'a' is not valid, expected a whole number (person_ids = ['a'])"),
+])
+def test_bad_run_parameters_are_refused_before_any_run_is_made(conf, why, capsys, airflow_db):
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        before = session.scalar(sa.select(sa.func.count()).select_from(DagRun).where(DagRun.dag_id == run_once.DAG_ID))
+    assert run_once.main(["--conf", conf]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and len(out.err.splitlines()) == 1
+    assert out.err.startswith(f"error: {why}"), out.err
+    with create_session() as session:
+        after = session.scalar(sa.select(sa.func.count()).select_from(DagRun).where(DagRun.dag_id == run_once.DAG_ID))
+    assert after == before  # refused up front: no failed run to find in the UI
+
+
 @pytest.fixture
 def scheduler(airflow_db):
     """A scheduler alive on the test metadata database (its job row, heartbeating now) and the DAG known to it."""
