@@ -19,6 +19,18 @@ SQLite, answering what unmodified MSAL and the sync's client use:
   ``EntityDefinitions`` attribute metadata (with type casts and option sets); ``WhoAmI``, the sync user's
   field security profile (``systemusers(<id>)/systemuserprofiles_association``) and ``fieldpermissions``;
   ``QualifyLead`` and ``Merge``.
+- ``Merge`` as documented: ``UpdateContent`` validated and applied to the target (its version and
+  ``modifiedon`` move even without content); the subordinate deactivated (contact and account statecode 1 /
+  statuscode 2; lead 2 / 7 "Canceled") with ``_masterid_value`` = the target and ``merged`` true (both
+  read-only; ``merged`` is false on every other row); rows pointing at the subordinate moved to the target
+  where the relationship's merge cascades (an account's contacts and leads, a contact's leads and child
+  contacts, a lead's originated contacts and accounts; ``masterid`` itself does not), each a change in
+  delta reads. ``PerformParentingChecks`` (required) refuses a subordinate whose parent (contact
+  ``parentcustomerid``, lead ``parentaccountid`` / ``parentcontactid``) is set and differs from the
+  target's. Inactive, identical or mixed-type records are refused with the platform's messages.
+- Deleting a row applies its relationships' delete behaviour to the rows pointing at it: ``Cascade``
+  deletes them too (an account's contacts), ``RemoveLink`` clears the lookup (a change in delta reads).
+  Relationship cascades come from the entity reference's one-to-many relationships (``schema.json``).
 - Validation with the real error shape: MaxLength, types and option values, read-only columns,
   SystemRequired columns, and business rules; field-level security (a secured column the sync user may not
   read is absent from results, and 403 in a filter; an update to one it may not update is a 403).

@@ -3,8 +3,9 @@
 Run ``python -m sandbox.dataverse.build_schema /work/shared/reference/dataverse/entities`` after the
 reference pages change. The sandbox itself reads only the generated JSON, so it runs without the
 reference folder. A realistic subset is kept: every text, memo, choice, yes/no, whole-number and
-date column the sync could map, the state/status pair, the row version, the primary id and the few
-lookups the lead lifecycle needs; money, images and internal plumbing columns are left out.
+date column the sync could map, the state/status pair, the row version, the primary id, the few
+lookups the lead lifecycle and merges need (with the merge / delete cascade of their relationships) and
+the ``merged`` flag; money, images and internal plumbing columns are left out.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from pathlib import Path
 ENTITIES = ("contact", "lead", "account")
 KEPT_TYPES = {"String", "Memo", "Picklist", "Boolean", "State", "Status", "Integer", "DateTime", "BigInt"}
 # Lookups kept per entity (DESIGN §3 and the lead lifecycle): stored as ``_<name>_value``.
+# ``masterid``: the record a merged (subordinate) record was merged into.
 KEPT_LOOKUPS = {
-    "contact": {"parentcustomerid", "originatingleadid"},
-    "lead": {"parentaccountid", "parentcontactid"},
-    "account": {"primarycontactid", "originatingleadid"},
+    "contact": {"parentcustomerid", "originatingleadid", "masterid"},
+    "lead": {"parentaccountid", "parentcontactid", "masterid"},
+    "account": {"primarycontactid", "originatingleadid", "masterid"},
 }
 SKIPPED = re.compile(
     r"^(yomi|address3_|traversedpath|stageid|processid|entityimage|timezoneruleversionnumber|"
     r"utcconversiontimezonecode|importsequencenumber|overriddencreatedon|exchangerate|onholdtime|"
-    r"lastonholdtime|.*_addressid$|.*_utcoffset$|.*_composite$|merged$|isprivate$|isautocreate$|"
+    r"lastonholdtime|.*_addressid$|.*_utcoffset$|.*_composite$|isprivate$|isautocreate$|"
     r"isbackofficecustomer$|participatesinworkflow$|subscriptionid$|externaluseridentifier$)"
 )
 # The product's link column (DESIGN §3), added to contact and lead with its alternate key.
@@ -36,7 +38,39 @@ LINK_COLUMN = {
 }
 
 _FIELD = re.compile(r"^\*\*(\w+)\*\*:\s*(.*?)(<br />)?\s*$")
+_CASCADE = re.compile(r"^- \*\*(Merge|Delete)\*\*: (\w+)\s*$")
 _OPTION = re.compile(r"^- \*\*(?:TrueOption |FalseOption )?Value\*\*: (-?\d+) \*\*Label\*\*: (.+?)(?: \*\*(?:State|DefaultStatus)\*\*: (\d+))?(?: \*\*InvariantName\*\*.*)?$")
+
+
+def parse_relationships(path: Path) -> list[dict]:
+    """The one-to-many relationships of an entity page: ``ReferencingEntity``, ``ReferencingAttribute`` and
+    the ``Merge`` / ``Delete`` cascade of each (what a merge or delete of the referenced row does to the
+    rows that point at it)."""
+    out: list[dict] = []
+    section = ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+        elif section == "One-To-Many Relationships" and line.startswith("### "):
+            out.append({})
+        elif section == "One-To-Many Relationships" and out:
+            m = _FIELD.match(line) or _CASCADE.match(line.strip())
+            if m:
+                out[-1][m.group(1)] = m.group(2).strip()
+    return [r for r in out if "ReferencingEntity" in r and "ReferencingAttribute" in r]
+
+
+def add_cascades(schema: dict, folder: Path) -> None:
+    """Record on each kept lookup how a merge and a delete of the row it points at cascade to it:
+    ``"cascade": {"<referenced entity>": {"merge": "Cascade"|"NoCascade", "delete": "Cascade"|"RemoveLink"|...}}``."""
+    for referenced in schema:
+        for rel in parse_relationships(folder / f"{referenced}.md"):
+            spec = schema.get(rel["ReferencingEntity"])
+            col = next((c for c in spec["columns"] if c["logical_name"] == rel["ReferencingAttribute"]), None) \
+                if spec else None
+            if col is not None and col["type"] in ("Lookup", "Customer"):
+                col.setdefault("cascade", {})[referenced] = {"merge": rel.get("Merge", "NoCascade"),
+                                                             "delete": rel.get("Delete", "RemoveLink")}
 
 
 def parse_entity(path: Path, entity: str) -> dict:
@@ -116,6 +150,7 @@ def main(argv: list[str]) -> None:
     """Write ``schema.json`` next to this module from the reference folder named in ``argv[1]``."""
     folder = Path(argv[1])
     schema = {e: parse_entity(folder / f"{e}.md", e) for e in ENTITIES}
+    add_cascades(schema, folder)
     target = Path(__file__).with_name("schema.json")
     target.write_text(json.dumps(schema, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for entity, spec in schema.items():

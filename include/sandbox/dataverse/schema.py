@@ -60,6 +60,9 @@ class Column:
     targets: list = field(default_factory=list)
     format: str | None = None
     custom: bool = False
+    #: for lookups: per referenced entity, what a ``merge`` / ``delete`` of the referenced row does to rows
+    #: pointing at it (``Cascade``, ``NoCascade``, ``RemoveLink``, ``Restrict``), from the relationships
+    cascade: dict = field(default_factory=dict)
 
     @property
     def storage_name(self) -> str:

@@ -25,7 +25,7 @@ from odata_query.sqlalchemy.core import AstToSqlAlchemyCoreVisitor
 
 from . import errors as E
 from .errors import DataverseError
-from .schema import CHOICE_TYPES, LINK_KEY_COLUMN, LOOKUP_TYPES, STRING_TYPES, Entity, iso_utc, load_schema
+from .schema import CHOICE_TYPES, LINK_KEY_COLUMN, LOOKUP_TYPES, STRING_TYPES, Column, Entity, iso_utc, load_schema
 
 
 def utcnow() -> dt.datetime:
@@ -98,8 +98,10 @@ class Store:
         self.settings = sa.Table("sandbox_settings", self.metadata, sa.Column("key", sa.String, primary_key=True),
                                  sa.Column("value", sa.String))
         self.metadata.create_all(self.engine)
+        self._add_missing_columns()
         self.lock = threading.RLock()  # one writer at a time, like SQLite itself
         self._get_stmt: dict[tuple[str, str], sa.Select] = {}
+        self._referencing: dict[str, list] = {}
         self._now_cache: tuple[int, str] = (0, "")
         with self.engine.connect() as conn:
             versions = [conn.execute(sa.select(sa.func.max(t.c.versionnumber))).scalar() or 0
@@ -110,6 +112,18 @@ class Store:
         self.rules = self._load_setting("rules", [])
         self.delta_floor = self._load_setting("delta_floor", 0)
         self.unsupported_messages: dict[str, list[str]] = self._load_setting("unsupported_messages", {})
+
+    def _add_missing_columns(self) -> None:
+        """Give a database made by an older sandbox the columns the schema has gained since (``create_all``
+        makes missing tables only), so a kept data directory keeps working."""
+        inspector = sa.inspect(self.engine)
+        with self.engine.begin() as conn:
+            for table in self.metadata.sorted_tables:
+                have = {c["name"] for c in inspector.get_columns(table.name)}
+                for col in table.columns:
+                    if col.name not in have:
+                        kind = col.type.compile(self.engine.dialect)
+                        conn.execute(sa.text(f'ALTER TABLE "{table.name}" ADD COLUMN "{col.name}" {kind}'))
 
     # settings -------------------------------------------------------------------------------------------
     def _load_setting(self, key: str, default):
@@ -348,7 +362,9 @@ class Store:
             if key.startswith("@odata.") or "@" in key and not key.endswith("@odata.bind"):
                 continue
             if key.endswith("@odata.bind"):
-                values.update(self._bind(entity, key[: -len("@odata.bind")], value))
+                col, bound = self._bind(entity, key[: -len("@odata.bind")], value)
+                self._check_writable(entity, col, col.logical_name, creating)
+                values.update(bound)
                 continue
             col = entity.column_by_storage(key)
             if col is None or col.type in LOOKUP_TYPES:
@@ -359,9 +375,7 @@ class Store:
             if col.logical_name == entity.primary_id:
                 values[key] = self._guid(value, key)
                 continue
-            if not (col.valid_for_create if creating else col.valid_for_update):
-                raise DataverseError(400, E.PAYLOAD, f"The '{key}' attribute of the '{ename}' entity is not "
-                                     f"valid for {'create' if creating else 'update'}.")
+            self._check_writable(entity, col, key, creating)
             if not self.can("create" if creating else "update", ename, col.logical_name):
                 raise DataverseError(403, E.UPDATE_SECURED, "The user does not have "
                                      f"{'create' if creating else 'update'} permissions to a secured field "
@@ -371,6 +385,13 @@ class Store:
         for rule in self.rules:
             self._check_rule(entity, rule, values, creating)
         return values
+
+    @staticmethod
+    def _check_writable(entity: Entity, col, key: str, creating: bool) -> None:
+        """A read-only column (``IsValidForCreate`` / ``IsValidForUpdate`` false) in a write is a 400."""
+        if not (col.valid_for_create if creating else col.valid_for_update):
+            raise DataverseError(400, E.PAYLOAD, f"The '{key}' attribute of the '{entity.logical_name}' entity is "
+                                 f"not valid for {'create' if creating else 'update'}.")
 
     def _value(self, entity: Entity, col, value):
         ename, name = entity.logical_name, col.logical_name
@@ -429,8 +450,9 @@ class Store:
             raise DataverseError(400, E.PAYLOAD, f"Cannot convert the literal '{value}' to the expected type "
                                  f"'Edm.Guid' for '{name}'.") from None
 
-    def _bind(self, entity: Entity, nav: str, value) -> dict:
-        """``parentcustomerid_account@odata.bind: "/accounts(<id>)"`` -> ``{_parentcustomerid_value: id}``."""
+    def _bind(self, entity: Entity, nav: str, value) -> tuple[Column, dict]:
+        """``parentcustomerid_account@odata.bind: "/accounts(<id>)"`` -> the lookup column and
+        ``{_parentcustomerid_value: id}``."""
         m = re.fullmatch(r"/?(\w+)\(([0-9a-fA-F-]{36})\)", str(value or ""))
         base = nav.split("_")[0] if nav not in entity.columns else nav
         col = entity.columns.get(nav) or entity.columns.get(base)
@@ -440,7 +462,7 @@ class Store:
         target = self.entity(m.group(1))
         if self.get(target, {target.primary_id: m.group(2).lower()}) is None:
             raise DataverseError(404, E.NOT_FOUND, f"{target.logical_name} With Id = {m.group(2)} Does Not Exist")
-        return {col.storage_name: m.group(2).lower()}
+        return col, {col.storage_name: m.group(2).lower()}
 
     def _check_rule(self, entity: Entity, rule: dict, values: dict, creating: bool) -> None:
         if rule["entity"] not in (entity.logical_name, entity.entity_set):
@@ -473,6 +495,8 @@ class Store:
             values.setdefault("createdon", now)
             values.setdefault("statecode", 0)
             values.setdefault("statuscode", _default_status(entity, values["statecode"]))
+            if "merged" in entity.columns:  # DefaultValue False in the entity reference
+                values.setdefault("merged", False)
         if entity.primary_name == "fullname" and ("firstname" in values or "lastname" in values):
             def merged(name):
                 if name in values:
@@ -524,9 +548,62 @@ class Store:
         return row_id
 
     def delete(self, entity: Entity, row_id: str, conn) -> None:
-        """Delete a row and leave a tombstone for delta reads."""
-        conn.execute(entity.table.delete().where(entity.table.c[entity.primary_id] == row_id))
-        conn.execute(entity.deleted.insert(), {"id": row_id, "versionnumber": self.next_version()})
+        """Delete a row and leave a tombstone for delta reads; rows pointing at it follow their relationship's
+        delete behaviour (``Cascade``: deleted too, e.g. an account's contacts; ``RemoveLink``: the lookup
+        cleared, which changes them)."""
+        self._delete_rows(entity, [row_id], conn)
+
+    def _delete_rows(self, entity: Entity, ids: list[str], conn) -> None:
+        t, pid = entity.table, entity.primary_id
+        for start in range(0, len(ids), _LOOKUP_CHUNK):
+            conn.execute(t.delete().where(t.c[pid].in_(ids[start:start + _LOOKUP_CHUNK])))
+        first = self.next_version(len(ids))
+        conn.execute(entity.deleted.insert(), [{"id": i, "versionnumber": first + n} for n, i in enumerate(ids)])
+        for other, col, rule in self.referencing(entity):
+            children = self._pointing_at(other, col, ids, conn)
+            if children and rule["delete"] == "Cascade":
+                self._delete_rows(other, children, conn)
+            elif children:
+                self.relink(other, col, children, None, conn)
+
+    def referencing(self, entity: Entity) -> list[tuple[Entity, Column, dict]]:
+        """The lookups that can point at rows of ``entity``, with their relationship's cascade rules."""
+        found = self._referencing.get(entity.logical_name)
+        if found is None:
+            found = self._referencing[entity.logical_name] = [
+                (other, col, col.cascade[entity.logical_name]) for other in self.entities.values()
+                for col in other.columns.values() if entity.logical_name in col.cascade]
+        return found
+
+    def _pointing_at(self, entity: Entity, col: Column, ids: list[str], conn) -> list[str]:
+        """Ids of the rows of ``entity`` whose lookup ``col`` names one of ``ids`` (but not those rows
+        themselves: a record's link to itself moves or goes with it)."""
+        t, pid = entity.table, entity.primary_id
+        out: list[str] = []
+        for start in range(0, len(ids), _LOOKUP_CHUNK):
+            chunk = ids[start:start + _LOOKUP_CHUNK]
+            out += conn.execute(sa.select(t.c[pid]).where(t.c[col.storage_name].in_(chunk),
+                                                          t.c[pid].not_in(chunk))).scalars().all()
+        return out
+
+    def relink(self, entity: Entity, col: Column, ids: list[str], value: str | None, conn) -> None:
+        """Point the lookup ``col`` of rows ``ids`` at ``value`` (None: clear it); each row gets a new version
+        and ``modifiedon``, so delta reads report it changed, as the platform's own cascades do."""
+        if not ids:
+            return
+        t = entity.table
+        first, now = self.next_version(len(ids)), self._now()
+        conn.execute(t.update().where(t.c[entity.primary_id] == sa.bindparam("_sandbox_row_id")),
+                     [{"_sandbox_row_id": i, col.storage_name: value, "versionnumber": first + n, "modifiedon": now}
+                      for n, i in enumerate(ids)])
+
+    def merge_children(self, entity: Entity, subordinate_id: str, target_id: str, conn) -> None:
+        """Move the rows pointing at a merged subordinate to its target, for each relationship whose merge
+        behaviour is ``Cascade`` (a merged account's contacts, a merged contact's leads ...)."""
+        for other, col, rule in self.referencing(entity):
+            if rule["merge"] == "Cascade":
+                moved = [i for i in self._pointing_at(other, col, [subordinate_id], conn) if i != target_id]
+                self.relink(other, col, moved, target_id, conn)
 
     def seed(self, entity: Entity, rows: list[dict]) -> list[str]:
         """Bulk insert (executemany) trusting the admin caller; each row still gets a version, so seeded rows
@@ -549,6 +626,8 @@ class Store:
                 v["modifiedon"] = r.get("modifiedon") or now
                 v["statecode"] = r.get("statecode", 0)
                 v["statuscode"] = r.get("statuscode") or _default_status(entity, v["statecode"])
+                if "merged" in entity.columns:
+                    v["merged"] = bool(r.get("merged", False))
                 if entity.primary_name == "fullname" and "fullname" not in r:
                     v["fullname"] = " ".join(p for p in (r.get("firstname"), r.get("lastname")) if p) or None
                 prepared.append(v)

@@ -397,29 +397,67 @@ class WebApi:
         return Reply(200, {"@odata.context": f"{self.org_url}{API}$metadata#Collection(Microsoft.Dynamics.CRM."
                                              "crmbaseentity)", "value": created})
 
+    #: what a merged subordinate becomes (statecode, statuscode): an inactive contact or account; a lead
+    #: disqualified as "Canceled" (the entity reference lists it under Disqualified; it names no merge state)
+    MERGED_STATE = {"contact": (1, 2), "account": (1, 2), "lead": (2, 7)}
+    #: the parent columns ``PerformParentingChecks`` compares
+    PARENTS = {"contact": ("_parentcustomerid_value",), "lead": ("_parentaccountid_value", "_parentcontactid_value"),
+               "account": ()}
+
     def merge(self, body: dict, conn) -> Reply:
-        """``Merge``: apply ``UpdateContent`` to the target, deactivate the subordinate."""
+        """``Merge`` (merge-entity-using-web-api.md): ``UpdateContent`` applied to the target (whose
+        ``modifiedon`` moves even without content), the rows pointing at the subordinate moved to the target
+        where the relationship cascades merges, and the subordinate deactivated with ``masterid`` set to the
+        target and ``merged`` true. Both records must be active, distinct and of one mergeable type."""
         target, sub = body.get("Target") or {}, body.get("Subordinate") or {}
-        kind = str(target.get("@odata.type", "")).lstrip("#").rsplit(".", 1)[-1]
-        if kind not in ("contact", "lead", "account") or str(sub.get("@odata.type", "")).lstrip("#").rsplit(".", 1)[-1] != kind:
+        kind = self._merge_type(target)
+        if not kind or self._merge_type(sub) != kind:
             raise DataverseError(400, E.PAYLOAD, "Merge: Target and Subordinate must be entity references of the "
                                  "same type (account, contact or lead) with @odata.type.")
+        if kind not in self.MERGED_STATE:
+            raise DataverseError(400, E.PAYLOAD, f"This type: {kind} is not supported with merge operation")
+        checks = body.get("PerformParentingChecks")
+        if not isinstance(checks, bool):
+            raise DataverseError(400, E.PAYLOAD, "Merge: the parameter 'PerformParentingChecks' is required and "
+                                 f"must be a Boolean, got {checks!r}.")
         entity = self.store.entities[kind]
+        content = body.get("UpdateContent") or {}
+        if content.get("@odata.type") and self._merge_type(content) != kind:
+            raise DataverseError(400, E.PAYLOAD, f"Merge: UpdateContent must be a {kind} (@odata.type "
+                                 f"Microsoft.Dynamics.CRM.{kind}), got {content['@odata.type']!r}.")
         rows = []
-        for ref in (target, sub):
+        for role, ref in (("master entity", target), ("sub-entity", sub)):
             key = {entity.primary_id: self.store._guid(ref.get(entity.primary_id), entity.primary_id)}
             row = self.store.get(entity, key, conn)
             if row is None:
                 raise self._missing(entity, key)
+            if row["statecode"] != 0:
+                raise DataverseError(400, E.VALIDATION, f"{role}:{kind}-{row[entity.primary_id]} is deactive")
             rows.append(row)
-        if rows[0][entity.primary_id] == rows[1][entity.primary_id]:
-            raise DataverseError(400, E.VALIDATION, "Merge: the target and the subordinate are the same record.")
-        content = {k: v for k, v in (body.get("UpdateContent") or {}).items() if not k.startswith("@odata.")}
-        self.store.update(entity, rows[0], content, conn)
-        closed_state = 2 if kind == "lead" else 1
-        self.store.update(entity, rows[1], {}, conn, values={
-            "statecode": closed_state, "statuscode": 7 if kind == "lead" else 2})
+        master, subordinate = rows
+        master_id, sub_id = master[entity.primary_id], subordinate[entity.primary_id]
+        if master_id == sub_id:
+            raise DataverseError(400, E.VALIDATION, "Merge cannot be performed on master and sub-entities that are "
+                                 "identical.")
+        if checks:
+            for name in self.PARENTS[kind]:
+                if subordinate[name] is not None and subordinate[name] != master[name]:
+                    raise DataverseError(400, E.VALIDATION, f"Merge: the parent of the subordinate {kind} {sub_id} "
+                                         f"({name} {subordinate[name]}) differs from the master's ({master[name]}); "
+                                         "send PerformParentingChecks false to merge and keep the master's.")
+        values = self.store.coerce(entity, {k: v for k, v in content.items() if not k.startswith("@odata.")},
+                                   creating=False)
+        self.store.update(entity, master, {}, conn, values=values)
+        self.store.merge_children(entity, sub_id, master_id, conn)
+        state, status = self.MERGED_STATE[kind]
+        self.store.update(entity, subordinate, {}, conn, values={
+            "statecode": state, "statuscode": status, "_masterid_value": master_id, "merged": True})
         return Reply(204)
+
+    @staticmethod
+    def _merge_type(ref: dict) -> str:
+        """``contact`` from ``{"@odata.type": "Microsoft.Dynamics.CRM.contact"}`` ('' without one)."""
+        return str(ref.get("@odata.type", "")).lstrip("#").rsplit(".", 1)[-1] if isinstance(ref, dict) else ""
 
     # metadata -------------------------------------------------------------------------------------------
     def metadata(self, path: str, query: dict) -> Reply:
