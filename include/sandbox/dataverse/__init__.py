@@ -28,11 +28,16 @@ SQLite, answering what unmodified MSAL and the sync's client use:
   delta reads. ``PerformParentingChecks`` (required) refuses a subordinate whose parent (contact
   ``parentcustomerid``, lead ``parentaccountid`` / ``parentcontactid``) is set and differs from the
   target's. Inactive, identical or mixed-type records are refused with the platform's messages.
+- ``statecode`` / ``statuscode`` by PATCH, upsert or bulk update (contacts, leads, accounts): a new state
+  alone takes its default status reason (SetState's behaviour); a status reason must belong to the new (or
+  unchanged) state per the entity reference's options, else 400 ``0x80048408`` "<status> is not a valid
+  status code for state code ContactState.Active on contact with Id <id>." A deactivation is a change in
+  delta reads and leaves ``$filter=statecode eq 0``; a reactivated lead can be qualified again.
 - Deleting a row applies its relationships' delete behaviour to the rows pointing at it: ``Cascade``
   deletes them too (an account's contacts), ``RemoveLink`` clears the lookup (a change in delta reads).
   Relationship cascades come from the entity reference's one-to-many relationships (``schema.json``).
 - Validation with the real error shape: MaxLength, types and option values, read-only columns,
-  SystemRequired columns, and business rules; field-level security (a secured column the sync user may not
+  SystemRequired columns, state / status pairs, and business rules; field-level security (a secured column the sync user may not
   read is absent from results, and 403 in a filter; an update to one it may not update is a 403).
 - Service protection: 429 with ``Retry-After`` past ``requests_per_window`` per ``window_s`` per user
   (pyrate-limiter sliding window) or past ``max_concurrent`` requests in flight. Every Web API response

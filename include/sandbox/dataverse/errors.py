@@ -23,6 +23,7 @@ THROTTLE_TIME = "0x80072321"
 THROTTLE_CONCURRENCY = "0x80072326"
 QUERY = "0x80060888"  # invalid $filter / $orderby / $select
 NO_SEGMENT = "0x8006088a"  # "Resource not found for the segment '...'" (e.g. a bulk message a table lacks)
+INVALID_STATE = "0x80048408"  # "State code is invalid or ... status code is invalid for a specific state code"
 SERVER = "0x80040216"  # unexpected server error (injected faults)
 TOKEN = "0x80072560"  # missing / expired / invalid bearer token
 

@@ -519,6 +519,8 @@ class Store:
         key = values.get(LINK_KEY_COLUMN)
         if key is not None and self._find(entity, {LINK_KEY_COLUMN: key}, conn, rows) is not None:
             raise DataverseError(412, E.DUPLICATE_KEY, "A record with matching key values already exists.")
+        if "statecode" in values or "statuscode" in values:
+            _check_state(entity, values, None, row_id)
         stamped = self._stamp(entity, values)
         if rows is not None:
             rows.insert(stamped)
@@ -537,9 +539,9 @@ class Store:
             other = self._find(entity, {LINK_KEY_COLUMN: key}, conn, rows)
             if other is not None and other[entity.primary_id] != current[entity.primary_id]:
                 raise DataverseError(412, E.DUPLICATE_KEY, "A record with matching key values already exists.")
-        if "statecode" in values and "statuscode" not in values:
-            values["statuscode"] = _default_status(entity, values["statecode"])
         row_id = current[entity.primary_id]
+        if "statecode" in values or "statuscode" in values:
+            _check_state(entity, values, current, row_id)
         stamped = self._stamp(entity, values, current)
         if rows is not None:
             rows.update(row_id, stamped)
@@ -754,6 +756,24 @@ class BulkRows:
             else:
                 self.conn.execute(t.update().where(t.c[self.pid] == sa.bindparam("_sandbox_row_id")), run)
             start = end
+
+
+def _check_state(entity: Entity, values: dict, current, row_id: str) -> None:
+    """Complete and check a write's state / status pair against the entity's State and Status options: a
+    new ``statecode`` alone takes its default status reason (as SetState does), and a ``statuscode`` must be
+    one of its state's (the new one, or the row's current one when the write leaves the state alone)."""
+    state = values.get("statecode", current["statecode"] if current is not None else 0)
+    status = values.get("statuscode")
+    if status is None:
+        values["statuscode"] = _default_status(entity, state)
+        return
+    status_col, state_col = entity.columns.get("statuscode"), entity.columns.get("statecode")
+    owner = next((s for v, _label, s in (status_col.options if status_col else []) if v == status), None)
+    if owner is not None and owner != state:
+        label = next((lab for v, lab, _d in (state_col.options if state_col else []) if v == state), str(state))
+        kind = entity.logical_name[:1].upper() + entity.logical_name[1:]
+        raise DataverseError(400, E.INVALID_STATE, f"{status} is not a valid status code for state code "
+                             f"{kind}State.{label.replace(' ', '')} on {entity.logical_name} with Id {row_id}.")
 
 
 def _default_status(entity: Entity, state: int) -> int | None:
