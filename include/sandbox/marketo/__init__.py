@@ -18,7 +18,7 @@ import requests
 
 from sandbox import process
 
-from .app import load_or_create_credentials
+from .credentials import load_or_create_credentials
 
 __all__ = ["MarketoSandbox"]
 
