@@ -9,8 +9,11 @@ SQLite, answering what unmodified MSAL and the sync's client use:
   /common/discovery/instance`` (MSAL's ``instance_discovery=<url>``: the sandbox host is the one known
   instance, others get ``invalid_instance``). Errors carry Entra ID's body: ``error``, ``error_description``
   (``AADSTS<n>: ...``), ``error_codes``, ``timestamp``, ``trace_id``, ``correlation_id``, ``error_uri``.
-- ``/api/data/v9.2/`` for ``contacts``, ``leads`` and ``accounts`` (columns, types, MaxLength and option sets
-  generated from the entity reference into ``schema.json``): ``$select``, ``$filter`` (odata-query ->
+- ``/api/data/v9.2/`` for ``contacts``, ``leads`` and ``accounts``, all three with every feature below
+  (columns, types, MaxLength, ranges, money precision and option sets generated from the entity reference
+  into ``schema.json``; money columns such as account ``revenue`` are numbers rounded to their precision;
+  a contact's parent account is bound with ``parentcustomerid_account@odata.bind`` and read and filtered
+  as ``_parentcustomerid_value``): ``$select``, ``$filter`` (odata-query ->
   SQLAlchemy), ``$orderby``, ``$top``, ``$count``, ``Prefer: odata.maxpagesize`` with paging cookies in
   ``@odata.nextLink``; change tracking (``Prefer: odata.track-changes``, ``$deltatoken``, ``$deletedEntity``
   rows, expired tokens); create, PATCH update/upsert by id or by the alternate key

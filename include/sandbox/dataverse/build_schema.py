@@ -5,7 +5,8 @@ reference pages change. The sandbox itself reads only the generated JSON, so it 
 reference folder. A realistic subset is kept: every text, memo, choice, yes/no, whole-number and
 date column the sync could map, the state/status pair, the row version, the primary id, the few
 lookups the lead lifecycle and merges need (with the merge / delete cascade of their relationships) and
-the ``merged`` flag; money, images and internal plumbing columns are left out.
+the ``merged`` flag, and the writable money columns (account ``revenue``, ...); computed money (``*_base``),
+images and internal plumbing columns are left out.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 ENTITIES = ("contact", "lead", "account")
-KEPT_TYPES = {"String", "Memo", "Picklist", "Boolean", "State", "Status", "Integer", "DateTime", "BigInt"}
+KEPT_TYPES = {"String", "Memo", "Picklist", "Boolean", "State", "Status", "Integer", "DateTime", "BigInt", "Money"}
 # Lookups kept per entity (DESIGN §3 and the lead lifecycle): stored as ``_<name>_value``.
 # ``masterid``: the record a merged (subordinate) record was merged into.
 KEPT_LOOKUPS = {
@@ -113,6 +114,8 @@ def parse_entity(path: Path, entity: str) -> dict:
         elif kind == "BigInt" and name != "versionnumber":
             continue
         read_only = raw["read_only_section"]
+        if kind == "Money" and read_only:
+            continue  # the *_base shadows and rollups: computed by the platform, not data the sync maps
         if read_only and kind == "String" and name != props.get("PrimaryNameAttribute"):
             continue  # the *name / *yominame shadows of lookups: not data the sync maps
         col = {
@@ -126,8 +129,10 @@ def parse_entity(path: Path, entity: str) -> dict:
         if raw.get("MaxLength"):
             col["max_length"] = int(raw["MaxLength"])
         for key, field in (("min_value", "MinValue"), ("max_value", "MaxValue")):
-            if raw.get(field) and kind == "Integer":
-                col[key] = int(raw[field])
+            if raw.get(field) and kind in ("Integer", "Money"):
+                col[key] = int(float(raw[field]))
+        if raw.get("Precision") and kind == "Money":
+            col["precision"] = int(raw["Precision"])
         if raw.get("Targets"):
             col["targets"] = raw["Targets"].split(",")
         if raw["options"]:

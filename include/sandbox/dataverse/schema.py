@@ -56,6 +56,7 @@ class Column:
     max_length: int | None = None
     min_value: int | None = None
     max_value: int | None = None
+    precision: int | None = None  # Money: decimal places kept
     options: list = field(default_factory=list)
     targets: list = field(default_factory=list)
     format: str | None = None
@@ -111,6 +112,8 @@ def _sql_type(col: Column):
         return sa.Boolean(create_constraint=False)
     if col.type == "DateTime":
         return UtcText
+    if col.type == "Money":
+        return sa.Float
     return sa.String  # Uniqueidentifier, lookups
 
 

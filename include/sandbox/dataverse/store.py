@@ -430,6 +430,15 @@ class Store:
                 return value
             raise DataverseError(400, E.VALIDATION, f"A validation error occurred. The value {value} of '{name}' "
                                  f"on record of type '{ename}' is outside the valid range{accepted}")
+        if col.type == "Money":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad()
+            if (col.min_value is not None and value < col.min_value) or (
+                    col.max_value is not None and value > col.max_value):
+                raise DataverseError(400, E.VALIDATION, f"A validation error occurred. The value {value} of "
+                                     f"'{name}' on record of type '{ename}' is outside the valid range "
+                                     f"({col.min_value} to {col.max_value}).")
+            return round(float(value), col.precision if col.precision is not None else 4)
         if col.type == "DateTime":
             if not isinstance(value, str):
                 raise bad()

@@ -28,10 +28,11 @@ _ATTR_CAST = {"StringAttributeMetadata": ("String",), "MemoAttributeMetadata": (
               "PicklistAttributeMetadata": ("Picklist",), "StateAttributeMetadata": ("State",),
               "StatusAttributeMetadata": ("Status",), "BooleanAttributeMetadata": ("Boolean",),
               "IntegerAttributeMetadata": ("Integer",), "DateTimeAttributeMetadata": ("DateTime",),
+              "MoneyAttributeMetadata": ("Money",),
               "LookupAttributeMetadata": ("Lookup", "Customer")}
 _TYPE_NAMES = {"String": "StringType", "Memo": "MemoType", "Picklist": "PicklistType", "State": "StateType",
                "Status": "StatusType", "Boolean": "BooleanType", "Integer": "IntegerType",
-               "DateTime": "DateTimeType", "BigInt": "BigIntType", "Lookup": "LookupType",
+               "DateTime": "DateTimeType", "BigInt": "BigIntType", "Money": "MoneyType", "Lookup": "LookupType",
                "Customer": "CustomerType", "Uniqueidentifier": "UniqueidentifierType"}
 
 
@@ -496,8 +497,10 @@ class WebApi:
             }
             if col.max_length is not None and cast in ("StringAttributeMetadata", "MemoAttributeMetadata"):
                 item["MaxLength"] = col.max_length
-            if cast in ("IntegerAttributeMetadata",):
+            if cast in ("IntegerAttributeMetadata", "MoneyAttributeMetadata"):
                 item["MinValue"], item["MaxValue"] = col.min_value, col.max_value
+            if cast == "MoneyAttributeMetadata":
+                item["Precision"] = col.precision
             if cast == "DateTimeAttributeMetadata":
                 item["Format"] = col.format or "DateAndTime"
             if cast == "LookupAttributeMetadata":
