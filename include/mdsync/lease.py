@@ -312,6 +312,74 @@ class CycleLease:
             thread.join(timeout=5)
 
 
+
+# -- a used-up daily quota pauses the scheduled runs ----------------------------------------------------------
+
+#: ``cycle_lease`` rows named ``quota:<service>`` remember until when a service's daily quota is used up
+QUOTA_PREFIX = "quota:"
+
+
+@dataclass(frozen=True)
+class QuotaPause:
+    """A service's daily API quota was found used up (Marketo 607) by ``run_id`` at ``found_at``; scheduled
+    runs are skipped until ``resets_at``."""
+
+    service: str
+    resets_at: datetime
+    run_id: str | None
+    found_at: datetime
+
+    def line(self) -> str:
+        """The one line a skipped run leaves."""
+        return (f"skipped: {self.service.capitalize()}'s daily API quota is used up until {_when(self.resets_at)} "
+                f"(run {self.run_id!r} was refused at {_when(self.found_at)}). This run wrote nothing and nothing "
+                "is lost: the watermarks did not move, so the first run after the reset picks up this window. A "
+                "manual run (make sync) tries anyway; `python -m mdsync.lease release` ends the pause now.")
+
+
+class QuotaPauses:
+    """The quota pauses of one state store (rows of the ``cycle_lease`` table that no lease code reads).
+
+    :param engine: the state store's engine (schema at revision 0002 or later).
+    :param clock: the current time (aware, UTC); tests pass their own.
+    """
+
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
+        self.engine = engine
+        self.clock = clock
+
+    def record(self, service: str, resets_at: datetime, run_id: str | None) -> QuotaPause:
+        """Remember that ``service``'s quota is used up until ``resets_at`` (a later pause replaces it)."""
+        name, now = QUOTA_PREFIX + service, self.clock()
+        values = dict(run_id=run_id, acquired_at=now, expires_at=utc(resets_at), renewed_at=now, released_at=None)
+        with self.engine.begin() as conn:
+            if not conn.execute(sa.update(_T).where(_T.c.name == name).values(**values)).rowcount:
+                conn.execute(sa.insert(_T).values(name=name, **values))
+        pause = QuotaPause(service, utc(resets_at), run_id, now)
+        log.warning("%s's daily quota is used up until %s: scheduled runs are skipped until then", service,
+                    _when(pause.resets_at))
+        return pause
+
+    def active(self) -> QuotaPause | None:
+        """The pause that lasts longest of those not over yet, or ``None``."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(_T).where(_T.c.name.like(QUOTA_PREFIX + "%"), _T.c.released_at.is_(None),
+                                                   _T.c.expires_at > self.clock())
+                               .order_by(_T.c.expires_at.desc())).mappings().first()
+        if row is None:
+            return None
+        return QuotaPause(row["name"].removeprefix(QUOTA_PREFIX), utc(row["expires_at"]), row["run_id"],
+                          utc(row["acquired_at"]))
+
+    def clear(self) -> QuotaPause | None:
+        """End every pause now (the quota was raised, or reset early); the one that was active, if any."""
+        active = self.active()
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(_T).where(_T.c.name.like(QUOTA_PREFIX + "%"), _T.c.released_at.is_(None))
+                         .values(released_at=self.clock()))
+        return active
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mdsync.lease [status|release] [--url URL]``"""
     from mdsync.state.database import create_engine, default_state_url, safe_url
@@ -323,15 +391,23 @@ def main(argv: list[str] | None = None) -> int:
                                                     "$AIRFLOW_HOME/mdsync/state.sqlite)")
     args = parser.parse_args(argv)
     url = args.url or default_state_url()
-    lease = CycleLease(create_engine(url))
+    engine = create_engine(url)
+    lease, pauses = CycleLease(engine), QuotaPauses(engine)
     try:
         if args.action == "status":
             print(f"cycle lease of {safe_url(url)}: {lease.describe()}")
+            if (pause := pauses.active()) is not None:
+                print(f"scheduled runs paused: {pause.service}'s daily quota is used up until {_when(pause.resets_at)}"
+                      f" (found by run {pause.run_id!r})")
             return 0
         before = lease.force_release()
+        ended = pauses.clear()
     except sa.exc.OperationalError as exc:
         print(f"error: cannot read the cycle lease of {safe_url(url)}: {exc.orig}", file=sys.stderr)
         return 1
+    if ended is not None:
+        print(f"ended the pause of scheduled runs for {ended.service}'s daily quota (it was until "
+              f"{_when(ended.resets_at)})")
     if before is None:
         print(f"the cycle lease of {safe_url(url)} was already free")
     else:

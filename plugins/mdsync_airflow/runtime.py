@@ -124,6 +124,7 @@ def hold_lease(context: dict[str, Any]) -> dict:
     settings = Settings.from_env()
     engine = create_engine(settings.state_url)
     upgrade(engine, settings.state_url)
+    _skip_while_quota_is_used_up(context, engine)
     lease = _lease(settings, engine)
     try:
         state = lease.acquire(holder_of(context), wait_s=settings.lease_wait_seconds,
@@ -136,6 +137,34 @@ def hold_lease(context: dict[str, Any]) -> dict:
              safe_url(settings.state_url), state.expires_at.isoformat(timespec="seconds"))
     return {"run_id": state.run_id, "acquired_at": state.acquired_at.isoformat(),
             "expires_at": state.expires_at.isoformat()}
+
+
+def _skip_while_quota_is_used_up(context: dict[str, Any], engine) -> None:
+    """A scheduled or backfill run started while a daily quota is known to be used up is skipped with one line
+    (not failed: hundreds of red runs until midnight would bury a real failure). A manual run tries anyway."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from mdsync.lease import QuotaPauses
+
+    run_type = getattr(context["dag_run"], "run_type", "manual")
+    if str(getattr(run_type, "value", run_type)) == "manual":
+        return
+    pause = QuotaPauses(engine).active()
+    if pause is not None:
+        log.warning("%s", pause.line())
+        context["ti"].xcom_push(key=DEFERRED_XCOM, value=pause.line())
+        raise AirflowSkipException(pause.line())
+
+
+def _remember_quota(exc: BaseException, store: StateStore, context: dict[str, Any]) -> None:
+    from mdsync.errors import QuotaExhausted
+    from mdsync.lease import QuotaPauses
+
+    if isinstance(exc, QuotaExhausted) and exc.resets_at is not None:
+        try:
+            QuotaPauses(store.engine).record(exc.service, exc.resets_at, context["run_id"])
+        except Exception as err:  # the store is unreachable: runs fail once each until the reset, as before
+            log.warning("could not record the used-up quota in the state store (%s)", err)
 
 
 @contextmanager
@@ -161,6 +190,7 @@ def leased_cycle(context: dict[str, Any]) -> Iterator[Cycle]:
     except LeaseLost as exc:
         raise AirflowFailException(str(exc)) from None
     except Exception as exc:  # bad credentials, config, quota...: fail at once, in one line (mdsync_airflow.failfast)
+        _remember_quota(exc, store, context)
         if (failed := fail_fast(exc)) is not exc:
             raise failed from None
         raise

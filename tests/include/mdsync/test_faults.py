@@ -573,6 +573,21 @@ def test_the_daily_quota_running_out_mid_cycle_stops_at_once_and_loses_nothing(w
     assert "\n" not in line and "error 607" in line and world.marketo_sandbox.base_url in line
     assert "midnight US Central time" in line and any(r in line for r in resets) and "Nothing is lost" in line
     assert_nothing_committed(world, ctx["run_id"], before)
+    # until the reset, scheduled runs are skipped with one line (not failed once each), before any call
+    from airflow.sdk.exceptions import AirflowSkipException
+    from mdsync.lease import QuotaPauses
+
+    calls = world.marketo_sandbox.calls()["total"]
+    scheduled = airflow_context("scheduled__during-the-pause", run_type="scheduled", started_at=datetime.now(timezone.utc))
+    with pytest.raises(AirflowSkipException) as skipped:
+        runtime.hold_lease(scheduled)
+    assert str(skipped.value) == scheduled["ti"].pushed[runtime.DEFERRED_XCOM]
+    assert "Marketo's daily API quota is used up until" in str(skipped.value) and ctx["run_id"] in str(skipped.value)
+    assert "nothing is lost" in str(skipped.value) and world.marketo_sandbox.calls()["total"] == calls
+    pauses = QuotaPauses(world.store().engine)
+    assert pauses.active().resets_at.isoformat() in resets
+    # a manual run tries anyway (the operator may know the quota was raised); the operator's release ends it
+    assert pauses.clear().run_id == ctx["run_id"] and pauses.active() is None
     # after the reset: the next run finishes the work (the first load's writes are not repeated)
     report = world.run("daily_quota_mid_cycle-after-reset")
     assert report["written"]["dynamics"] == 0 and report["created_in"] == {"dynamics": 0, "marketo": 1}

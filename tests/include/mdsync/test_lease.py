@@ -221,6 +221,31 @@ def test_the_command_shows_and_clears_the_lease(store, capsys):
     assert "already free" in capsys.readouterr().out
 
 
+
+def test_a_used_up_quota_pauses_until_its_reset_and_the_command_shows_and_ends_it(store, capsys):
+    from mdsync.lease import QuotaPauses
+
+    # the command reads the real clock: the reset is in the future whenever the test runs
+    resets = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) + timedelta(hours=20)
+    clock = Clock(resets - timedelta(hours=21))
+    pauses = QuotaPauses(store.engine, clock=clock)
+    assert pauses.active() is None
+    pauses.record("marketo", resets, "scheduled__refused")
+    pause = pauses.active()
+    assert (pause.service, pause.resets_at, pause.run_id) == ("marketo", resets, "scheduled__refused")
+    assert f"Marketo's daily API quota is used up until {resets:%Y-%m-%d %H:%M:%S} UTC" in pause.line()
+    assert CycleLease(store.engine).state() is None or CycleLease(store.engine).state().holder_key is None  # not a lease
+    assert main(["--url", store.url]) == 0
+    assert "scheduled runs paused: marketo's daily quota is used up until" in capsys.readouterr().out
+    clock.now = resets  # the reset: the pause is over by itself
+    assert pauses.active() is None
+    clock.now = resets - timedelta(hours=1)
+    pauses.record("marketo", resets, "scheduled__refused-again")  # a later refusal replaces the row
+    assert pauses.active().run_id == "scheduled__refused-again"
+    assert main(["release", "--url", store.url]) == 0
+    assert "ended the pause of scheduled runs for marketo's daily quota" in capsys.readouterr().out
+    assert QuotaPauses(store.engine).active() is None
+
 # Each process takes the lease (waiting as long as needed), writes a first activity row, says it holds the lease,
 # waits for the test's go, writes more rows (each its own fenced transaction) and gives the lease back.
 _CYCLE = """
