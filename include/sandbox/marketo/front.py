@@ -20,6 +20,45 @@ from .routes.common import MAX_BODY_BULK, MAX_BODY_REST, MAX_URI, endpoint_name,
 from .store import ApiError, quota_day
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
+def _media_type(content_type: str) -> tuple[str, dict[str, str]]:
+    """``text/x; charset=UTF-8`` -> (``text/x``, ``{"charset": "UTF-8"}``), the type lower-cased."""
+    main, _, rest = content_type.partition(";")
+    params = {}
+    for part in rest.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key:
+            params[key.strip().lower()] = value.strip().strip('"')
+    return main.strip().lower(), params
+
+
+async def _long_query_form(request: Request) -> list[tuple[str, str]] | None:
+    """The form body of a ``POST`` that is a GET sent the long way, else None.
+
+    That is a POST with ``_method=GET`` in its query string, in its ``application/x-www-form-urlencoded`` body,
+    or in both (widely used clients do each). The body is decoded in the ``charset`` its Content-Type names
+    (UTF-8 when none) and its blank values are kept, as in a GET. A body of another content type is 612, as are
+    an unknown charset and a body that is not in it.
+    """
+    in_query = request.query_params.get("_method", "").upper() == "GET"
+    media, params = _media_type(request.headers.get("content-type", ""))
+    if not in_query and media != FORM:
+        return None
+    body = await request.body()
+    if media not in (FORM, "") and body:
+        raise ApiError("612", f"Invalid Content Type: a _method=GET body must be {FORM}")
+    charset = params.get("charset") or "utf-8"
+    try:
+        form = parse_qsl(body.decode(charset), keep_blank_values=True, encoding=charset, errors="strict")
+    except (LookupError, UnicodeDecodeError):
+        raise ApiError("612", f"Invalid Content Type: the body is not {FORM} in charset {charset!r}") from None
+    if not in_query and not any(k == "_method" and v.upper() == "GET" for k, v in form):
+        return None
+    return form
+
+
 async def service_front(request: Request, call_next):
     """The HTTP middleware (installed by :func:`install`)."""
     sb: Sandbox = request.app.state.sandbox
@@ -34,22 +73,31 @@ async def service_front(request: Request, call_next):
     limit = MAX_BODY_BULK if path.startswith("/bulk/") else MAX_BODY_REST
     if int(request.headers.get("content-length") or 0) > limit:
         return PlainTextResponse("Request Entity Too Large", status_code=413)
+    url_query = list(request.query_params.multi_items())
+    body_token = None
+    if is_api and request.method == "POST":
+        try:
+            form = await _long_query_form(request)
+        except ApiError as exc:
+            return failure(exc.code, exc.message)
+        if form is not None:
+            # Long queries (lead-database.md "Long URIs"): the call is the GET that the URL's parameters and
+            # the form body's spell out, and answers as that GET would. A token in the body authenticates it
+            # (clients put the whole query there, access_token included); one in the URL is refused below.
+            body_token = next((v for k, v in reversed(form) if k == "access_token"), None)
+            query = [(k, v) for k, v in url_query + form if k not in ("_method", "access_token")]
+            request.scope["method"] = "GET"
+            request.scope["query_string"] = urlencode(query).encode()
     if is_api:
         auth = request.headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else body_token
         problem = guard.tokens.check(token)
         if problem:
             # 601/602 calls are not counted against the rate limit or the quota (error-codes.md).
-            if token is None and "access_token" in request.query_params:
+            if token is None and any(k == "access_token" for k, _ in url_query):
                 return failure("601", "Access token invalid: the access_token query parameter is no longer"
                                       " supported, send an Authorization: Bearer header")
             return failure(*problem)
-    if request.method == "POST" and request.query_params.get("_method", "").upper() == "GET":
-        # Long queries: POST with _method=GET and the query string in a form body (lead-database.md).
-        query = [(k, v) for k, v in request.query_params.multi_items() if k != "_method"]
-        query += parse_qsl((await request.body()).decode())
-        request.scope["method"] = "GET"
-        request.scope["query_string"] = urlencode(query).encode()
     if not guard.enter():
         return failure("615", "Concurrent access limit reached")
     try:

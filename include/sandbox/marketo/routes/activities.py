@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from ..context import SandboxDep
 from ..store import CHANGE_DATA_VALUE, DELETE_LEAD, NEW_LEAD, STANDARD_ACTIVITY_TYPES, ApiError
 from ..values import parse_datetime
-from .common import batch_size, csv_param, envelope, request_id
+from .common import batch_size, envelope, list_param, request_id
 
 router = APIRouter()
 
@@ -53,7 +53,7 @@ async def paging_token(sb: SandboxDep, sinceDatetime: str | None = None):
 
 
 def _lead_ids(params) -> tuple[str, list]:
-    ids = csv_param(params.get("leadIds"))
+    ids = list_param(params, "leadIds")
     if not ids:
         return "", []
     if len(ids) > 30 or not all(i.isdigit() for i in ids):
@@ -77,7 +77,7 @@ async def activity_page(sb, params, where: str, args: list, lead_change: bool = 
 @router.get("/rest/v1/activities/leadchanges.json")
 async def lead_changes(request: Request, sb: SandboxDep):
     params = request.query_params
-    fields = [f for f in csv_param(params.get("fields")) if f]
+    fields = list_param(params, "fields")
     if not fields:
         raise ApiError("701", "fields cannot be blank")
     where = (f"activityTypeId = {NEW_LEAD} OR (activityTypeId = {CHANGE_DATA_VALUE} AND field IN "
@@ -92,7 +92,7 @@ async def deleted_leads(request: Request, sb: SandboxDep):
 
 @router.get("/rest/v1/activities.json")
 async def activities(request: Request, sb: SandboxDep):
-    type_ids = csv_param(request.query_params.get("activityTypeIds"))
+    type_ids = list_param(request.query_params, "activityTypeIds")
     if not type_ids:
         raise ApiError("701", "activityTypeIds cannot be blank")
     if len(type_ids) > 10 or not all(t.isdigit() for t in type_ids):

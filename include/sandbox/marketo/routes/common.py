@@ -75,6 +75,11 @@ def csv_param(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+def list_param(params, name: str) -> list[str]:
+    """An array parameter, comma-separated or repeated (the Swagger spec's ``collectionFormat: multi``) or both."""
+    return [v for raw in params.getlist(name) for v in csv_param(raw)]
+
+
 def batch_size(value) -> int:
     """``batchSize``: 1 to 300, 300 when absent (paging-tokens.md)."""
     if value in (None, ""):

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from ..context import SandboxDep
 from ..fields import DEFAULT_LEAD_FIELDS, LEAD_FIELDS
 from ..store import ApiError, decode_token, encode_token
-from .common import MAX_BATCH, batch_size, csv_param, envelope, read_input, request_id
+from .common import MAX_BATCH, batch_size, csv_param, envelope, list_param, read_input, request_id
 
 router = APIRouter()
 
@@ -30,10 +30,10 @@ async def describe2():
     return envelope([{"name": "API Lead", "searchableFields": searchable, "fields": fields}])
 
 
-async def leads_by_filter(sb, params: dict) -> Response:
+async def leads_by_filter(sb, params) -> Response:
     store = sb.store
     filter_type = params.get("filterType")
-    values = csv_param(params.get("filterValues"))
+    values = list_param(params, "filterValues")
     if not filter_type:
         raise ApiError("701", "filterType cannot be blank")
     if not values:
@@ -47,7 +47,7 @@ async def leads_by_filter(sb, params: dict) -> Response:
         if kind != "l":
             raise ApiError("1003", "Invalid paging token")
         after = int(value)
-    fields = store.resolve_fields(csv_param(params.get("fields")), DEFAULT_LEAD_FIELDS)
+    fields = store.resolve_fields(list_param(params, "fields"), DEFAULT_LEAD_FIELDS)
     rows, more = await run_in_threadpool(store.leads_by_filter, filter_type, values, fields, after, batch)
     extra = {}
     if more:
@@ -57,7 +57,7 @@ async def leads_by_filter(sb, params: dict) -> Response:
 
 @router.get("/rest/v1/leads.json")
 async def get_leads(request: Request, sb: SandboxDep):
-    return await leads_by_filter(sb, dict(request.query_params))
+    return await leads_by_filter(sb, request.query_params)
 
 
 @router.post("/rest/v1/leads.json")
@@ -73,7 +73,7 @@ async def sync_leads(request: Request, sb: SandboxDep):
 
 @router.get("/rest/v1/lead/{lead_id:int}.json")
 async def get_lead(lead_id: int, request: Request, sb: SandboxDep):
-    fields = sb.store.resolve_fields(csv_param(request.query_params.get("fields")), DEFAULT_LEAD_FIELDS)
+    fields = sb.store.resolve_fields(list_param(request.query_params, "fields"), DEFAULT_LEAD_FIELDS)
     lead = await run_in_threadpool(sb.store.lead_by_id, lead_id, fields)
     return envelope([lead] if lead else [])
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from sandbox.marketo import MarketoSandbox
-from tests.fixtures.marketo_sandbox import schema_for, validate_response
+from tests.fixtures.marketo_sandbox import operation_method, schema_for, validate_response
 
 
 class Api:
@@ -37,6 +37,7 @@ class Api:
             headers["Authorization"] = f"Bearer {self.token if token == 'default' else token}"
         resp = self.http.request(method, self.sb.base_url + path, headers=headers, **kwargs)
         path = urlsplit(resp.url).path
+        method = operation_method(resp.request)
         if resp.headers.get("content-type", "").startswith("application/json") and schema_for(method, path):
             self.checked += 1
             self.violations += validate_response(method, path, resp.json())
