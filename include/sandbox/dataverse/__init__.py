@@ -17,7 +17,11 @@ SQLite, answering what unmodified MSAL and the sync's client use:
   SQLAlchemy), ``$orderby``, ``$top``, ``$count``, ``Prefer: odata.maxpagesize`` with paging cookies in
   ``@odata.nextLink``; change tracking (``Prefer: odata.track-changes``, ``$deltatoken``, ``$deletedEntity``
   rows, expired tokens); create, PATCH update/upsert by id or by the alternate key
-  ``mdsync_marketopersonid_key`` with ``If-Match`` / ``If-None-Match``; delete; ``CreateMultiple`` /
+  ``mdsync_marketopersonid_key`` with ``If-Match`` / ``If-None-Match``; ``$expand`` of single-valued
+  navigation properties (one per lookup, ``<lookup>_<table>`` for customer lookups:
+  ``parentcustomerid_account($select=name,revenue)``, ``parentaccountid``, ``primarycontactid``, ...) on
+  collections, pages, single rows and creates, the related row nested with its etag and id or null, read
+  set-wise (one query per 500 related ids per page), refused with change tracking as documented; delete; ``CreateMultiple`` /
   ``UpdateMultiple`` / ``UpsertMultiple`` (all-or-nothing); ``$batch`` (change sets, continue-on-error);
   ``EntityDefinitions`` attribute metadata (with type casts and option sets); ``WhoAmI``, the sync user's
   field security profile (``systemusers(<id>)/systemuserprofiles_association``) and ``fieldpermissions``;
@@ -80,7 +84,9 @@ Admin API (JSON, no auth, under ``/_sandbox``):
   concurrency peak and hint). ``GET /_sandbox/health``.
 
 The ROPC user is ``sb.username`` / ``sb.user_password``. Not emulated: the combined execution-time limit,
-opportunities (``QualifyLead`` with ``CreateOpportunity``), ``$expand``, FetchXML, metadata ``$filter``,
+opportunities (``QualifyLead`` with ``CreateOpportunity``), ``$expand`` of collection-valued navigation
+properties and options other than ``$select`` inside an expansion, filters across navigation properties
+(``parentcustomerid_account/name``), FetchXML, metadata ``$filter``,
 ``Content-ID`` references in ``$batch``, and formatted-value annotations.
 """
 

@@ -102,6 +102,7 @@ class Store:
         self.lock = threading.RLock()  # one writer at a time, like SQLite itself
         self._get_stmt: dict[tuple[str, str], sa.Select] = {}
         self._referencing: dict[str, list] = {}
+        self._navigation: dict[str, dict] = {}
         self._now_cache: tuple[int, str] = (0, "")
         with self.engine.connect() as conn:
             versions = [conn.execute(sa.select(sa.func.max(t.c.versionnumber))).scalar() or 0
@@ -262,9 +263,14 @@ class Store:
         return out
 
     def query(self, entity: Entity, *, select=None, filter=None, orderby=None, top=None, page_size=5000,
-              cookie: dict | None = None, count=False):
-        """One page of a query. Returns ``(rows, next_cookie or None, total or None)``."""
+              cookie: dict | None = None, count=False, expand=None):
+        """One page of a query. Returns ``(rows, next_cookie or None, total or None)``.
+
+        :param expand: a ``$expand`` of single-valued navigation properties (see :meth:`parse_expand`); the
+            related rows of the whole page are read with one ``IN (...)`` query per 500 ids.
+        """
         columns = self.select_columns(entity, select)
+        expands = self.parse_expand(entity, expand) if expand else []
         table = entity.table
         stmt = sa.select(table)
         readable = lambda c: self.can("read", entity.logical_name, c)  # noqa: E731
@@ -286,13 +292,74 @@ class Store:
                 if cookie and cookie.get("last"):
                     stmt = stmt.where(table.c[entity.primary_id] > cookie["last"])
             rows = conn.execute(stmt.limit(limit + 1)).mappings().all()
-        more = len(rows) > limit
-        rows = rows[:limit]
+            more = len(rows) > limit
+            rows = rows[:limit]
+            out = [self.format_row(entity, r, columns) for r in rows]
+            if expands:
+                self.expand_rows(expands, rows, out, conn)
         if top is not None and page * page_size >= int(top):
             more = False
-        out = [self.format_row(entity, r, columns) for r in rows]
         next_cookie = {"page": page + 1, "last": rows[-1][entity.primary_id]} if more and rows else None
         return out, next_cookie, total
+
+    def navigation(self, entity: Entity) -> dict[str, tuple[Column, Entity]]:
+        """The single-valued navigation properties of an entity: one per lookup (named after it) or, for a
+        lookup that can point at several tables (``Customer``), one per table (``parentcustomerid_account``,
+        ``parentcustomerid_contact``); each with its lookup column and the table it leads to."""
+        found = self._navigation.get(entity.logical_name)
+        if found is None:
+            found = {}
+            for col in entity.columns.values():
+                targets = [t for t in col.targets if t in self.entities] if col.type in LOOKUP_TYPES else []
+                for target in targets:
+                    name = col.logical_name if len(col.targets) == 1 else f"{col.logical_name}_{target}"
+                    found[name] = (col, self.entities[target])
+            self._navigation[entity.logical_name] = found
+        return found
+
+    def parse_expand(self, entity: Entity, text: str) -> list[tuple[str, Column, Entity, list[str]]]:
+        """``parentcustomerid_account($select=name,revenue),originatingleadid`` -> per navigation property
+        its name, lookup column, related table and the columns to return (``$select`` inside, or all)."""
+        out = []
+        for item in _top_level_split(text):
+            m = re.fullmatch(r"\s*(\w+)\s*(?:\((.*)\))?\s*", item, re.S)
+            if not m:
+                raise DataverseError(400, E.QUERY, f"Invalid $expand '{text}': cannot read '{item}'.")
+            name, options = m.group(1), m.group(2)
+            nav = self.navigation(entity).get(name)
+            if nav is None:
+                raise DataverseError(400, E.QUERY, f"Could not find a property named '{name}' on type "
+                                     f"'Microsoft.Dynamics.CRM.{entity.logical_name}'.")
+            col, target = nav
+            if not self.can("read", entity.logical_name, col.logical_name):
+                raise DataverseError(403, E.READ_SECURED, "The user does not have read permissions to a secured "
+                                     f"field '{col.logical_name}' of '{entity.logical_name}'.")
+            select = None
+            for option in (options or "").split(";"):
+                key, _, value = option.partition("=")
+                if key.strip() == "$select":
+                    select = value
+                elif option.strip():
+                    raise DataverseError(400, E.QUERY, f"$expand={name}(...): the sandbox supports only $select "
+                                         f"inside an expansion, got '{option.strip()}'.")
+            out.append((name, col, target, self.select_columns(target, select)))
+        return out
+
+    def expand_rows(self, expands: list, rows: list, out: list[dict], conn) -> None:
+        """Add each expansion to the formatted rows ``out`` (the related row as the Web API nests it, or None
+        when the lookup is empty or points at another table), reading the related rows of all ``rows`` (the
+        stored mappings behind ``out``) with one ``IN (...)`` query per 500 ids."""
+        for name, col, target, columns in expands:
+            t, pid = target.table, target.primary_id
+            wanted = [t.c[c if c == pid else target.columns[c].storage_name] for c in columns] + [t.c.versionnumber]
+            ids = list({r[col.storage_name] for r in rows if r[col.storage_name] is not None})
+            related: dict[str, dict] = {}
+            for start in range(0, len(ids), _LOOKUP_CHUNK):
+                for found in conn.execute(sa.select(*wanted).where(t.c[pid].in_(ids[start:start + _LOOKUP_CHUNK]))
+                                          ).mappings():
+                    related[found[pid]] = self.format_row(target, found, columns)
+            for row, item in zip(rows, out):
+                item[name] = related.get(row[col.storage_name])
 
     def _order(self, entity: Entity, orderby: str):
         clauses = []
@@ -765,6 +832,21 @@ class BulkRows:
             else:
                 self.conn.execute(t.update().where(t.c[self.pid] == sa.bindparam("_sandbox_row_id")), run)
             start = end
+
+
+def _top_level_split(text: str) -> list[str]:
+    """Split on the commas that are not inside parentheses (``a($select=x,y),b`` -> ``a($select=x,y)``, ``b``)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p for p in parts if p.strip()]
 
 
 def _check_state(entity: Entity, values: dict, current, row_id: str) -> None:

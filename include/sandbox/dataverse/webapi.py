@@ -190,7 +190,7 @@ class WebApi:
         rows, nxt, total = self.store.query(
             entity, select=query.get("$select"), filter=query.get("$filter"), orderby=query.get("$orderby"),
             top=query.get("$top"), page_size=page_size, cookie=cookie,
-            count=query.get("$count", "").lower() == "true")
+            count=query.get("$count", "").lower() == "true", expand=query.get("$expand"))
         out = {"@odata.context": f"{self.org_url}{API}$metadata#{entity.entity_set}", "value": rows}
         if total is not None:
             out["@odata.count"] = total
@@ -216,13 +216,21 @@ class WebApi:
             params, quote_via=urllib.parse.quote, safe="$,")
 
     def retrieve(self, entity: Entity, key: dict, query: dict) -> Reply:
-        row = self.store.get(entity, key)
-        if row is None:
-            raise self._missing(entity, key)
-        columns = self.store.select_columns(entity, query.get("$select"))
-        body = {"@odata.context": f"{self.org_url}{API}$metadata#{entity.entity_set}/$entity",
-                **self.store.format_row(entity, row, columns)}
+        with self.store.engine.connect() as conn:
+            row = self.store.get(entity, key, conn)
+            if row is None:
+                raise self._missing(entity, key)
+            body = {"@odata.context": f"{self.org_url}{API}$metadata#{entity.entity_set}/$entity",
+                    **self._representation(entity, row, query, conn)}
         return Reply(200, body, {"ETag": body["@odata.etag"]})
+
+    def _representation(self, entity: Entity, row, query: dict, conn) -> dict:
+        """One row as returned: its ``$select`` columns and ``$expand`` navigation properties."""
+        columns = self.store.select_columns(entity, query.get("$select"))
+        out = self.store.format_row(entity, row, columns)
+        if query.get("$expand"):
+            self.store.expand_rows(self.store.parse_expand(entity, query["$expand"]), [row], [out], conn)
+        return out
 
     @staticmethod
     def _missing(entity: Entity, key: dict) -> DataverseError:
@@ -239,8 +247,9 @@ class WebApi:
         hdrs = {"OData-EntityId": self._entity_id_url(entity, row_id)}
         if "return=representation" in headers.get("prefer", ""):
             row = self.store.get(entity, {entity.primary_id: row_id}, conn)
-            cols = self.store.select_columns(entity, query.get("$select"))
-            return Reply(created_status, self.store.format_row(entity, row, cols), hdrs)
+            if created_status == 200:  # an update ignores $expand (update-delete-entities-using-web-api.md)
+                query = {k: v for k, v in query.items() if k != "$expand"}
+            return Reply(created_status, self._representation(entity, row, query, conn), hdrs)
         return Reply(204, None, hdrs)
 
     def patch(self, entity: Entity, key: dict, body: dict, headers: dict, query: dict, conn) -> Reply:
