@@ -9,43 +9,46 @@ SQLite, answering what unmodified MSAL and the sync's client use:
   /common/discovery/instance`` (MSAL's ``instance_discovery=<url>``: the sandbox host is the one known
   instance, others get ``invalid_instance``). Errors carry Entra ID's body: ``error``, ``error_description``
   (``AADSTS<n>: ...``), ``error_codes``, ``timestamp``, ``trace_id``, ``correlation_id``, ``error_uri``.
-- ``/api/data/v9.2/`` for ``contacts``, ``leads`` and ``accounts``, all three with every feature below
-  (columns, types, MaxLength, ranges, money precision and option sets generated from the entity reference
-  into ``schema.json``; money columns such as account ``revenue`` are numbers rounded to their precision;
-  a contact's parent account is bound with ``parentcustomerid_account@odata.bind`` and read and filtered
-  as ``_parentcustomerid_value``): ``$select``, ``$filter`` (odata-query ->
-  SQLAlchemy), ``$orderby``, ``$top``, ``$count``, ``Prefer: odata.maxpagesize`` with paging cookies in
-  ``@odata.nextLink``; change tracking (``Prefer: odata.track-changes``, ``$deltatoken``, ``$deletedEntity``
-  rows, expired tokens); create, PATCH update/upsert by id or by the alternate key
-  ``mdsync_marketopersonid_key`` with ``If-Match`` / ``If-None-Match``; ``$expand`` of single-valued
-  navigation properties (one per lookup, ``<lookup>_<table>`` for customer lookups:
-  ``parentcustomerid_account($select=name,revenue)``, ``parentaccountid``, ``primarycontactid``, ...) on
-  collections, pages, single rows and creates, the related row nested with its etag and id or null, read
-  set-wise (one query per 500 related ids per page), refused with change tracking as documented; delete; ``CreateMultiple`` /
-  ``UpdateMultiple`` / ``UpsertMultiple`` (all-or-nothing); ``$batch`` (change sets, continue-on-error);
-  ``EntityDefinitions`` attribute metadata (with type casts and option sets); ``WhoAmI``, the sync user's
-  field security profile (``systemusers(<id>)/systemuserprofiles_association``) and ``fieldpermissions``;
-  ``QualifyLead`` and ``Merge``.
-- ``Merge`` as documented: ``UpdateContent`` validated and applied to the target (its version and
-  ``modifiedon`` move even without content); the subordinate deactivated (contact and account statecode 1 /
-  statuscode 2; lead 2 / 7 "Canceled") with ``_masterid_value`` = the target and ``merged`` true (both
-  read-only; ``merged`` is false on every other row); rows pointing at the subordinate moved to the target
-  where the relationship's merge cascades (an account's contacts and leads, a contact's leads and child
-  contacts, a lead's originated contacts and accounts; ``masterid`` itself does not), each a change in
-  delta reads. ``PerformParentingChecks`` (required) refuses a subordinate whose parent (contact
+- ``/api/data/v9.2/`` for ``contacts``, ``leads`` and ``accounts``, each with every feature below (columns,
+  types, MaxLength, ranges, money precision and option sets generated from the entity reference into
+  ``schema.json``): ``$select``, ``$filter`` (odata-query -> SQLAlchemy), ``$orderby``, ``$top``,
+  ``$count``, ``Prefer: odata.maxpagesize`` with paging cookies in ``@odata.nextLink``; change tracking
+  (``Prefer: odata.track-changes``, ``$deltatoken``, ``$deletedEntity`` rows, expired tokens); create,
+  PATCH update/upsert by id or by the alternate key ``mdsync_marketopersonid_key`` (contacts, leads) with
+  ``If-Match`` / ``If-None-Match``; delete; ``CreateMultiple`` / ``UpdateMultiple`` / ``UpsertMultiple``
+  (all-or-nothing); ``$batch`` (change sets, continue-on-error); ``EntityDefinitions`` attribute metadata
+  (with type casts and option sets); ``WhoAmI``, the sync user's field security profile
+  (``systemusers(<id>)/systemuserprofiles_association``) and ``fieldpermissions``; ``QualifyLead`` and
+  ``Merge``. Money columns (account ``revenue``, ...) are numbers rounded to their precision. Lookups are
+  bound with ``<navigation>@odata.bind`` (``parentcustomerid_account@odata.bind: "/accounts(<id>)"``) and
+  read and filtered as ``_<lookup>_value`` (``$filter=_parentcustomerid_value eq <id>``).
+- ``$expand`` of single-valued navigation properties: one per lookup, ``<lookup>_<table>`` for a lookup
+  that can point at several tables (``parentcustomerid_account($select=name,revenue)``,
+  ``parentcustomerid_contact``, ``parentaccountid``, ``primarycontactid``, ``masterid``, ...), on
+  collections, pages, single rows and creates (an update ignores it, as documented); the related row is
+  nested with its etag and id, or null. The related rows of a page are read with one query per 500 ids.
+  With change tracking it is refused with the documented error.
+- ``Merge`` as documented: ``UpdateContent`` validated and applied to the target (whose version and
+  ``modifiedon`` move even without content); the subordinate deactivated (contact and account statecode 1
+  / statuscode 2; lead 2 / 7 "Canceled") with ``_masterid_value`` = the target and ``merged`` true (both
+  read-only; ``merged`` is false on every other row); the rows pointing at the subordinate moved to the
+  target where the relationship's merge cascades (an account's contacts and leads, a contact's leads and
+  child contacts, a lead's originated contacts and accounts; not ``masterid``), each a change in delta
+  reads. ``PerformParentingChecks`` (required) refuses a subordinate whose parent (contact
   ``parentcustomerid``, lead ``parentaccountid`` / ``parentcontactid``) is set and differs from the
   target's. Inactive, identical or mixed-type records are refused with the platform's messages.
-- ``statecode`` / ``statuscode`` by PATCH, upsert or bulk update (contacts, leads, accounts): a new state
-  alone takes its default status reason (SetState's behaviour); a status reason must belong to the new (or
-  unchanged) state per the entity reference's options, else 400 ``0x80048408`` "<status> is not a valid
-  status code for state code ContactState.Active on contact with Id <id>." A deactivation is a change in
-  delta reads and leaves ``$filter=statecode eq 0``; a reactivated lead can be qualified again.
+- ``statecode`` / ``statuscode`` by PATCH, upsert or bulk update: a new state alone takes its default status
+  reason (as SetState does); a status reason must belong to the new (or unchanged) state per the entity
+  reference's options, else 400 ``0x80048408`` "<status> is not a valid status code for state code
+  ContactState.Active on contact with Id <id>." A deactivation is a change in delta reads and leaves
+  ``$filter=statecode eq 0``; a lead disqualified by PATCH and reactivated can be qualified again.
 - Deleting a row applies its relationships' delete behaviour to the rows pointing at it: ``Cascade``
-  deletes them too (an account's contacts), ``RemoveLink`` clears the lookup (a change in delta reads).
-  Relationship cascades come from the entity reference's one-to-many relationships (``schema.json``).
-- Validation with the real error shape: MaxLength, types and option values, read-only columns,
-  SystemRequired columns, state / status pairs, and business rules; field-level security (a secured column the sync user may not
-  read is absent from results, and 403 in a filter; an update to one it may not update is a 403).
+  deletes them too (an account's contacts), ``RemoveLink`` clears the lookup (a change in delta reads). The
+  merge and delete behaviours come from the entity reference's relationships (``schema.json``).
+- Validation with the real error shape: MaxLength, types, ranges and option values, read-only columns,
+  SystemRequired columns, state / status pairs, and business rules; field-level security (a secured column
+  the sync user may not read is absent from results and expansions, and 403 in a filter; an update to one
+  it may not update is a 403).
 - Service protection: 429 with ``Retry-After`` past ``requests_per_window`` per ``window_s`` per user
   (pyrate-limiter sliding window) or past ``max_concurrent`` requests in flight. Every Web API response
   carries ``x-ms-dop-hint``, the recommended degree of parallelism (``dop_hint``, default 4; 0 sends none).
@@ -85,9 +88,10 @@ Admin API (JSON, no auth, under ``/_sandbox``):
 
 The ROPC user is ``sb.username`` / ``sb.user_password``. Not emulated: the combined execution-time limit,
 opportunities (``QualifyLead`` with ``CreateOpportunity``), ``$expand`` of collection-valued navigation
-properties and options other than ``$select`` inside an expansion, filters across navigation properties
-(``parentcustomerid_account/name``), FetchXML, metadata ``$filter``,
-``Content-ID`` references in ``$batch``, and formatted-value annotations.
+properties and query options other than ``$select`` inside an expansion, filters across navigation
+properties (``parentcustomerid_account/name``), the ``SetState`` message (PATCH ``statecode`` instead),
+account hierarchies (``parentaccountid`` of accounts), FetchXML, metadata ``$filter``, ``Content-ID``
+references in ``$batch``, and formatted-value and lookup annotations.
 """
 
 from __future__ import annotations

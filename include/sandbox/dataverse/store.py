@@ -4,6 +4,8 @@ Every create/update stamps the row with the next ``versionnumber`` (one counter 
 Dataverse's row version); deletes leave a tombstone with their own version. Change tracking is then a
 range read over versions: ``(since, upto]`` for rows, then tombstones. Plain queries page by keyset on the
 primary id (fast at a million rows); with ``$orderby`` they page by page number like the real paging cookie.
+``$expand`` reads the related rows of a whole page at once. Merges and deletes follow the relationships'
+cascade rules (``Column.cascade``): the rows they move or unlink get versions of their own, as changes.
 """
 
 from __future__ import annotations

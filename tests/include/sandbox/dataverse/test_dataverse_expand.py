@@ -33,7 +33,8 @@ def test_contacts_with_their_parent_account_nested(dataverse, api):
         "$select": "lastname", "$expand": "parentcustomerid_account($select=name),parentcustomerid_contact"
                                           "($select=lastname;)"}).json()
     assert both["parentcustomerid_account"] is None
-    assert both["parentcustomerid_contact"]["lastname"] == "Ann" and both["parentcustomerid_contact"]["contactid"] == ann
+    parent = both["parentcustomerid_contact"]
+    assert (parent["lastname"], parent["contactid"]) == ("Ann", ann)
     whole = api("GET", f"contacts({bob})", params={"$select": "lastname",
                                                    "$expand": "parentcustomerid_account"}).json()
     assert whole["parentcustomerid_account"] is None

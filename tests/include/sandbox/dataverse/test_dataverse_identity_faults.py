@@ -12,8 +12,6 @@ import requests
 
 from tests.include.sandbox.dataverse.test_dataverse_sandbox import Api
 
-API = "/api/data/v9.2/"
-
 
 def _session(sb) -> requests.Session:
     session = requests.Session()

@@ -14,12 +14,16 @@ from tests.include.sandbox.dataverse.test_dataverse_sandbox import Api, api, err
 STATE = "_masterid_value,merged,statecode,statuscode"
 
 
-def merge(api, kind: str, target: str, sub: str, content: dict | None = None, checks=False, **extra):
-    body = {"Target": {"@odata.type": f"Microsoft.Dynamics.CRM.{kind}", f"{kind}id": target},
-            "Subordinate": {"@odata.type": f"Microsoft.Dynamics.CRM.{kind}", f"{kind}id": sub},
-            "UpdateContent": {"@odata.type": f"Microsoft.Dynamics.CRM.{kind}", **(content or {})},
-            "PerformParentingChecks": checks, **extra}
-    return api("POST", "Merge", json=body)
+def ref(kind: str, row_id: str) -> dict:
+    """An entity reference as Merge takes it."""
+    return {"@odata.type": f"Microsoft.Dynamics.CRM.{kind}", f"{kind}id": row_id}
+
+
+def merge(api, kind: str, target: str, sub: str, content: dict | None = None, checks=False):
+    return api("POST", "Merge", json={"Target": ref(kind, target), "Subordinate": ref(kind, sub),
+                                      "UpdateContent": {"@odata.type": f"Microsoft.Dynamics.CRM.{kind}",
+                                                        **(content or {})},
+                                      "PerformParentingChecks": checks})
 
 
 def state_of(api, entity_set: str, row_id: str) -> tuple:
@@ -128,22 +132,16 @@ def test_merge_refusals_name_the_records_and_write_nothing(dataverse, api, case)
     elif case == "read_only_content":
         resp, fragment = merge(api, "contact", target, sub, {"merged": True}), "'merged' attribute"
     elif case == "no_checks":
-        resp = api("POST", "Merge", json={
-            "Target": {"@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": target},
-            "Subordinate": {"@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": sub}})
+        resp = api("POST", "Merge", json={"Target": ref("contact", target), "Subordinate": ref("contact", sub)})
         fragment = "'PerformParentingChecks' is required"
     elif case == "other_type":
         lead = dataverse.seed("leads", [{"lastname": "L"}])[0]
-        resp = api("POST", "Merge", json={
-            "Target": {"@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": target},
-            "Subordinate": {"@odata.type": "Microsoft.Dynamics.CRM.lead", "leadid": lead},
-            "PerformParentingChecks": False})
+        resp = api("POST", "Merge", json={"Target": ref("contact", target), "Subordinate": ref("lead", lead),
+                                          "PerformParentingChecks": False})
         fragment = "same type"
     else:
-        resp = api("POST", "Merge", json={
-            "Target": {"@odata.type": "Microsoft.Dynamics.CRM.fieldpermission", "fieldpermissionid": target},
-            "Subordinate": {"@odata.type": "Microsoft.Dynamics.CRM.fieldpermission", "fieldpermissionid": sub},
-            "PerformParentingChecks": False})
+        resp = api("POST", "Merge", json={"Target": ref("fieldpermission", target),
+                                          "Subordinate": ref("fieldpermission", sub), "PerformParentingChecks": False})
         fragment = "This type: fieldpermission is not supported with merge operation"
     assert resp.status_code == 400 and fragment in error_of(resp)[1]
     expected_sub = (target, True, 1, 2) if case == "again" else (None, False, 0, 1)

@@ -85,8 +85,9 @@ def test_update_multiple_checks_each_pair_and_fails_as_a_whole(dataverse, api):
     failed = api("POST", "contacts/Microsoft.Dynamics.CRM.UpdateMultiple", json={"Targets": [
         {"@odata.type": kind, "contactid": first, "statecode": 1},
         {"@odata.type": kind, "contactid": second, "statecode": 1, "statuscode": 1}]})
-    assert failed.status_code == 400 and error_of(failed) == (
-        INVALID_STATE, f"1 is not a valid status code for state code ContactState.Inactive on contact with Id {second}.")
+    assert failed.status_code == 400 and error_of(failed) == (INVALID_STATE, "1 is not a valid status code for "
+                                                              "state code ContactState.Inactive on contact with "
+                                                              f"Id {second}.")
     assert state(api, "contacts", first) == (0, 1)  # all or nothing
     done = api("POST", "contacts/Microsoft.Dynamics.CRM.UpdateMultiple", json={"Targets": [
         {"@odata.type": kind, "contactid": first, "statecode": 1},
