@@ -2,6 +2,9 @@
 
 >>> with MarketoSandbox(Path("/tmp/mkto")) as sb:          # doctest: +SKIP
 ...     os.environ["AIRFLOW_CONN_MARKETO_DEFAULT"] = sb.connection_json()
+
+``MarketoSandbox(..., tls=True)`` serves HTTPS (as Marketo does) with a certificate of the sandbox CA,
+``sb.ca_bundle``; ``connection_json()`` then carries it as ``extra.verify``.
 """
 
 from __future__ import annotations
@@ -40,12 +43,15 @@ class MarketoSandbox:
     :param rate_limit: (calls, seconds) before 606.
     :param max_concurrent: calls in flight before 615.
     :param export_delay_s: how long a bulk export job stays "Processing".
+    :param tls: serve HTTPS with a certificate of the sandbox CA (:attr:`ca_bundle`, kept in ``data_dir``).
     """
 
     def __init__(self, data_dir: Path, port: int = 0, host: str = "127.0.0.1", client_id: str | None = None,
                  client_secret: str | None = None, token_ttl_s: int = 3600, daily_quota: int = 50000,
-                 rate_limit=(100, 20), max_concurrent: int = 10, export_delay_s: float = 0.0) -> None:
+                 rate_limit=(100, 20), max_concurrent: int = 10, export_delay_s: float = 0.0,
+                 tls: bool = False) -> None:
         self.data_dir = Path(data_dir)
+        self.tls = tls
         self.host = host
         self.port = port
         self.client_id, self.client_secret = load_or_create_credentials(self.data_dir, client_id, client_secret)
@@ -59,7 +65,17 @@ class MarketoSandbox:
     @property
     def base_url(self) -> str:
         """The REST base URL (identity at /identity, REST at /rest, bulk at /bulk)."""
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def ca_bundle(self) -> str | None:
+        """The sandbox CA a client trusts to talk to it over HTTPS (None without ``tls``)."""
+        return str((self.data_dir / "ca.pem").resolve()) if self.tls else None
+
+    @property
+    def verify(self) -> str | bool:
+        """What to pass as ``requests``' ``verify``: the CA bundle with ``tls``, else True."""
+        return self.ca_bundle or True
 
     @property
     def admin_url(self) -> str:
@@ -67,8 +83,10 @@ class MarketoSandbox:
 
     def connection_json(self) -> str:
         """The value for ``AIRFLOW_CONN_MARKETO_DEFAULT``."""
-        return json.dumps({"conn_type": "http", "host": self.base_url, "login": self.client_id,
-                           "password": self.client_secret})
+        conn = {"conn_type": "http", "host": self.base_url, "login": self.client_id, "password": self.client_secret}
+        if self.tls:
+            conn["extra"] = {"verify": self.ca_bundle}
+        return json.dumps(conn)
 
     def start(self, timeout_s: float = 30.0) -> "MarketoSandbox":
         """Run the server in a child process; return once it answers."""
@@ -76,12 +94,16 @@ class MarketoSandbox:
             return self
         if not self.port:
             self.port = _free_port(self.host)
+        if self.tls:  # the CA exists before the child answers, so the readiness check below can trust it
+            from .tls import ensure_tls
+
+            ensure_tls(self.data_dir, self.host)
         calls, seconds = self.rate_limit
         cmd = [sys.executable, "-m", "sandbox.marketo", "--host", self.host, "--port", str(self.port),
                "--data-dir", str(self.data_dir), "--client-id", self.client_id,
                "--token-ttl", str(self.token_ttl_s), "--daily-quota", str(self.daily_quota),
                "--rate-limit", f"{calls}/{seconds}", "--max-concurrent", str(self.max_concurrent),
-               "--export-delay", str(self.export_delay_s)]
+               "--export-delay", str(self.export_delay_s)] + (["--tls"] if self.tls else [])
         env = {**os.environ, "MARKETO_SANDBOX_CLIENT_SECRET": self.client_secret}
         self._proc = process.spawn(cmd, self.data_dir / "sandbox.log", env)
         deadline = time.monotonic() + timeout_s
@@ -92,7 +114,7 @@ class MarketoSandbox:
                 tail = (self.data_dir / "sandbox.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"Marketo sandbox exited with code {code} on port {self.port}:\n{tail}")
             try:
-                if requests.get(self.admin_url + "/health", timeout=1).ok:
+                if requests.get(self.admin_url + "/health", timeout=1, verify=self.verify).ok:
                     return self
             except requests.ConnectionError:
                 pass
@@ -108,6 +130,7 @@ class MarketoSandbox:
     # Admin helpers (the same JSON API a shell user would call with curl).
     def admin(self, method: str, path: str, **kwargs):
         """Call the admin API and return its JSON."""
+        kwargs.setdefault("verify", self.verify)
         resp = requests.request(method, self.admin_url + path, timeout=kwargs.pop("timeout", 120), **kwargs)
         resp.raise_for_status()
         return resp.json()

@@ -22,6 +22,9 @@ class Api:
     def __init__(self, sb: MarketoSandbox) -> None:
         self.sb = sb
         self.http = requests.Session()
+        # The sandbox CA when it serves HTTPS; no REQUESTS_CA_BUNDLE (or proxy) from the environment instead.
+        self.http.trust_env = False
+        self.http.verify = sb.verify
         self.violations: list[str] = []
         self.checked = 0
         self.token = self.identity().json()["access_token"]
