@@ -22,7 +22,8 @@ Admin calls (not part of Marketo; never under ``/rest``, ``/bulk`` or ``/identit
 - ``POST /_sandbox/calls/reset``: zero the call counters.
 - ``POST /_sandbox/faults`` ``{"kind", "count", "path_prefix", "seconds", "status"}``: inject faults
   (kinds: rate_limit, concurrency, server_error, delay, expire_tokens, quota_exhausted, access_denied (603:
-  the API user's role lacks a permission), and job_failure:
+  the API user's role lacks a permission), request_timeout (604 "Request time-out", after ``seconds``),
+  api_unavailable (608 "API Temporarily Unavailable"), transient_error (713 "Transient Error"), and job_failure:
   the next ``count`` bulk jobs created through a path under ``path_prefix`` end Failed when they start,
   e.g. ``/bulk/v1/leads.json`` for imports, ``/bulk/v1/activities/export`` for activity exports);
   ``DELETE /_sandbox/faults`` clears them.

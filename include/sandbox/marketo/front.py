@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .context import Sandbox
 from .routes.common import MAX_BODY_BULK, MAX_BODY_REST, MAX_URI, endpoint_name, failure
+from .guard import ENVELOPE_FAULTS
 from .store import ApiError, quota_day
 
 
@@ -115,6 +116,10 @@ async def service_front(request: Request, call_next):
                 return failure("607", "Daily quota reached")
             elif fault.kind == "access_denied":  # the API user's role lacks the permission (error-codes.md)
                 return failure("603", "Access denied")
+            elif fault.kind in ENVELOPE_FAULTS:  # 604, 608, 713: the call failed and was not executed
+                if fault.seconds:
+                    await asyncio.sleep(fault.seconds)
+                return failure(*ENVELOPE_FAULTS[fault.kind])
         if is_api:
             if not guard.admit_rate():
                 return failure("606", f"Max rate limit '{guard.rate_limit[0]}' exceeded with in "

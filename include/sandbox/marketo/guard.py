@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pyrate_limiter import InMemoryBucket, Limiter, Rate
 
 FAULT_KINDS = ("rate_limit", "concurrency", "server_error", "delay", "expire_tokens", "quota_exhausted", "job_failure",
-               "access_denied")
+               "access_denied", "request_timeout", "api_unavailable", "transient_error")
+#: Faults answered with a response-level error: kind -> (code, message), the messages of error-codes.md.
+#: ``request_timeout`` waits its ``seconds`` first, as a call that ran too long does.
+ENVELOPE_FAULTS = {
+    "request_timeout": ("604", "Request time-out"),
+    "api_unavailable": ("608", "API Temporarily Unavailable"),
+    "transient_error": ("713", "Transient Error"),
+}
 #: Faults that hit bulk jobs when they start (matched against the path that created the job), not requests.
 JOB_FAULTS = frozenset({"job_failure"})
 
