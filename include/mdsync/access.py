@@ -5,7 +5,9 @@ write it on each side. A mapped field that exists but the sync user cannot read 
 security, a read-only Marketo field) is dropped for the run and logged (it is then treated as unchanged on that
 side). A mapped field or column that does not exist on its side is a config error (a typo such as
 ``adress1_city`` must fail the run, not give a green one), naming the config entry, the unknown name and the
-closest real one. The link fields of DESIGN §3 must exist too: without them the sync cannot keep links.
+closest real one. The link fields of DESIGN §3 must exist too: without them the sync cannot keep links. So must
+the columns of each sync filter (readable by the sync user, compared with literals of their type) and the
+deleted flags of the ``flag`` delete policy (Yes/No, writable by the sync user).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from mdsync.config import FieldMap, SyncConfig
+from mdsync.config import DeletePolicy, FieldMap, SyncConfig, condition_literals
 from mdsync.errors import ConfigError
 
 log = logging.getLogger("mdsync.access")
@@ -103,6 +105,92 @@ def missing_names(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics: 
             if f.dynamics.lower() not in have_d:
                 problems.append(_unknown(f"entities.{ename}.fields[{i}].dynamics ({f.name})", table, f.dynamics,
                                          d_names))
+        flag_column = config.dynamics.deleted_flag_column
+        if flag_column and flag_column.lower() not in have_d:
+            problems.append(_unknown(f"dynamics.deleted_flag_column ({ename})", table, flag_column, d_names,
+                                     "create it as a Yes/No column on lead and contact"))
+        for column in entity.filter.columns:
+            if _logical(column).lower() not in have_d:
+                problems.append(_unknown(f"entities.{ename}.filter", table, column, d_names))
+    flag_field = config.marketo.deleted_flag_field
+    if flag_field and flag_field.lower() not in have_m:
+        problems.append(_unknown("marketo.deleted_flag_field", "Marketo's lead schema", flag_field, m_names,
+                                 "create it as a Boolean field in Marketo Admin > Field Management"))
+    return problems
+
+
+def _logical(column: str) -> str:
+    """A Web API column name's logical name (``_parentcustomerid_value`` -> ``parentcustomerid``)."""
+    return column[1:-6] if column.startswith("_") and column.endswith("_value") else column
+
+
+#: Dataverse attribute types by the kind of literal they compare with in a sync-filter condition
+_LITERAL_KINDS = {
+    "string": {"String", "Memo", "EntityName", "Lookup", "Customer", "Owner", "Uniqueidentifier"},
+    "number": {"Integer", "BigInt", "Decimal", "Double", "Money", "Picklist", "State", "Status"},
+    "bool": {"Boolean"},
+}
+
+
+def _literal_kind(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, (int, float)) else "string"
+
+
+def lifecycle_problems(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics: dict[str, dict]) -> list[str]:
+    """One line per sync-filter column or deleted flag the sync could not use as configured (they all exist:
+    :func:`missing_names` checked): a filter column the sync user cannot read or compared with a literal of
+    another type, a ``dynamics_column`` that is not Yes/No, a deleted flag that is not boolean or not writable."""
+    problems = []
+    flagged = [e for e in config.entities.values() if e.deletes.policy is DeletePolicy.FLAG]
+    flag_field = config.marketo.deleted_flag_field
+    if flagged and flag_field:
+        row = marketo_describe[marketo_describe["rest_name"].str.lower() == flag_field.lower()].iloc[0]
+        if str(row["data_type"]) != "boolean":
+            problems.append(f"marketo.deleted_flag_field: Marketo field '{flag_field}' is a {row['data_type']} field; "
+                            "the deleted flag must be Boolean")
+        if not bool(row["updateable"]):
+            problems.append(f"marketo.deleted_flag_field: Marketo field '{flag_field}' is not updateable through "
+                            "the API")
+    for ename, entity in config.entities.items():
+        meta = dynamics[ename]
+        attrs = meta["attributes"].assign(key=meta["attributes"]["logical_name"].str.lower()).set_index("key")
+        perms = meta["permissions"].assign(key=meta["permissions"]["logical_name"].str.lower()).set_index("key")
+        table = f"Dataverse table '{meta['logical_name']}'"
+
+        def kind_of(column: str) -> str:
+            return str(attrs.loc[_logical(column).lower(), "type"])
+
+        def can(column: str, action: str) -> bool:
+            key = _logical(column).lower()
+            return key in perms.index and bool(perms.loc[key, f"can_{action}"])
+
+        where = f"entities.{ename}.filter"
+        for column in entity.filter.columns:
+            if not can(column, "read"):
+                problems.append(f"{where}: the sync user cannot read column '{column}' of {table} (field-level "
+                                "security), so the filter cannot be evaluated")
+        if entity.filter.condition is not None:
+            for column, literal in condition_literals(entity.filter.condition):
+                kind, have = _literal_kind(literal.value), kind_of(column)
+                if kind is not None and have not in _LITERAL_KINDS[kind]:
+                    problems.append(f"{where}.dynamics_condition: column '{column}' of {table} is a {have} column "
+                                    f"but is compared with the {kind} {literal.value!r}")
+        column = entity.filter.dynamics_column
+        if column and kind_of(column) != "Boolean":
+            problems.append(f"{where}.dynamics_column: column '{column}' of {table} is a {kind_of(column)} column; "
+                            "it must be Yes/No (Boolean)")
+        flag_column = config.dynamics.deleted_flag_column
+        if entity.deletes.policy is DeletePolicy.FLAG and flag_column:
+            if kind_of(flag_column) != "Boolean":
+                problems.append(f"dynamics.deleted_flag_column ({ename}): column '{flag_column}' of {table} is a "
+                                f"{kind_of(flag_column)} column; the deleted flag must be Yes/No (Boolean)")
+            if not can(flag_column, "update"):
+                problems.append(f"dynamics.deleted_flag_column ({ename}): the sync user cannot update column "
+                                f"'{flag_column}' of {table}")
     return problems
 
 
@@ -120,6 +208,10 @@ def refresh_access(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics:
     problems = missing_names(config, marketo_describe, dynamics)
     if problems:
         raise ConfigError(f"{source} names fields that do not exist (fix the names, or create the fields):\n  "
+                          + "\n  ".join(problems))
+    problems = lifecycle_problems(config, marketo_describe, dynamics)
+    if problems:
+        raise ConfigError(f"{source}: the sync filter or the deleted flags cannot be used as configured:\n  "
                           + "\n  ".join(problems))
     mk = marketo_describe.assign(key=marketo_describe["rest_name"].str.lower()).set_index("key")
     entities: dict[str, EntityAccess] = {}

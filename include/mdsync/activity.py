@@ -1,7 +1,9 @@
 """The activity log: one readable line per record decision, in the task log and in the state store.
 
 Actions: ``create``, ``update``, ``consent``, ``link``, ``unlink``, ``collision``, ``skip``, ``error``, ``ambiguous``,
-and an undo run's ``undo`` (a value restored) and ``undo_skipped`` (not restored, or listed: see :mod:`mdsync.undo`).
+``flag`` and ``delete`` (what a delete policy did to a deleted pair's survivor: flagged it, or deleted/deactivated
+it), and an undo run's ``undo`` (a value restored) and ``undo_skipped`` (not restored, or listed: see
+:mod:`mdsync.undo`).
 ``consent`` is a change of a consent flag (``opt_out_wins``): an opt-out written to the other side
 (:func:`write_activity`), or a re-opt-in held back because the other side still says opted out
 (:func:`consent_held_activity`); ``winner`` names the side whose opt-out holds.
@@ -19,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from mdsync.config import Side
-from mdsync.constants import LINK_FIELD
+from mdsync.constants import DELETED_FLAG, PSEUDO_FIELDS
 
 COLUMNS = [
     "entity_type", "person_id", "email", "dynamics_type", "dynamics_id", "action", "field", "old_value",
@@ -40,7 +42,7 @@ def write_activity(entity: str, writes: pd.DataFrame, results: pd.DataFrame, tar
         return activity_frame([])
     if "action" not in writes.columns:
         writes = writes.assign(action="update")
-    data = results[results["field"] != LINK_FIELD].merge(
+    data = results[~results["field"].isin(PSEUDO_FIELDS)].merge(
         writes[["person_id", "field", "previous", "reason", "action"]], on=["person_id", "field"], how="left")
     where = "Dynamics" if target == "dynamics" else "Marketo"
     action = data["action"].astype(object).where(data["action"].notna(), "update")
@@ -59,6 +61,25 @@ def write_activity(entity: str, writes: pd.DataFrame, results: pd.DataFrame, tar
         "old_value": data["previous"], "new_value": data["value"],
         "winner": pd.Series(source, index=data.index).where(consent, None), "detail": detail,
     }))
+
+
+def flag_failed_activity(results: pd.DataFrame, target: str, entity: str | None = None) -> pd.DataFrame:
+    """``error`` rows for deleted flags (delete policy ``flag``) that ``target`` refused (identity logged the
+    decision; a flag that went through needs no second line). ``entity``: the results' entity type, when they
+    carry no ``entity_type`` column (Dynamics results are per entity type)."""
+    if results.empty:
+        return activity_frame([])
+    bad = results[results["field"].eq(DELETED_FLAG).to_numpy() & ~results["ok"].astype(bool).to_numpy()
+                  & results["error_code"].ne("dry_run").fillna(True).to_numpy()]
+    if bad.empty:
+        return activity_frame([])
+    where = "Dynamics" if target == "dynamics" else "Marketo"
+    entity = bad["entity_type"] if "entity_type" in bad else entity
+    return activity_frame(pd.DataFrame({
+        "person_id": bad["person_id"], "dynamics_id": bad["dynamics_id"], "entity_type": entity,
+        "dynamics_type": entity, "action": "error", "field": DELETED_FLAG,
+        "detail": f"{where} refused the deleted flag: " + bad["error_code"].fillna("").astype(str) + " "
+                  + bad["error_message"].fillna("").astype(str) + "; the record is kept, unlinked, without it"}))
 
 
 #: how a write line's detail ends: the side written (:func:`written_side` reads it back, e.g. for an undo)

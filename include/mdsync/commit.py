@@ -66,11 +66,14 @@ def commit_cycle(
     store, run_id: str, *, baselines, activity, errors: pd.DataFrame,
     resolved: pd.DataFrame, watermarks: list[tuple[str, str, datetime | None, str | None]],
     links: pd.DataFrame | None = None, unlinked: list[int] = (),
+    deletions: pd.DataFrame | None = None, paused: pd.DataFrame | None = None,
 ) -> dict:
     """Persist a cycle's outcome atomically. Returns counts.
 
     :param baselines: / :param activity: a frame, or an iterable of frames written one after another in the
         same transaction (a first sync's millions of rows never sit in memory at once).
+    :param deletions: linked pairs this cycle ended by a delete (:meth:`StateStore.save_deletions`).
+    :param paused: ``person_id, paused``: links whose record left or entered the sync filter.
     """
     with store.transaction() as tx:
         earlier = _committed_before(tx, run_id, watermarks)
@@ -82,6 +85,10 @@ def commit_cycle(
             store.remove_links(unlinked, conn=tx)
         if links is not None and not links.empty:
             store.save_links(links, run_id, conn=tx)
+        if paused is not None and not paused.empty:
+            store.set_paused(paused, conn=tx)
+        if deletions is not None and not deletions.empty:
+            store.save_deletions(deletions, run_id, conn=tx)
         n_base = sum(store.save_baselines(b, run_id, conn=tx) for b in _frames(baselines))
         store.resolve_errors(resolved, conn=tx)
         n_err = store.record_errors(errors, run_id, conn=tx)

@@ -1,4 +1,5 @@
-"""Load and validate the sync config (entities, field maps, directions, value maps, value rules, collision policy).
+"""Load and validate the sync config (entities, field maps, directions, value maps, value rules, collision policy,
+delete policy, record-level sync filter).
 
 The config is read in one place: :func:`load_config`. Every problem is reported as a
 :class:`~mdsync.errors.ConfigError` that names the file, the entry and the problem, e.g.
@@ -7,10 +8,13 @@ The config is read in one place: :func:`load_config`. Every problem is reported 
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +25,7 @@ from mdsync.errors import ConfigError
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "config" / "sync.yaml"
 
 ENTITY_TYPES = ("lead", "contact")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Direction(str, Enum):
@@ -121,6 +126,236 @@ class FieldMap(_Strict):
         return self.flows_to(Side.DYNAMICS)
 
 
+# -- the record-level sync filter: an OData condition evaluated on extracted frames ------------------------
+
+@dataclass(frozen=True)
+class Column:
+    """A column named in a sync-filter condition."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Literal:
+    """A literal in a sync-filter condition: None (``null``), bool, int, float or str."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``left op right``; ``op`` is one of :data:`COMPARISONS`."""
+
+    op: str
+    left: Union[Column, Literal]
+    right: Union[Column, Literal]
+
+
+@dataclass(frozen=True)
+class BoolOp:
+    """``left and right`` / ``left or right``."""
+
+    op: str
+    left: "Condition"
+    right: "Condition"
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: "Condition"
+
+
+Condition = Union[Comparison, BoolOp, Not]
+#: the comparison operators a sync-filter condition may use
+COMPARISONS = ("eq", "ne", "gt", "ge", "lt", "le")
+
+
+def condition_columns(node: Condition) -> list[str]:
+    """The columns a condition reads, in the order they appear (each once)."""
+    if isinstance(node, Comparison):
+        found = [side.name for side in (node.left, node.right) if isinstance(side, Column)]
+    elif isinstance(node, BoolOp):
+        found = condition_columns(node.left) + condition_columns(node.right)
+    else:
+        found = condition_columns(node.operand)
+    return list(dict.fromkeys(found))
+
+
+def condition_literals(node: Condition) -> list[tuple[str, Literal]]:
+    """``(column, literal)`` for every comparison of a column with a literal (for type checks on metadata)."""
+    if isinstance(node, BoolOp):
+        return condition_literals(node.left) + condition_literals(node.right)
+    if isinstance(node, Not):
+        return condition_literals(node.operand)
+    pairs = [(node.left, node.right), (node.right, node.left)]
+    return [(c.name, v) for c, v in pairs if isinstance(c, Column) and isinstance(v, Literal)]
+
+
+@functools.lru_cache(maxsize=64)
+def parse_condition(text: str) -> Condition:
+    """Parse a sync-filter condition: the documented subset of OData ``$filter``.
+
+    Supported: ``eq ne gt ge lt le``, ``and or not``, parentheses, ``null``, string (``'O''Brien'``), number
+    and ``true``/``false`` literals, and plain column names on either side. Anything else (functions such as
+    ``contains``, ``in``, arithmetic, navigation ``a/b``, GUID and date literals, lambdas) is refused.
+
+    :raises ValueError: naming what is wrong and where, so the config error points at it.
+    """
+    from odata_query import ast
+    from odata_query.exceptions import ODataException, ParsingException, TokenizingException
+    from odata_query.grammar import ODataLexer, ODataParser
+
+    try:
+        tree = ODataParser().parse(ODataLexer().tokenize(text))
+    except (TokenizingException, ParsingException) as exc:
+        token = getattr(exc, "token", None)
+        if token is None:
+            raise ValueError(f"condition {text!r} is not a valid OData condition: it ends too early") from None
+        raise ValueError(f"condition {text!r} is not a valid OData condition: unexpected {token.value!r} at "
+                         f"character {token.index + 1}") from None
+    except ODataException as exc:
+        raise ValueError(f"condition {text!r} is not a valid OData condition: {exc}") from None
+    if tree is None:
+        raise ValueError("the condition is empty; write one (e.g. statecode eq 0) or set it to null")
+
+    comparators = {ast.Eq: "eq", ast.NotEq: "ne", ast.Gt: "gt", ast.GtE: "ge", ast.Lt: "lt", ast.LtE: "le"}
+    literals = {ast.Null: None, ast.Boolean: bool, ast.Integer: int, ast.Float: float, ast.String: str}
+
+    def unsupported(node) -> ValueError:
+        what = {ast.Call: lambda n: f"the function {n.func.full_name()}()",
+                ast.Attribute: lambda n: "navigation (a/b)",
+                ast.BinOp: lambda n: f"arithmetic ({type(n.op).__name__.lower()})",
+                ast.CollectionLambda: lambda n: "any()/all()",
+                ast.List: lambda n: "a list"}.get(type(node))
+        if isinstance(node, ast.Compare) and isinstance(node.comparator, ast.In):
+            name = "'in' (write a eq 1 or a eq 2)"
+        elif what is not None:
+            name = what(node)
+        elif isinstance(node, ast._Literal):
+            name = f"{type(node).__name__} literals ({getattr(node, 'val', '')})"
+        else:
+            name = type(node).__name__
+        return ValueError(f"condition {text!r} uses {name}, which the sync filter does not support; supported are "
+                          "eq ne gt ge lt le, and or not, parentheses, null, strings, numbers, true/false and "
+                          "column names")
+
+    def operand(node) -> Column | Literal:
+        if isinstance(node, ast.Identifier):
+            if node.namespace:
+                raise unsupported(node)
+            return Column(node.name)
+        if type(node) in literals:
+            kind = literals[type(node)]
+            return Literal(None if kind is None else node.py_val)
+        if isinstance(node, (ast.Compare, ast.BoolOp, ast.UnaryOp)):
+            raise ValueError(f"condition {text!r}: a comparison cannot compare a condition; put parentheses "
+                             "around each comparison (e.g. not (statecode eq 1))")
+        raise unsupported(node)
+
+    def convert(node) -> Condition:
+        if isinstance(node, ast.BoolOp):
+            return BoolOp("and" if isinstance(node.op, ast.And) else "or", convert(node.left), convert(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return Not(convert(node.operand))
+        if isinstance(node, ast.Compare):
+            if type(node.comparator) not in comparators:
+                raise unsupported(node)
+            op, left, right = comparators[type(node.comparator)], operand(node.left), operand(node.right)
+            if isinstance(left, Literal) and isinstance(right, Literal):
+                raise ValueError(f"condition {text!r} compares two literals; compare a column")
+            for side in (left, right):
+                if isinstance(side, Literal) and op not in ("eq", "ne") and (side.value is None or isinstance(side.value, bool)):
+                    raise ValueError(f"condition {text!r}: {'null' if side.value is None else 'true/false'} can "
+                                     f"only be compared with eq or ne, not {op}")
+            return Comparison(op, left, right)
+        if isinstance(node, (ast.Identifier, ast._Literal)):
+            raise ValueError(f"condition {text!r} is not a comparison; compare the column (e.g. donotemail eq true)")
+        raise unsupported(node)
+
+    return convert(tree)
+
+
+class DeletePolicy(str, Enum):
+    """What a delete on one side of a linked pair does to the other side (DESIGN §3)."""
+
+    #: the link is dropped and the other side's record is flagged (the native sync's "Deleted in ..." flag)
+    FLAG = "flag"
+    #: the other side's record is deleted too (Dataverse: or deactivated), unless it changed since the last sync
+    PROPAGATE = "propagate"
+    #: the link is dropped, the other side's record is left as it is
+    UNLINK = "unlink"
+
+
+class DynamicsDeleteAction(str, Enum):
+    """How ``propagate`` removes a Dataverse record whose Marketo person was deleted."""
+
+    DELETE = "delete"
+    #: statecode/statuscode set to inactive (contact: Inactive; lead: Disqualified / Canceled)
+    DEACTIVATE = "deactivate"
+
+
+class DeleteSettings(_Strict):
+    """``entities.<type>.deletes``: the delete policy of one entity type."""
+
+    policy: DeletePolicy = DeletePolicy.FLAG
+    dynamics_action: DynamicsDeleteAction = DynamicsDeleteAction.DELETE
+    #: a record whose partner was deleted may get a new partner created from it again (default: never)
+    recreate: bool = False
+
+    @model_validator(mode="after")
+    def _action(self) -> "DeleteSettings":
+        if self.dynamics_action is DynamicsDeleteAction.DEACTIVATE and self.policy is not DeletePolicy.PROPAGATE:
+            raise ValueError(f"dynamics_action 'deactivate' applies to policy 'propagate' only, not to "
+                             f"{self.policy.value!r}")
+        return self
+
+
+#: the shipped filter: inactive (``statecode`` != 0) leads and contacts are out of scope
+DEFAULT_CONDITION = "statecode eq 0"
+
+
+class SyncFilter(_Strict):
+    """``entities.<type>.filter``: which Dynamics records are in scope (the native sync's sync filter).
+
+    A record is in scope when ``dynamics_condition`` holds (``null``: no condition) and, when set, the boolean
+    ``dynamics_column`` is true. The Marketo side's filter is ``marketo.sync_marker``.
+    """
+
+    dynamics_condition: str | None = DEFAULT_CONDITION
+    dynamics_column: str | None = None
+
+    @field_validator("dynamics_condition")
+    @classmethod
+    def _parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_condition(v)
+        return v
+
+    @field_validator("dynamics_column")
+    @classmethod
+    def _plain(cls, v: str | None) -> str | None:
+        if v is not None and not _IDENTIFIER.match(v):
+            raise ValueError(f"dynamics_column {v!r} is not a column name")
+        return v
+
+    @property
+    def condition(self) -> Condition | None:
+        """The parsed condition (None: every record passes it)."""
+        return parse_condition(self.dynamics_condition) if self.dynamics_condition is not None else None
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column the filter reads (they are added to the extract's ``$select``)."""
+        cols = condition_columns(self.condition) if self.condition is not None else []
+        return list(dict.fromkeys(cols + ([self.dynamics_column] if self.dynamics_column else [])))
+
+    def describe(self) -> str:
+        """The filter as one phrase for activity lines."""
+        parts = ([self.dynamics_condition] if self.dynamics_condition else []) + (
+            [f"{self.dynamics_column} eq true"] if self.dynamics_column else [])
+        return " and ".join(parts) or "(none)"
+
+
 class EntityConfig(_Strict):
     """Sync settings of one Dynamics entity type (``lead`` or ``contact``)."""
 
@@ -129,6 +364,10 @@ class EntityConfig(_Strict):
     id_column: str
     collision_winner: Side
     fields: list[FieldMap] = Field(min_length=1)
+    #: what a delete on either side of a linked pair does (DESIGN §3)
+    deletes: DeleteSettings = DeleteSettings()
+    #: which Dynamics records are in scope at all
+    filter: SyncFilter = SyncFilter()
 
     @model_validator(mode="after")
     def _unique(self) -> "EntityConfig":
@@ -189,11 +428,15 @@ class MarketoSettings(_Strict):
     link_fields: MarketoLinkFields
     sync_marker: SyncMarker
     error_activity_type: str
+    #: Boolean field set to true on a person whose linked Dynamics record was deleted (delete policy ``flag``)
+    deleted_flag_field: str | None = None
 
 
 class DynamicsSettings(_Strict):
     marketo_id_column: str
     alternate_key: str
+    #: Boolean column set to true on a record whose linked Marketo person was deleted (delete policy ``flag``)
+    deleted_flag_column: str | None = None
 
 
 class ScheduleSettings(_Strict):
@@ -239,6 +482,17 @@ class SyncConfig(_Strict):
         }
         if self.marketo.sync_marker.as_field:
             reserved[self.marketo.sync_marker.as_field.lower()] = "marketo.sync_marker.as_field"
+        flag_field, flag_column = self.marketo.deleted_flag_field, self.dynamics.deleted_flag_column
+        if flag_field:
+            if flag_field.lower() in reserved:
+                raise ValueError(f"marketo.deleted_flag_field {flag_field!r} is already {reserved[flag_field.lower()]}")
+            reserved[flag_field.lower()] = "marketo.deleted_flag_field"
+        reserved_columns = {self.dynamics.marketo_id_column.lower(): "the link column (dynamics.marketo_id_column)"}
+        if flag_column:
+            if flag_column.lower() in reserved_columns:
+                raise ValueError(f"dynamics.deleted_flag_column {flag_column!r} is the link column "
+                                 "(dynamics.marketo_id_column)")
+            reserved_columns[flag_column.lower()] = "the deleted flag (dynamics.deleted_flag_column)"
         for ename, entity in self.entities.items():
             for i, f in enumerate(entity.fields):
                 if f.marketo.lower() in reserved:
@@ -246,11 +500,25 @@ class SyncConfig(_Strict):
                         f"entities.{ename}.fields[{i}] ({f.name}): Marketo field {f.marketo!r} is reserved "
                         f"for {reserved[f.marketo.lower()]} and cannot also be synced as data"
                     )
-                if f.dynamics.lower() == self.dynamics.marketo_id_column.lower():
+                if f.dynamics.lower() in reserved_columns:
                     raise ValueError(
-                        f"entities.{ename}.fields[{i}] ({f.name}): Dataverse column {f.dynamics!r} is the "
-                        "link column (dynamics.marketo_id_column) and cannot also be synced as data"
+                        f"entities.{ename}.fields[{i}] ({f.name}): Dataverse column {f.dynamics!r} is "
+                        f"{reserved_columns[f.dynamics.lower()]} and cannot also be synced as data"
                     )
+            if entity.deletes.policy is DeletePolicy.FLAG and not (flag_field and flag_column):
+                missing = " and ".join(name for name, value in (("marketo.deleted_flag_field", flag_field),
+                                                                ("dynamics.deleted_flag_column", flag_column))
+                                       if not value)
+                raise ValueError(
+                    f"entities.{ename}.deletes.policy is 'flag' (the default), which needs {missing}: the Marketo "
+                    "boolean field set on a person whose Dynamics record was deleted, and the Dataverse boolean "
+                    "column set on a record whose Marketo person was deleted; set them, or choose policy "
+                    "'unlink' or 'propagate'"
+                )
+            column = entity.filter.dynamics_column
+            if column and column.lower() in reserved_columns:
+                raise ValueError(f"entities.{ename}.filter.dynamics_column {column!r} is "
+                                 f"{reserved_columns[column.lower()]}, not a sync-filter column")
         return self
 
     def entity(self, name: str) -> EntityConfig:

@@ -28,13 +28,13 @@ from mdsync import identity as identity_stage
 from mdsync import guard as guard_stage
 from mdsync import undo as undo_stage
 from mdsync.activity import (activity_frame, blocked_activity, collision_activity, consent_held_activity,
-                             held_activity, log_activity, problem_activity, write_activity)
+                             flag_failed_activity, held_activity, log_activity, problem_activity, write_activity)
 from mdsync.canonical import canonical_frame
 from mdsync.commit import commit_cycle, error_rows, resolved_keys, succeeded_baselines
 from mdsync.config import Side, SyncConfig, load_config
 from mdsync.extract import dynamics_columns, extract_dynamics, extract_marketo, marketo_fields
-from mdsync.load import (create_in_dynamics, create_in_marketo, load_dynamics, load_marketo,
-                         record_rejections_in_marketo)
+from mdsync.load import (DeleteOutcome, create_in_dynamics, create_in_marketo, delete_in_dynamics, delete_in_marketo,
+                         load_dynamics, load_marketo, record_rejections_in_marketo)
 from mdsync.plan import REQUIRES_NOTHING, plan_entity, suppress_known_rejections
 from mdsync.results import (Committed, DynamicsEntityExtracted, DynamicsExtracted, GuardDecision, Identified,
                             Loaded, MarketoExtracted, Planned, RunManifest, SchemaResult, StageResult)
@@ -320,23 +320,42 @@ class Cycle:
             log.info("identity: looking up %s", lookups.counts())
             self._use_metadata(acc, marketo=True)
             persons, records, refused = self._look_up(lookups, acc, persons, records)
+        m_deleted = s.read_frame(marketo.deleted)["id"].tolist()
+        d_deleted = {e: s.read_frame(d.deleted)["id"].tolist() for e, d in dynamics.entities.items()}
+        pids, dids = identity_stage.deletion_keys(self.config, persons, records, self.run.person_ids)
+        deletions = self.store.load_deletions(person_ids=pids, dynamics_ids=dids)
+        guarded = identity_stage.guard_ids(self.config, links, m_deleted, d_deleted)
+        changed = None
+        if len(guarded):  # propagate: whether each survivor changed on its own side since the last sync
+            fields = list(dict.fromkeys(n for e in self.config.entities.values() for n in e.field_names))
+            baseline = self.store.load_baselines(person_ids=guarded.tolist(), fields=fields)
+            changed = identity_stage.changed_since(self.config, acc, links, persons, records, baseline, guarded)
         decisions = identity_stage.decide(
-            self.config, links, persons, records, s.read_frame(marketo.deleted)["id"].tolist(),
-            {e: s.read_frame(d.deleted)["id"].tolist() for e, d in dynamics.entities.items()},
-            push_ids=self.run.person_ids, push_as=self.run.sync_as)
+            self.config, links, persons, records, m_deleted, d_deleted, push_ids=self.run.person_ids,
+            push_as=self.run.sync_as, deletions=deletions, changed=changed,
+            note_held=not (marketo.full or dynamics.full))
         activity = pd.concat([decisions.activity, refused], ignore_index=True)
         emails = _emails(persons)
         activity["email"] = activity["email"].where(activity["email"].notna(), activity["person_id"].map(emails))
         if self.run.dry_run:
             activity["detail"] = activity["detail"].where(activity["action"] != "link",
                                                           activity["detail"] + " [dry run: not saved]")
+            activity["detail"] = activity["detail"].where(~activity["action"].isin(["flag", "delete"]),
+                                                          activity["detail"] + " [dry run: not done]")
         self._log_activity(activity)
-        m_links, d_links = identity_stage.link_field_writes(self.config, decisions.links, persons, records)
+        active = decisions.links[~decisions.links["paused"].astype(bool)]  # pairs outside the filter are not synced
+        m_links, d_links = identity_stage.link_field_writes(self.config, active, persons, records)
         new = decisions.new_links
-        log.info("identity: %d links (%d new), %d dropped; creates wanted: %d in Marketo, %d in Dynamics",
-                 len(decisions.links), len(new), len(decisions.unlinked), len(decisions.marketo_creates),
-                 len(decisions.dynamics_creates))
+        lifecycle = {**decisions.deletes["action"].value_counts().to_dict(),
+                     "left_filter": int(decisions.paused["paused"].astype(bool).sum()),
+                     "entered_filter": int((~decisions.paused["paused"].astype(bool)).sum())}
+        log.info("identity: %d links (%d new, %d outside the sync filter), %d dropped; creates wanted: %d in Marketo, "
+                 "%d in Dynamics; lifecycle: %s", len(decisions.links), len(new), len(decisions.links) - len(active),
+                 len(decisions.unlinked), len(decisions.marketo_creates), len(decisions.dynamics_creates), lifecycle)
         return Identified(
+            deletes=s.write_frame("lifecycle-deletes", decisions.deletes),
+            deletions=s.write_frame("lifecycle-deletions", decisions.deletions),
+            paused=s.write_frame("lifecycle-paused", decisions.paused), lifecycle=lifecycle,
             links=s.write_frame("links", decisions.links),
             persons=s.write_frame("persons", persons),
             records={e: s.write_frame(f"records-{e}", r) for e, r in records.items()},
@@ -399,7 +418,9 @@ class Cycle:
         entity = self.config.entity(entity_name)
         acc = self._access(schema.access).entities[entity_name]
         links = self.staging.read_frame(identity.links)
-        links = links[links["dynamics_type"] == entity_name]
+        # pairs whose record is outside the sync filter are not synced (link kept)
+        paused = links["paused"].astype(bool) if "paused" in links else False
+        links = links[(links["dynamics_type"] == entity_name) & ~paused]
         persons = self.staging.read_frame(identity.persons)
         records = self.staging.read_frame(identity.records[entity_name])
 
@@ -409,14 +430,7 @@ class Cycle:
         m_raw = mine.set_index(mine["id"].astype("int64").rename("person_id")) if not mine.empty else \
             pd.DataFrame(index=pd.Index([], dtype="int64", name="person_id"))
         marketo, m_problems = canonical_frame(m_raw, m_fields, Side.MARKETO)
-        by_record = pd.Series(links.index, index=links["dynamics_id"].str.lower())
-        if not records.empty:
-            pid = by_record.reindex(records[entity.id_column].astype(str).str.lower().to_numpy())
-            d_raw = records[pid.notna().to_numpy()].copy()
-            d_raw.index = pd.Index(pid.dropna().astype("int64").to_numpy(), name="person_id")
-            d_raw = d_raw[~d_raw.index.duplicated(keep="last")]
-        else:
-            d_raw = pd.DataFrame(index=pd.Index([], dtype="int64", name="person_id"))
+        d_raw = identity_stage.records_by_person(records, links, entity.id_column)
         dynamics, d_problems = canonical_frame(d_raw, d_fields, Side.DYNAMICS)
         keys = marketo.index.union(dynamics.index)
         baseline = self.store.load_baselines(person_ids=keys.tolist(), fields=entity.field_names)
@@ -479,23 +493,41 @@ class Cycle:
         created = create_in_dynamics(self.config, acc, s.read_frame(identity.dynamics_creates),
                                      s.read_frame(identity.persons), self.dynamics, dry_run=self.run.dry_run)
         self._log_activity(created.activity)
+        deletes = self._deletes(identity, "dynamics")
         for p in manifest.plans:
             name = p.entity
             writes = s.read_frame(p.dynamics_writes)
             link_writes = s.read_frame(identity.dynamics_link_writes[name])
+            flags = deletes[deletes["action"].eq("flag").to_numpy() & deletes["entity_type"].eq(name).to_numpy()]
             results = load_dynamics(self.config, self.config.entity(name), writes, link_writes,
-                                    acc.entities[name].dynamics_max_length, self.dynamics, dry_run=self.run.dry_run)
+                                    acc.entities[name].dynamics_max_length, self.dynamics, dry_run=self.run.dry_run,
+                                    flag_writes=flags)
             out.results[name] = s.write_frame(f"results-{name}-dynamics", results)
             out.written += int(results["ok"].sum())
             out.rejected += _rejected(results)
-        return self._with_creates(out, created, "dynamics")
+        removed = delete_in_dynamics(self.config, deletes, self.dynamics, dry_run=self.run.dry_run)
+        self._log_activity(removed.activity)
+        return self._with_creates(out, created, "dynamics", removed)
 
-    def _with_creates(self, out: Loaded, created, side: str) -> Loaded:
+    def _deletes(self, identity: Identified, target: str) -> pd.DataFrame:
+        """Identity's flags and deletes of the surviving side ``target`` of deleted pairs."""
+        if not identity.deletes:
+            return pd.DataFrame(columns=identity_stage.DELETE_COLUMNS)
+        deletes = self.staging.read_frame(identity.deletes)
+        return deletes[deletes["target"].eq(target).to_numpy()]
+
+    def _with_creates(self, out: Loaded, created, side: str, removed: DeleteOutcome | None = None) -> Loaded:
         s = self.staging
+        activity, errors = created.activity, created.errors
+        if removed is not None:  # a refused delete is an error line and an open sync error, as a refused create
+            activity = pd.concat([activity, removed.activity], ignore_index=True)
+            errors = pd.concat([e for e in (errors, removed.errors) if not e.empty], ignore_index=True) \
+                if not (errors.empty and removed.errors.empty) else errors
+            out.deleted, out.delete_errors = removed.done, len(removed.errors)
         out.created_links = s.write_frame(f"created-links-{side}", created.links)
         out.created_values = s.write_frame(f"created-values-{side}", created.values)
-        out.activity = s.write_frame(f"create-activity-{side}", created.activity)
-        out.errors = s.write_frame(f"create-errors-{side}", created.errors)
+        out.activity = s.write_frame(f"create-activity-{side}", activity)
+        out.errors = s.write_frame(f"create-errors-{side}", errors)
         out.created = len(created.links)
         out.create_errors = int(created.activity["action"].eq("error").sum()) if not created.activity.empty else 0
         return out
@@ -516,8 +548,10 @@ class Cycle:
         max_length = {}
         for e in acc.entities.values():
             max_length.update(e.marketo_max_length)
+        deletes = self._deletes(identity, "marketo")
         results, method = load_marketo(self.config, self.config.entities, writes, link_writes, max_length, self.marketo,
-                                       dry_run=self.run.dry_run, bulk_threshold=self.settings.marketo_bulk_threshold)
+                                       dry_run=self.run.dry_run, bulk_threshold=self.settings.marketo_bulk_threshold,
+                                       flag_writes=deletes[deletes["action"].eq("flag").to_numpy()])
         records = {e: s.read_frame(p) for e, p in identity.records.items()}
         created = create_in_marketo(self.config, acc, s.read_frame(identity.marketo_creates), records, self.marketo,
                                     self.dynamics, dry_run=self.run.dry_run,
@@ -528,10 +562,12 @@ class Cycle:
                     for r in (s.read_frame(p) for p in dyn_loaded.results.values())]
         rejected = pd.concat(rejected, ignore_index=True) if rejected else pd.DataFrame()
         logged = 0 if self.run.dry_run else record_rejections_in_marketo(self.config, rejected, self.marketo)
+        removed = delete_in_marketo(deletes, self.marketo, dry_run=self.run.dry_run)
+        self._log_activity(removed.activity)
         out = Loaded(side="marketo", results={"all": s.write_frame("results-marketo", results)},
                      written=int(results["ok"].sum()), rejected=_rejected(results),
                      rejections_logged_in_marketo=logged, method=method)
-        return self._with_creates(out, created, "marketo")
+        return self._with_creates(out, created, "marketo", removed)
 
     # -- 6. commit ------------------------------------------------------------------------------------
 
@@ -564,7 +600,8 @@ class Cycle:
                 d_results, m_mine = mine(p.entity)
                 yield s.read_frame(p.activity)
                 for part in (write_activity(p.entity, s.read_frame(p.dynamics_writes), d_results, "dynamics"),
-                             write_activity(p.entity, s.read_frame(p.marketo_writes), m_mine, "marketo")):
+                             write_activity(p.entity, s.read_frame(p.marketo_writes), m_mine, "marketo"),
+                             flag_failed_activity(d_results, "dynamics", p.entity), flag_failed_activity(m_mine, "marketo")):
                     # identity, plan and create notes were logged by their tasks; log the write outcomes here
                     self._log_activity(part)
                     yield part
@@ -599,7 +636,9 @@ class Cycle:
         counts = commit_cycle(self.store, self.run.run_id, baselines=baseline_parts(),
                               activity=with_emails(activity_parts()), errors=errors, resolved=resolved,
                               watermarks=watermarks, links=new_links,
-                              unlinked=s.read_frame(identity.unlinked)["person_id"].tolist())
+                              unlinked=s.read_frame(identity.unlinked)["person_id"].tolist(),
+                              deletions=s.read_frame(identity.deletions) if identity.deletions else None,
+                              paused=s.read_frame(identity.paused) if identity.paused else None)
         log.info("committed: %s", counts)
         return Committed(links=len(new_links), **counts)
 
@@ -676,6 +715,8 @@ class Cycle:
                             **{k: {"records": v.records, "threshold": v.threshold} for k, v in m.guard.sides.items()}}
             if m.guard else {},
             "undo": _undo_summary(m.plans),
+            "lifecycle": {**m.identity.lifecycle, "deleted": {"dynamics": dyn.deleted, "marketo": mkt.deleted},
+                          "delete_errors": {"dynamics": dyn.delete_errors, "marketo": mkt.delete_errors}},
         }
         lines = [f"sync summary (API calls: Marketo {used['marketo']}, Dynamics {used['dynamics']})",
                  f"  Marketo persons read: {m.marketo.extracted} ({m.marketo.mode}); created: {created} "
@@ -686,6 +727,11 @@ class Cycle:
                          f"collisions {e['collisions']}, held back {e['held_back']}")
         lines.append(f"  written: Dynamics {dyn.written}, Marketo {mkt.written} ({mkt.method}); "
                      f"rejected: Dynamics {summary['errors']['dynamics']}, Marketo {summary['errors']['marketo']}")
+        life = m.identity.lifecycle
+        if any(life.values()) or dyn.deleted or mkt.deleted:
+            lines.append(f"  deletes: flagged {life.get('flag', 0)}, deleted/deactivated in Dynamics {dyn.deleted} "
+                         f"(refused {dyn.delete_errors}), deleted in Marketo {mkt.deleted} (refused {mkt.delete_errors}); "
+                         f"sync filter: {life.get('left_filter', 0)} left, {life.get('entered_filter', 0)} entered again")
         if m.guard and m.guard.tripped:
             lines += ["  " + line for line in guard_stage.describe(m.guard)]
         lines += _undo_lines(summary["undo"])

@@ -44,10 +44,20 @@ def change_fields(config: SyncConfig) -> list[str]:
 
 
 def dynamics_columns(config: SyncConfig, entity: EntityConfig, access: EntityAccess) -> list[str]:
-    """The Dataverse columns a cycle reads for one entity type (``$select`` of mapped, readable columns only)."""
+    """The Dataverse columns a cycle reads for one entity type (``$select`` of mapped, readable columns only, and
+    the columns of the entity type's sync filter)."""
     readable = set(access.dynamics_read)
     mapped = [f.dynamics for f in entity.fields if f.name in readable]
-    return list(dict.fromkeys([entity.id_column, *mapped, config.dynamics.marketo_id_column, "statecode", "modifiedon"]))
+    return list(dict.fromkeys([entity.id_column, *mapped, config.dynamics.marketo_id_column, "statecode", "modifiedon",
+                               *entity.filter.columns]))
+
+
+def _selected(delta_link: str) -> set[str]:
+    """The columns a stored delta link reads (its ``$select``, lower-cased)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    select = parse_qs(urlsplit(delta_link).query).get("$select", [""])[0]
+    return {c.strip().lower() for c in select.split(",") if c.strip()}
 
 
 @dataclass
@@ -227,6 +237,14 @@ def extract_dynamics(
     """Rows of one entity set changed (and deleted) since the stored delta link."""
     started = datetime.now(timezone.utc)
     columns = dynamics_columns(config, entity, access.entities[entity.name])
+    if delta_link and not full:
+        # A delta link reads the columns of the query that started it: when the cycle now reads more (a newly
+        # mapped field, a sync-filter column), read the table once in full so no row is judged without them.
+        added = {c.lower() for c in columns} - _selected(delta_link)
+        if added and _selected(delta_link):
+            log.info("dynamics: %s: the stored delta link does not read %s; reading the table in full once",
+                     entity.entity_set, ", ".join(sorted(added)))
+            delta_link = None
     changes = client.track_changes(entity.entity_set, columns, delta_link=None if full else delta_link)
     log.info("dynamics: %s: %d changed, %d deleted%s", entity.entity_set, len(changes.changed), len(changes.deleted_ids),
              " (full read)" if changes.full_read else "")

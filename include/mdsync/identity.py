@@ -6,7 +6,14 @@ ambiguities and record-level errors as activity rows). Nothing here calls a serv
 :func:`plan_lookups` which records it must read so that every decision can be made from frames, reads
 them, then calls :func:`decide`. Creates and link-field writes are done by the load stage.
 
-- Deleted on either side: the link is dropped (the record on the other side is kept) and logged.
+- Deleted on either side: the link is dropped and the entity type's delete policy decides what happens to the
+  other side (``flag``: it is flagged; ``propagate``: it is deleted or deactivated, unless it changed on its own
+  side since the last sync; ``unlink``: nothing). The load stage carries the flags and deletes out. Every ended
+  pair is recorded (:attr:`IdentityDecisions.deletions`), so its survivor is neither re-linked nor used to create
+  the deleted record again (unless ``deletes.recreate``, or a manual run names the person).
+- The sync filter: a Dynamics record outside its entity type's filter is neither linked (by email or a push) nor
+  created in Marketo; a linked record that leaves it pauses its pair (link kept, one line logged) and is synced in
+  full the cycle it enters it again (its person is read for that).
 - Links lost from the state store are rebuilt from the link fields on the records: the Dataverse
   ``mdsync_marketopersonid`` column, the Marketo ``dynamicsRecordId`` / ``dynamicsRecordType`` fields.
 - An unlinked Dynamics record links by email to exactly one Marketo person (case-insensitive), or becomes a
@@ -31,13 +38,19 @@ import numpy as np
 import pandas as pd
 
 from mdsync.activity import activity_frame
-from mdsync.config import ENTITY_TYPES, SyncConfig
+from mdsync.config import (ENTITY_TYPES, BoolOp, Column, Comparison, DeletePolicy, EntityConfig, Literal, Not, Side,
+                           SyncConfig)
 
 log = logging.getLogger("mdsync.identity")
 
-LINK_COLUMNS = ["dynamics_type", "dynamics_id", "method", "new"]
+LINK_COLUMNS = ["dynamics_type", "dynamics_id", "method", "new", "paused"]
 MARKETO_CREATE_COLUMNS = ["entity_type", "dynamics_id", "email"]
 DYNAMICS_CREATE_COLUMNS = ["person_id", "entity_type", "email"]
+#: what the load stage does to the surviving side of a deleted pair: ``target`` (the side written), ``action``
+#: (``flag``, ``delete`` or ``deactivate``), the pair
+DELETE_COLUMNS = ["target", "action", "person_id", "entity_type", "dynamics_id"]
+#: the pairs a delete ended, for the state store (:meth:`mdsync.state.StateStore.save_deletions`)
+DELETION_COLUMNS = ["deleted_in", "person_id", "dynamics_type", "dynamics_id", "policy", "action"]
 _TRUE = ("true", "1", "yes")
 
 
@@ -69,8 +82,98 @@ def _record_key(entity, ids: pd.Series) -> pd.Series:
 
 def empty_links() -> pd.DataFrame:
     return pd.DataFrame({"dynamics_type": pd.Series(dtype=object), "dynamics_id": pd.Series(dtype=object),
-                         "method": pd.Series(dtype=object), "new": pd.Series(dtype=bool)},
+                         "method": pd.Series(dtype=object), "new": pd.Series(dtype=bool),
+                         "paused": pd.Series(dtype=bool)},
                         index=pd.Index([], dtype="int64", name="person_id"))
+
+
+def _paused(links: pd.DataFrame) -> np.ndarray:
+    """Links whose record is outside the sync filter (state-store links without the column: none)."""
+    if "paused" not in links:
+        return np.zeros(len(links), dtype=bool)
+    return links["paused"].fillna(False).astype(bool).to_numpy()
+
+
+# -- the sync filter: an OData condition evaluated on frames, as Dataverse would ---------------------------------
+
+_FLIP = {"eq": "eq", "ne": "ne", "gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}
+_COMPARE = {"eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "gt": lambda a, b: a > b,
+            "ge": lambda a, b: a >= b, "lt": lambda a, b: a < b, "le": lambda a, b: a <= b}
+
+
+def _as_boolean(values: pd.Series) -> pd.Series:
+    """Yes/No values (bool, 0/1, "true"/"false") as a nullable boolean series."""
+    text = values.astype(object).where(values.notna(), None).astype(str).str.strip().str.lower()
+    out = pd.Series(pd.NA, index=values.index, dtype="boolean")
+    out[text.isin(["true", "1", "1.0"]).to_numpy()] = True
+    out[text.isin(["false", "0", "0.0"]).to_numpy()] = False
+    return out
+
+
+def _as_number(values: pd.Series) -> pd.Series:
+    return pd.to_numeric(values.astype(object).where(values.notna(), None), errors="coerce").astype("Float64")
+
+
+def _as_text(values: pd.Series) -> pd.Series:
+    # Dataverse compares strings case-insensitively (filter-rows: "All filters using string values are case
+    # insensitive")
+    return values.astype("string").str.lower()
+
+
+def _numeric(values: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
+
+
+def _truth(node, rows: pd.DataFrame) -> pd.Series:
+    """A condition's value per row, in three-valued logic (NA where a compared value is null)."""
+    if isinstance(node, BoolOp):
+        left, right = _truth(node.left, rows), _truth(node.right, rows)
+        return left & right if node.op == "and" else left | right
+    if isinstance(node, Not):
+        return ~_truth(node.operand, rows)
+    assert isinstance(node, Comparison)
+    left, right, op = node.left, node.right, node.op
+    if isinstance(left, Literal):
+        left, right, op = right, left, _FLIP[op]
+    values = _column(rows, left.name)
+    if isinstance(right, Column):
+        other = _column(rows, right.name)
+        if _numeric(values) and _numeric(other):
+            return _COMPARE[op](_as_number(values), _as_number(other))
+        return _COMPARE[op](_as_text(values), _as_text(other))
+    value = right.value
+    if value is None:  # eq null / ne null: never unknown
+        missing = values.isna()
+        return (missing if op == "eq" else ~missing).astype("boolean")
+    if isinstance(value, bool):
+        return _COMPARE[op](_as_boolean(values), value)
+    if isinstance(value, (int, float)):
+        return _COMPARE[op](_as_number(values), float(value))
+    return _COMPARE[op](_as_text(values), value.lower())
+
+
+def in_filter(entity: EntityConfig, rows: pd.DataFrame) -> np.ndarray:
+    """Which rows pass the entity type's sync filter: its condition holds (a null comparison does not, as in
+    Dataverse) and its ``dynamics_column``, when set, is true. Vectorised; a column absent from ``rows`` is null."""
+    keep = np.ones(len(rows), dtype=bool)
+    condition, column = entity.filter.condition, entity.filter.dynamics_column
+    if condition is not None and len(rows):
+        keep &= _truth(condition, rows).fillna(False).to_numpy(dtype=bool)
+    if column:
+        keep &= _as_boolean(_column(rows, column)).fillna(False).to_numpy(dtype=bool)
+    return keep
+
+
+def outside_filter(config: SyncConfig, records: dict[str, pd.DataFrame]) -> pd.Index:
+    """``entity:id`` keys of the rows outside their entity type's sync filter."""
+    parts = []
+    for entity, rows in records.items():
+        if rows.empty or entity not in config.entities:
+            continue
+        ent = config.entity(entity)
+        out = ~in_filter(ent, rows)
+        parts.append(_record_key(entity, rows[ent.id_column][out]))
+    return pd.Index(pd.concat(parts).unique() if parts else [], dtype=object)
 
 
 def _notes(action: str, detail, **columns) -> pd.DataFrame:
@@ -135,6 +238,7 @@ def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame,
     marker = config.marketo.sync_marker
     linked_persons = links.index
     linked_records = _record_key(links["dynamics_type"], links["dynamics_id"]) if not links.empty else pd.Series([], dtype=str)
+    outside = outside_filter(config, records)
     out = Lookups()
     named_persons, emails = [], []
     for entity, rows in records.items():
@@ -144,9 +248,13 @@ def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame,
         unlinked = rows[~_record_key(entity, rows[ent.id_column]).isin(linked_records).to_numpy()]
         named = pd.to_numeric(_text(_column(unlinked, link_col)), errors="coerce").dropna()
         named_persons.append(named[named % 1 == 0].astype("int64"))
-        active = unlinked[_active(unlinked)]
-        email = _text(_column(active, ent.email_field.dynamics))
+        in_scope = unlinked[~_record_key(entity, unlinked[ent.id_column]).isin(outside).to_numpy()]
+        email = _text(_column(in_scope, ent.email_field.dynamics))
         emails.append(email[~_blank(email)])
+    # paused pairs whose record is back inside the filter are synced in full: their persons are read too
+    back = _paused(links) & linked_records.isin(_record_keys(config, records)).to_numpy() \
+        & ~linked_records.isin(outside).to_numpy() if not links.empty else np.zeros(0, dtype=bool)
+    named_persons.append(pd.Series(links.index[back], dtype="int64"))
     named = pd.concat(named_persons) if named_persons else pd.Series([], dtype="int64")
     wanted_ids = pd.Index(named).union(pd.Index([int(i) for i in push_ids], dtype="int64"))
     if not marketo_complete:
@@ -173,10 +281,11 @@ def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame,
     return out
 
 
-def _active(rows: pd.DataFrame) -> np.ndarray:
-    if "statecode" not in rows:
-        return np.ones(len(rows), dtype=bool)
-    return pd.to_numeric(rows["statecode"], errors="coerce").fillna(0).to_numpy() == 0
+def _record_keys(config: SyncConfig, records: dict[str, pd.DataFrame]) -> pd.Index:
+    """``entity:id`` keys of every row in ``records``."""
+    parts = [_record_key(entity, rows[config.entity(entity).id_column]) for entity, rows in records.items()
+             if not rows.empty and entity in config.entities]
+    return pd.Index(pd.concat(parts, ignore_index=True) if parts else [], dtype=object)
 
 
 def _flag(series: pd.Series) -> np.ndarray:
@@ -186,10 +295,25 @@ def _flag(series: pd.Series) -> np.ndarray:
 # -- decisions -----------------------------------------------------------------------------------------
 
 @dataclass
+class ChangedSince:
+    """Persons whose pair changed since the last sync, per side (a mapped field differs from its baseline): the
+    guard of the ``propagate`` delete policy, which never deletes a record that changed on its own side."""
+
+    marketo: pd.Index = field(default_factory=lambda: pd.Index([], dtype="int64"))
+    dynamics: pd.Index = field(default_factory=lambda: pd.Index([], dtype="int64"))
+
+
+def _frame_of(columns: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    return frame.astype({"person_id": "int64"})
+
+
+@dataclass
 class IdentityDecisions:
     """What identity decided for one cycle."""
 
-    #: every link after this stage: index person_id; dynamics_type, dynamics_id, method, new
+    #: every link after this stage: index person_id; dynamics_type, dynamics_id, method, new, paused (outside the
+    #: sync filter: not synced)
     links: pd.DataFrame
     #: person ids whose link was dropped (deleted on a side)
     unlinked: list[int]
@@ -199,6 +323,12 @@ class IdentityDecisions:
     dynamics_creates: pd.DataFrame
     #: one activity row per decision (links, unlinks, ambiguities, skips, errors)
     activity: pd.DataFrame
+    #: flags, deletes and deactivations of the surviving side of deleted pairs (:data:`DELETE_COLUMNS`)
+    deletes: pd.DataFrame = field(default_factory=lambda: _frame_of(DELETE_COLUMNS))
+    #: the pairs a delete ended (:data:`DELETION_COLUMNS`), recorded so their survivors stay apart
+    deletions: pd.DataFrame = field(default_factory=lambda: _frame_of(DELETION_COLUMNS))
+    #: kept links whose record left (``paused`` true) or entered (false) the sync filter this cycle
+    paused: pd.DataFrame = field(default_factory=lambda: _frame_of(["person_id", "paused"]))
 
     @property
     def new_links(self) -> pd.DataFrame:
@@ -208,13 +338,18 @@ class IdentityDecisions:
 class _Decider:
     """Holds the taken persons and records while the steps of :func:`decide` add links."""
 
-    def __init__(self, config: SyncConfig, links: pd.DataFrame) -> None:
+    def __init__(self, config: SyncConfig, links: pd.DataFrame, outside: pd.Index) -> None:
         self.config = config
         self.links = links
+        #: ``entity:id`` keys of the records read that are outside their sync filter
+        self.outside = outside
         #: links dropped by a deletion: the record kept on the other side is neither re-matched nor re-created
         self.kept = links.iloc[:0]
         self.new: list[pd.DataFrame] = []
         self.notes: list[pd.DataFrame] = []
+        self.deletes = _frame_of(DELETE_COLUMNS)
+        self.deletions = _frame_of(DELETION_COLUMNS)
+        self.paused = _frame_of(["person_id", "paused"])
 
     @property
     def taken_persons(self) -> pd.Index:
@@ -224,13 +359,18 @@ class _Decider:
     def taken_records(self) -> pd.Series:
         return _record_key(self.links["dynamics_type"], self.links["dynamics_id"])
 
+    @property
+    def kept_records(self) -> pd.Series:
+        return _record_key(self.kept["dynamics_type"], self.kept["dynamics_id"])
+
     def note(self, frame: pd.DataFrame) -> None:
         if not frame.empty:
             self.notes.append(frame)
 
     def add(self, person_ids, entity, dynamics_ids, method: str) -> None:
         frame = pd.DataFrame({"dynamics_type": np.asarray(entity, dtype=object) if not isinstance(entity, str) else entity,
-                              "dynamics_id": np.asarray(dynamics_ids, dtype=object), "method": method, "new": True},
+                              "dynamics_id": np.asarray(dynamics_ids, dtype=object), "method": method, "new": True,
+                              "paused": False},
                              index=pd.Index(np.asarray(person_ids, dtype="int64"), name="person_id"))
         if frame.empty:
             return
@@ -239,9 +379,10 @@ class _Decider:
 
     def hold(self, person_ids, entity, dynamics_ids) -> None:
         """Persons and records a link field ties to a pair that cannot be made (ambiguous, or deleted on the other
-        side this window): nothing is done for them this cycle -- no email match, no create."""
+        side): nothing is done for them this cycle -- no email match, no create."""
         frame = pd.DataFrame({"dynamics_type": np.asarray(entity, dtype=object) if not isinstance(entity, str) else entity,
-                              "dynamics_id": np.asarray(dynamics_ids, dtype=object), "method": "held", "new": False},
+                              "dynamics_id": np.asarray(dynamics_ids, dtype=object), "method": "held", "new": False,
+                              "paused": False},
                              index=pd.Index(np.asarray(person_ids, dtype="int64"), name="person_id"))
         if not frame.empty:
             self.kept = pd.concat([self.kept, frame])
@@ -249,28 +390,36 @@ class _Decider:
 
 def decide(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame, records: dict[str, pd.DataFrame],
            marketo_deleted=(), dynamics_deleted: dict[str, list[str]] | None = None, *,
-           push_ids=(), push_as: str | None = None) -> IdentityDecisions:
+           push_ids=(), push_as: str | None = None, deletions: pd.DataFrame | None = None,
+           changed: ChangedSince | None = None, note_held: bool = True) -> IdentityDecisions:
     """Decide this cycle's links and creates from frames alone.
 
-    :param links: the state store's links (index person_id; dynamics_type, dynamics_id, method).
+    :param links: the state store's links (index person_id; dynamics_type, dynamics_id, method, paused).
     :param persons: Marketo persons (raw API columns): extracted plus looked up.
     :param records: Dynamics rows per entity type (raw API columns): extracted plus looked up.
     :param marketo_deleted: / :param dynamics_deleted: ids deleted this window on each side.
     :param push_ids: persons to sync now (a manual run): they get a Dynamics record when unlinked.
     :param push_as: ``lead`` or ``contact`` for ``push_ids`` (default: the marker's default type).
+    :param deletions: the state store's recorded deletions of the persons and records in the frames
+        (:data:`DELETION_COLUMNS`): their survivors are held unless ``deletes.recreate``.
+    :param changed: the pairs that changed since the last sync (:func:`changed_since`), for ``propagate``.
+    :param note_held: log a line for each held survivor read this cycle (not on a full reconcile: they all are).
     """
     persons = _normal_persons(persons)
     records = {e: r for e, r in records.items() if e in config.entities}
+    paused = _paused(links)
     links = links[["dynamics_type", "dynamics_id", "method"]].copy() if not links.empty else empty_links()
-    links = links.assign(new=False, dynamics_id=links["dynamics_id"].astype(str))
+    links = links.assign(new=False, paused=paused if len(links) else np.zeros(0, dtype=bool),
+                         dynamics_id=links["dynamics_id"].astype(str))
     links.index = links.index.astype("int64").rename("person_id")
-    dec = _Decider(config, links)
+    dec = _Decider(config, links, outside_filter(config, records))
     m_deleted = pd.Index([int(i) for i in marketo_deleted], dtype="int64")
     d_deleted = pd.Index([f"{e}:{str(i).lower()}" for e, ids in (dynamics_deleted or {}).items() for i in ids])
 
-    unlinked = _drop_deleted(dec, m_deleted, d_deleted)
-    _rebuild_from_dynamics(dec, records, m_deleted)
-    _rebuild_from_marketo(dec, persons, d_deleted)
+    unlinked = _drop_deleted(dec, m_deleted, d_deleted, changed or ChangedSince())
+    dead_persons, dead_records = _hold_survivors(dec, deletions, persons, records, [int(i) for i in push_ids], note_held)
+    _rebuild_from_dynamics(dec, records, m_deleted, dead_persons)
+    _rebuild_from_marketo(dec, persons, d_deleted, dead_records)
     marketo_creates = _match_dynamics_records(dec, persons, records)
     default = push_as or config.marketo.sync_marker.default_type
     dynamics_creates = _push_marketo_persons(dec, persons, records, [int(i) for i in push_ids], default)
@@ -282,27 +431,123 @@ def decide(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame, recor
         dec.note(_notes("link", "linked (" + new["method"].str.replace("_", " ") + ")",
                         person_id=new.index.to_numpy(), entity_type=new["dynamics_type"].to_numpy(),
                         dynamics_id=new["dynamics_id"].to_numpy()))
+    _filter_states(dec, records)
     activity = pd.concat(dec.notes, ignore_index=True) if dec.notes else activity_frame([])
     return IdentityDecisions(links=dec.links.sort_index(), unlinked=unlinked, marketo_creates=marketo_creates,
-                             dynamics_creates=dynamics_creates, activity=activity)
+                             dynamics_creates=dynamics_creates, activity=activity, deletes=dec.deletes,
+                             deletions=dec.deletions, paused=dec.paused)
 
 
-def _drop_deleted(dec: _Decider, m_deleted: pd.Index, d_deleted: pd.Index) -> list[int]:
+def _policies(config: SyncConfig, attr: str) -> dict:
+    return {e: getattr(ent.deletes, attr) for e, ent in config.entities.items()}
+
+
+def _drop_deleted(dec: _Decider, m_deleted: pd.Index, d_deleted: pd.Index, changed: ChangedSince) -> list[int]:
+    """Links whose person or record was deleted this window: dropped, and the delete policy applied to the other
+    side (flag, delete or deactivate it, or leave it); a paused pair (outside the sync filter) is only unlinked."""
     links = dec.links
+    keys = dec.taken_records
     gone_m = links.index.isin(m_deleted)
-    gone_d = dec.taken_records.isin(d_deleted).to_numpy() & ~gone_m
-    for mask, detail in ((gone_m, "person deleted in Marketo; the Dynamics record is kept"),
-                         (gone_d, links["dynamics_type"].to_numpy()[gone_d] + " deleted in Dynamics; the Marketo person is kept")):
-        hit = links[mask]
-        dec.note(_notes("unlink", detail, person_id=hit.index.to_numpy(), entity_type=hit["dynamics_type"].to_numpy(),
-                        dynamics_id=hit["dynamics_id"].to_numpy()))
-    dec.kept = links[gone_m | gone_d]
-    dec.links = links[~(gone_m | gone_d)]
-    return sorted(int(i) for i in links.index[gone_m | gone_d])
+    gone_d = keys.isin(d_deleted).to_numpy()
+    gone = gone_m | gone_d
+    dec.kept = links[gone]
+    dec.links = links[~gone]
+    if not gone.any():
+        return []
+    hit = links[gone]
+    cfg = dec.config
+    in_m, both = gone_m[gone], gone_m[gone] & gone_d[gone]
+    entity = hit["dynamics_type"].astype(str)
+    policy = entity.map({e: p.value for e, p in _policies(cfg, "policy").items()}).fillna(DeletePolicy.UNLINK.value)
+    paused = _paused(hit) | keys[gone].isin(dec.outside).to_numpy()
+    other_changed = np.where(in_m, hit.index.isin(changed.dynamics), hit.index.isin(changed.marketo))
+    dyn_action = entity.map({e: a.value for e, a in _policies(cfg, "dynamics_action").items()}).fillna("delete")
+    action = np.select([both, paused, policy.eq("unlink").to_numpy(), policy.eq("flag").to_numpy(), other_changed],
+                       ["gone", "paused", "unlink", "flag", "kept"],
+                       default=np.where(in_m, dyn_action.to_numpy(dtype=object), "delete")).astype(object)
+
+    who = pd.Series(np.where(in_m, "person deleted in Marketo", entity + " deleted in Dynamics"), index=hit.index)
+    other = pd.Series(np.where(in_m, "the " + entity, "the Marketo person"), index=hit.index)
+    where = pd.Series(np.where(in_m, "Dynamics", "Marketo"), index=hit.index)
+    flag = pd.Series(np.where(in_m, str(cfg.dynamics.deleted_flag_column), str(cfg.marketo.deleted_flag_field)),
+                     index=hit.index)
+    texts = {
+        "gone": pd.Series("deleted in Marketo and in Dynamics; link dropped", index=hit.index),
+        "paused": who + "; " + other + " is kept: the pair was outside the sync filter, so the delete policy is not "
+                                       "applied",
+        "unlink": who + "; " + other + " is kept (deletes: unlink)",
+        "flag": who + "; " + other + " is kept and flagged (" + flag + " = true) (deletes: flag)",
+        "kept": who + ", but " + other + " changed in " + where + " since the last sync: not deleted, kept unlinked "
+                                                                  "(deletes: propagate)",
+        "delete": who + "; deleting " + other + " in " + where + " (deletes: propagate)",
+        "deactivate": who + "; deactivating " + other + " in Dynamics (deletes: propagate, dynamics_action: "
+                                                        "deactivate)",
+    }
+    detail = pd.Series(None, index=hit.index, dtype=object)
+    for name, text in texts.items():
+        detail = detail.where(action != name, text)
+    verbs = {"gone": "unlink", "paused": "unlink", "unlink": "unlink", "flag": "flag", "kept": "skip",
+             "delete": "delete", "deactivate": "delete"}
+    verb = pd.Series(action, index=hit.index).map(verbs)
+    for name in dict.fromkeys(verb):
+        mine = (verb == name).to_numpy()
+        dec.note(_notes(name, detail[mine].to_numpy(), person_id=hit.index[mine].to_numpy(),
+                        entity_type=entity[mine].to_numpy(), dynamics_id=hit["dynamics_id"][mine].to_numpy()))
+    work = np.isin(action, ["flag", "delete", "deactivate"])
+    dec.deletes = pd.DataFrame({"target": np.where(in_m, "dynamics", "marketo")[work], "action": action[work],
+                                "person_id": hit.index[work].astype("int64"), "entity_type": entity[work].to_numpy(),
+                                "dynamics_id": hit["dynamics_id"][work].to_numpy()}, columns=DELETE_COLUMNS)
+    ended = action != "gone"
+    dec.deletions = pd.DataFrame({
+        "deleted_in": np.where(in_m, "marketo", "dynamics")[ended], "person_id": hit.index[ended].astype("int64"),
+        "dynamics_type": entity[ended].to_numpy(), "dynamics_id": hit["dynamics_id"][ended].str.lower().to_numpy(),
+        "policy": policy[ended].to_numpy(), "action": np.where(action == "paused", "unlink", action)[ended]},
+        columns=DELETION_COLUMNS)
+    return sorted(int(i) for i in hit.index)
 
 
-def _rebuild_from_dynamics(dec: _Decider, records: dict[str, pd.DataFrame], m_deleted: pd.Index) -> None:
-    """Unlinked Dynamics rows that carry a Marketo person id (state store lost, or set by hand)."""
+def _hold_survivors(dec: _Decider, deletions: pd.DataFrame | None, persons: pd.DataFrame,
+                    records: dict[str, pd.DataFrame], push_ids: list[int], note: bool) -> tuple[pd.Index, pd.Index]:
+    """Survivors of earlier deletions (the record of a deleted person, the person of a deleted record) are held:
+    not re-linked and not used to create the deleted side again, unless the entity type's ``deletes.recreate``
+    says so, a manual run names the person, or the survivor is linked again already.
+
+    :returns: the deleted person ids and deleted ``entity:id`` record keys (a link field naming one is stale).
+    """
+    if deletions is None or deletions.empty:
+        return pd.Index([], dtype="int64"), pd.Index([], dtype=object)
+    t = deletions.reset_index(drop=True)
+    pid = t["person_id"].astype("int64")
+    keys = _record_key(t["dynamics_type"], t["dynamics_id"])
+    in_m = t["deleted_in"].eq("marketo").to_numpy()
+    dead_persons = pd.Index(pid[in_m].unique(), dtype="int64")
+    dead_records = pd.Index(keys[~in_m].unique(), dtype=object)
+    recreate = t["dynamics_type"].map(_policies(dec.config, "recreate")).fillna(False).astype(bool).to_numpy()
+    again = np.where(in_m, keys.isin(dec.taken_records).to_numpy(), pid.isin(dec.taken_persons).to_numpy())
+    held = t[~recreate & ~again & ~(~in_m & pid.isin(push_ids).to_numpy())]
+    dec.hold(held["person_id"], held["dynamics_type"], held["dynamics_id"])
+    if note and not held.empty:
+        h_in_m = held["deleted_in"].eq("marketo").to_numpy()
+        read = np.where(h_in_m, _record_key(held["dynamics_type"], held["dynamics_id"]).isin(_record_keys(dec.config, records)),
+                        held["person_id"].isin(persons["id"]))
+        shown = held[read]
+        s_in_m = h_in_m[read]
+        entity = shown["dynamics_type"].astype(str)
+        detail = np.where(s_in_m, "not synced: its Marketo person " + shown["person_id"].astype(str) + " was deleted; "
+                          "the " + entity + " is not linked again nor used to create the person again "
+                          "(deletes.recreate is false)",
+                          "not synced: its Dynamics " + entity + " " + shown["dynamics_id"].astype(str) + " was deleted; "
+                          "the person is not linked again nor created in Dynamics again (deletes.recreate is false; a "
+                          "manual run naming the person pushes it)")
+        dec.note(_notes("skip", detail, person_id=shown["person_id"].to_numpy(), entity_type=entity.to_numpy(),
+                        dynamics_id=shown["dynamics_id"].to_numpy()))
+    return dead_persons, dead_records
+
+
+def _rebuild_from_dynamics(dec: _Decider, records: dict[str, pd.DataFrame], m_deleted: pd.Index,
+                           dead: pd.Index) -> None:
+    """Unlinked Dynamics rows that carry a Marketo person id (state store lost, or set by hand); an id of a person
+    deleted in an earlier cycle (``dead``) is stale and ignored."""
     column = dec.config.dynamics.marketo_id_column
     parts = []
     for entity, rows in records.items():
@@ -321,6 +566,7 @@ def _rebuild_from_dynamics(dec: _Decider, records: dict[str, pd.DataFrame], m_de
     dec.note(_notes("error", column + " holds " + cand["named"][bad].map(repr).astype(str) + ", which is not a Marketo person id; not linked",
                     entity_type=cand["entity"][bad].to_numpy(), dynamics_id=cand["dynamics_id"][bad].to_numpy()))
     cand = cand[~bad].assign(person_id=number[~bad].astype("int64"))
+    cand = cand[~cand["person_id"].isin(dead).to_numpy()]
     gone = cand["person_id"].isin(m_deleted).to_numpy()  # the person was deleted in Marketo this window
     dec.hold(cand["person_id"][gone], cand["entity"][gone], cand["dynamics_id"][gone])
     cand = cand[~gone]
@@ -334,8 +580,9 @@ def _rebuild_from_dynamics(dec: _Decider, records: dict[str, pd.DataFrame], m_de
     dec.add(ok["person_id"], ok["entity"], ok["dynamics_id"], "marketo_id_column")
 
 
-def _rebuild_from_marketo(dec: _Decider, persons: pd.DataFrame, d_deleted: pd.Index) -> None:
-    """Unlinked persons whose Marketo link fields name a Dynamics record."""
+def _rebuild_from_marketo(dec: _Decider, persons: pd.DataFrame, d_deleted: pd.Index, dead: pd.Index) -> None:
+    """Unlinked persons whose Marketo link fields name a Dynamics record; a record deleted in an earlier cycle
+    (``dead``) is stale and ignored."""
     link = dec.config.marketo.link_fields
     if persons.empty or link.dynamics_id not in persons:
         return
@@ -350,10 +597,12 @@ def _rebuild_from_marketo(dec: _Decider, persons: pd.DataFrame, d_deleted: pd.In
                     person_id=unl["id"][bad].to_numpy()))
     unl, did, kind = unl[~bad], did[~bad], kind[~bad]
     key = _record_key(kind, did)
+    stale = key.isin(dead).to_numpy()
+    unl, did, kind, key = unl[~stale], did[~stale], kind[~stale], key[~stale]
     fresh = ~key.isin(d_deleted).to_numpy()  # a record deleted this window: nothing to link to
     dec.hold(unl["id"][~fresh], kind[~fresh], did[~fresh])
     unl, did, kind, key = unl[fresh], did[fresh], kind[fresh], key[fresh]
-    held = key.isin(_record_key(dec.kept["dynamics_type"], dec.kept["dynamics_id"])).to_numpy()
+    held = key.isin(dec.kept_records).to_numpy()
     taken = key.isin(dec.taken_records).to_numpy() | held | key.duplicated(keep=False).to_numpy()
     dec.note(_notes("ambiguous", link.dynamics_id + " names a " + kind[taken] + " that is linked to another person; nothing done",
                     person_id=unl["id"][taken].to_numpy(), entity_type=kind[taken].to_numpy(),
@@ -363,16 +612,16 @@ def _rebuild_from_marketo(dec: _Decider, persons: pd.DataFrame, d_deleted: pd.In
 
 
 def _match_dynamics_records(dec: _Decider, persons: pd.DataFrame, records: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Unlinked active Dynamics rows: link by email to one Marketo person, or want the person created."""
+    """Unlinked Dynamics rows inside the sync filter: link by email to one Marketo person, or want the person
+    created."""
     parts = []
     for entity, rows in records.items():
         if rows.empty:
             continue
         ent = dec.config.entity(entity)
-        active = rows[_active(rows)]
-        active = active[~_record_key(entity, active[ent.id_column]).isin(dec.taken_records).to_numpy()]
-        active = active[~_record_key(entity, active[ent.id_column]).isin(
-            _record_key(dec.kept["dynamics_type"], dec.kept["dynamics_id"])).to_numpy()]
+        key = _record_key(entity, rows[ent.id_column])
+        # in the sync filter, not linked, not held
+        active = rows[~(key.isin(dec.outside) | key.isin(dec.taken_records) | key.isin(dec.kept_records)).to_numpy()]
         parts.append(pd.DataFrame({"entity": entity, "dynamics_id": active[ent.id_column].astype(str).to_numpy(),
                                    "email": _text(_column(active, ent.email_field.dynamics)).to_numpy()}))
     if not parts:
@@ -487,7 +736,7 @@ def _push_marketo_persons(dec: _Decider, persons: pd.DataFrame, records: dict[st
             continue
         ent = dec.config.entity(entity)
         key = _record_key(entity, rows[ent.id_column])
-        free = rows[~(key.isin(dec.taken_records) | key.isin(_record_key(dec.kept["dynamics_type"], dec.kept["dynamics_id"]))).to_numpy()]
+        free = rows[~(key.isin(dec.taken_records) | key.isin(dec.kept_records) | key.isin(dec.outside)).to_numpy()]
         keys = _lower(_column(free, ent.email_field.dynamics))
         hits = pd.DataFrame({"key": keys.to_numpy(), "dynamics_id": free[ent.id_column].astype(str).to_numpy()}).dropna()
         count = hits["key"].value_counts()
@@ -503,8 +752,39 @@ def _push_marketo_persons(dec: _Decider, persons: pd.DataFrame, records: dict[st
         ok = one[~dup]
         dec.add(ok["person_id"], entity, ok["dynamics_id"], "email")
         left = left[n == 0]
+    left = _not_over_excluded(dec, left, records)
     return pd.DataFrame({"person_id": left["person_id"].astype("int64").to_numpy(), "entity_type": left["kind"].to_numpy(),
                          "email": left["email"].to_numpy()}, columns=DYNAMICS_CREATE_COLUMNS)
+
+
+def _not_over_excluded(dec: _Decider, left: pd.DataFrame, records: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Persons about to get a new Dynamics record whose email already has one that the sync leaves alone (outside
+    the sync filter, or the survivor of a deleted pair): nothing is created (it would be a duplicate), logged."""
+    parts = []
+    for entity, rows in records.items():
+        if rows.empty or left.empty:
+            continue
+        ent = dec.config.entity(entity)
+        key = _record_key(entity, rows[ent.id_column])
+        outside, held = key.isin(dec.outside).to_numpy(), key.isin(dec.kept_records).to_numpy()
+        mine = (outside | held) & ~key.isin(dec.taken_records).to_numpy()
+        parts.append(pd.DataFrame({
+            "key": _lower(_column(rows, ent.email_field.dynamics))[mine].to_numpy(), "entity": entity,
+            "dynamics_id": rows[ent.id_column][mine].astype(str).to_numpy(),
+            "why": np.where(outside[mine], "is outside the sync filter",
+                            "is held (its partner was deleted, or a link field naming it is ambiguous)")}))
+    if not parts:
+        return left
+    blockers = pd.concat(parts, ignore_index=True).dropna(subset=["key"])
+    blockers = blockers.sort_values(["key", "entity", "dynamics_id"]).drop_duplicates("key")
+    blockers = blockers.set_index("key")
+    blocked = left["key"].isin(blockers.index).to_numpy()
+    hit, by = left[blocked], blockers.reindex(left["key"][blocked])
+    dec.note(_notes("skip", "marked for sync, but the Dynamics " + by["entity"].to_numpy() + " with this email "
+                    + by["why"].to_numpy() + ": not linked, and no new record is created",
+                    person_id=hit["person_id"].to_numpy(), email=hit["email"].to_numpy(),
+                    entity_type=by["entity"].to_numpy(), dynamics_id=by["dynamics_id"].to_numpy()))
+    return left[~blocked]
 
 
 def _drop_dangling(dec: _Decider, persons: pd.DataFrame, records: dict[str, pd.DataFrame]) -> None:
@@ -533,15 +813,132 @@ def _drop_dangling(dec: _Decider, persons: pd.DataFrame, records: dict[str, pd.D
     dec.new = [new[~bad]]
 
 
+def _filter_states(dec: _Decider, records: dict[str, pd.DataFrame]) -> None:
+    """Pause the links whose record is read outside its sync filter, resume those read inside it again: one line
+    each when the state changes (never again while it stays), and the changes for the state store."""
+    links = dec.links
+    if links.empty:
+        return
+    keys = dec.taken_records
+    seen = keys.isin(_record_keys(dec.config, records)).to_numpy()
+    out_now = keys.isin(dec.outside).to_numpy()
+    was = _paused(links)
+    new = links["new"].fillna(False).astype(bool).to_numpy()
+    paused = np.where(seen, out_now, was)
+    left, back, fresh = seen & out_now & ~was & ~new, seen & ~out_now & was & ~new, new & out_now
+    entity = links["dynamics_type"].astype(str)
+    describe = entity.map({e: ent.filter.describe() for e, ent in dec.config.entities.items()}).astype(str)
+    for mask, action, text in (
+            (left, "skip", "the " + entity + " left the sync filter (" + describe + "): not synced while it is outside "
+                           "it; the link is kept"),
+            (back, "link", "the " + entity + " is inside the sync filter again: synced in full this cycle"),
+            (fresh, "skip", "the " + entity + " is outside the sync filter (" + describe + "): linked, but not synced "
+                            "until it enters it")):
+        dec.note(_notes(action, text[mask].to_numpy(), person_id=links.index[mask].to_numpy(),
+                        entity_type=entity[mask].to_numpy(), dynamics_id=links["dynamics_id"][mask].to_numpy()))
+    dec.links = links.assign(paused=paused)
+    changed = left | back
+    dec.paused = pd.DataFrame({"person_id": links.index[changed].astype("int64"), "paused": paused[changed]})
+
+
+# -- the propagate guard: did the surviving side change since the last sync? ------------------------------------
+
+def deletion_keys(config: SyncConfig, persons: pd.DataFrame, records: dict[str, pd.DataFrame],
+                  push_ids=()) -> tuple[pd.Index, pd.Index]:
+    """The person ids and Dynamics ids whose recorded deletions :func:`decide` needs: the persons and records read,
+    and those their link fields name."""
+    persons = _normal_persons(persons)
+    link = config.marketo.link_fields
+    pids = [persons["id"], pd.Series([int(i) for i in push_ids], dtype="int64")]
+    dids = [_text(_column(persons, link.dynamics_id)).dropna()]
+    for entity, rows in records.items():
+        if rows.empty or entity not in config.entities:
+            continue
+        named = pd.to_numeric(_text(_column(rows, config.dynamics.marketo_id_column)), errors="coerce").dropna()
+        pids.append(named[named % 1 == 0].astype("int64"))
+        dids.append(rows[config.entity(entity).id_column].astype(str))
+    return (pd.Index(pd.concat(pids, ignore_index=True).unique(), dtype="int64"),
+            pd.Index(pd.concat(dids, ignore_index=True).str.lower().unique(), dtype=object))
+
+
+def guard_ids(config: SyncConfig, links: pd.DataFrame, marketo_deleted=(),
+              dynamics_deleted: dict[str, list[str]] | None = None) -> pd.Index:
+    """Persons of the linked pairs whose one side was deleted this window under the ``propagate`` policy: their
+    baselines are read so :func:`changed_since` can tell whether the other side changed."""
+    if links.empty:
+        return pd.Index([], dtype="int64")
+    propagate = links["dynamics_type"].map({e: ent.deletes.policy is DeletePolicy.PROPAGATE
+                                            for e, ent in config.entities.items()}).fillna(False).astype(bool)
+    d_keys = pd.Index([f"{e}:{str(i).lower()}" for e, ids in (dynamics_deleted or {}).items() for i in ids])
+    gone = links.index.isin([int(i) for i in marketo_deleted]) | \
+        _record_key(links["dynamics_type"], links["dynamics_id"]).isin(d_keys).to_numpy()
+    return pd.Index(links.index[gone & propagate.to_numpy()], dtype="int64")
+
+
+def records_by_person(rows: pd.DataFrame, links: pd.DataFrame, id_column: str) -> pd.DataFrame:
+    """Dynamics rows of linked records (one entity type's rows and links), indexed by their person id."""
+    if rows.empty or links.empty:
+        return pd.DataFrame(index=pd.Index([], dtype="int64", name="person_id"))
+    by_record = pd.Series(links.index, index=links["dynamics_id"].astype(str).str.lower())
+    by_record = by_record[~by_record.index.duplicated()]
+    pid = by_record.reindex(rows[id_column].astype(str).str.lower().to_numpy())
+    out = rows[pid.notna().to_numpy()].copy()
+    out.index = pd.Index(pid.dropna().astype("int64").to_numpy(), name="person_id")
+    return out[~out.index.duplicated(keep="last")]
+
+
+def changed_since(config: SyncConfig, access, links: pd.DataFrame, persons: pd.DataFrame,
+                  records: dict[str, pd.DataFrame], baseline: pd.DataFrame, person_ids) -> ChangedSince:
+    """Which of ``person_ids``' pairs changed on each side since the last sync: a readable mapped field of the
+    person (or record) read this cycle differs from its baseline (the sync's own writes, already in the baseline,
+    do not count). A side not read this cycle did not change.
+
+    :param access: the run's :class:`mdsync.access.FieldAccess` (only readable fields are compared).
+    """
+    from mdsync.canonical import canonical_frame
+    from mdsync.diff import three_way_diff
+
+    ids = pd.Index([int(i) for i in person_ids], dtype="int64")
+    out = ChangedSince()
+    if ids.empty:
+        return out
+    persons = _normal_persons(persons)
+    empty = pd.DataFrame(index=pd.Index([], dtype="int64", name="person_id"))
+    for name, entity in config.entities.items():
+        mine = links[(links["dynamics_type"] == name).to_numpy() & links.index.isin(ids)]
+        if mine.empty:
+            continue
+        acc = access.entities[name]
+        m_raw = persons[persons["id"].isin(mine.index)].set_index("id")
+        m_raw.index = m_raw.index.astype("int64").rename("person_id")
+        d_raw = records_by_person(records.get(name, pd.DataFrame()), mine, entity.id_column)
+        marketo, _ = canonical_frame(m_raw, [f for f in entity.fields if f.name in acc.marketo_read], Side.MARKETO)
+        dynamics, _ = canonical_frame(d_raw, [f for f in entity.fields if f.name in acc.dynamics_read], Side.DYNAMICS)
+        base = baseline[baseline.index.isin(mine.index)]
+        for side, frame, attr in (("marketo", marketo, "marketo_changed"), ("dynamics", dynamics, "dynamics_changed")):
+            if frame.empty:
+                continue
+            diff = three_way_diff(entity, base, frame if side == "marketo" else empty,
+                                  frame if side == "dynamics" else empty, keys=frame.index)
+            hit = np.zeros(len(frame), dtype=bool)
+            for f in diff.fields:
+                hit |= getattr(f, attr)
+            setattr(out, side, getattr(out, side).union(frame.index[hit]))
+    return out
+
+
 # -- link fields --------------------------------------------------------------------------------------
 
 def link_field_writes(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame,
                       records: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Link fields that do not yet name the partner record, on both sides (DESIGN §3).
 
+    Pairs outside the sync filter (``paused``) are left as they are.
+
     :returns: (Marketo writes: person_id, dynamics_id, dynamics_type; per entity type Dynamics writes:
         dynamics_id, person_id).
     """
+    links = links[~_paused(links)]
     link = config.marketo.link_fields
     m_writes = pd.DataFrame({"person_id": pd.Series(dtype="int64"), "dynamics_id": pd.Series(dtype=object),
                              "dynamics_type": pd.Series(dtype=object)})

@@ -23,8 +23,8 @@ import pandas as pd
 
 from mdsync.activity import activity_frame
 from mdsync.canonical import canonical_frame, to_dynamics, to_marketo
-from mdsync.config import EntityConfig, FieldMap, Side, SyncConfig
-from mdsync.constants import LINK_FIELD
+from mdsync.config import Direction, DynamicsDeleteAction, EntityConfig, FieldMap, FieldType, Side, SyncConfig
+from mdsync.constants import DELETE_RECORD, DELETED_FLAG, LINK_FIELD
 from mdsync.progress import Progress
 
 log = logging.getLogger("mdsync.load")
@@ -72,7 +72,8 @@ def api_records(api: pd.DataFrame, group: str, key_columns: dict[str, str]) -> t
 def api_cells(rows: pd.DataFrame, fields: dict[str, FieldMap], side: Side) -> pd.DataFrame:
     """Long canonical writes -> long API cells (``api_field``, ``api_value``), one vectorised pass per field.
 
-    Link writes (:data:`LINK_FIELD`) are left for the caller, which knows the side's link fields.
+    Link writes (:data:`LINK_FIELD`) are left for the caller, which knows the side's link fields; deleted-flag
+    writes (:data:`DELETED_FLAG`) convert through the map :func:`deleted_flag_map` puts in ``fields``.
     """
     name = np.empty(len(rows), dtype=object)
     value = np.empty(len(rows), dtype=object)
@@ -159,27 +160,47 @@ def _with_refused(result: pd.DataFrame, rows: pd.DataFrame, refused: pd.Series) 
     return pd.concat([result, bad]).sort_index() if not bad.empty else result
 
 
+def deleted_flag_map(config: SyncConfig) -> FieldMap:
+    """The deleted flags (delete policy ``flag``) as a boolean field map, so their writes convert and batch like a
+    mapped field's (built without validation: :data:`DELETED_FLAG` is not a config field name)."""
+    return FieldMap.model_construct(name=DELETED_FLAG, marketo=config.marketo.deleted_flag_field or "",
+                                    dynamics=config.dynamics.deleted_flag_column or "", type=FieldType.BOOLEAN,
+                                    direction=Direction.BOTH, values=None, rule=None)
+
+
+def _flag_rows(flags: pd.DataFrame | None, **columns) -> pd.DataFrame:
+    """Deleted-flag writes (value true) as long write rows."""
+    if flags is None or flags.empty:
+        return pd.DataFrame(columns=["person_id", "dynamics_id", "field", "value", *columns])
+    return flags.assign(field=DELETED_FLAG, value="true", **{k: flags[v] for k, v in columns.items()})
+
+
 # -- updates --------------------------------------------------------------------------------------------
 
 def load_dynamics(config: SyncConfig, entity: EntityConfig, writes: pd.DataFrame, link_writes: pd.DataFrame,
-                  max_length: dict[str, int], client, *, dry_run: bool = False) -> pd.DataFrame:
-    """Write one entity type's planned updates and link columns to Dataverse.
+                  max_length: dict[str, int], client, *, dry_run: bool = False,
+                  flag_writes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Write one entity type's planned updates, link columns and deleted flags to Dataverse (one batched write).
 
     :param writes: the plan's Dynamics writes (canonical values, long).
     :param link_writes: ``dynamics_id, person_id`` rows whose Marketo-id column must be (re)set.
+    :param flag_writes: ``dynamics_id, person_id`` rows whose ``dynamics.deleted_flag_column`` is set to true
+        (their Marketo person was deleted; delete policy ``flag``).
     :returns: one row per write: :data:`RESULT_COLUMNS`.
     """
     rows = writes[["person_id", "dynamics_id", "field", "value"]].copy()
     if not link_writes.empty:
         rows = pd.concat([rows, link_writes.assign(field=LINK_FIELD, value=link_writes["person_id"].astype(str))],
                          ignore_index=True)
+    if flag_writes is not None and not flag_writes.empty:
+        rows = pd.concat([rows, _flag_rows(flag_writes[["person_id", "dynamics_id"]])], ignore_index=True)
     rows = rows.reset_index(drop=True)
     rows["dynamics_id"] = rows["dynamics_id"].astype(str)
     refused = _too_long(rows, max_length, f"Dataverse column {entity.entity_set}")
     if dry_run or rows.empty:
         return _dry(rows, refused, dry_run)
     ok_rows = rows[refused.isna().to_numpy()]
-    api = api_cells(ok_rows, {f.name: f for f in entity.fields}, Side.DYNAMICS)
+    api = api_cells(ok_rows, {**{f.name: f for f in entity.fields}, DELETED_FLAG: deleted_flag_map(config)}, Side.DYNAMICS)
     link = api["field"].eq(LINK_FIELD).to_numpy()
     api.loc[link, "api_field"] = config.dynamics.marketo_id_column
     api.loc[link, "api_value"] = api.loc[link, "value"].astype(str)
@@ -197,20 +218,25 @@ def load_dynamics(config: SyncConfig, entity: EntityConfig, writes: pd.DataFrame
 
 def load_marketo(config: SyncConfig, entities: dict[str, EntityConfig], writes: pd.DataFrame, link_writes: pd.DataFrame,
                  max_length: dict[str, int], client, *, dry_run: bool = False,
-                 bulk_threshold: int = MARKETO_BULK_THRESHOLD) -> tuple[pd.DataFrame, str]:
-    """Write planned person updates and link fields to Marketo (by id).
+                 bulk_threshold: int = MARKETO_BULK_THRESHOLD, flag_writes: pd.DataFrame | None = None
+                 ) -> tuple[pd.DataFrame, str]:
+    """Write planned person updates, link fields and deleted flags to Marketo (by id).
 
     :param writes: the plans' Marketo writes of every entity type, with an ``entity_type`` column.
     :param link_writes: ``person_id, dynamics_id, dynamics_type`` rows whose link fields must be (re)set.
+    :param flag_writes: ``person_id, dynamics_id, entity_type`` rows whose ``marketo.deleted_flag_field`` is set to
+        true (their Dynamics record was deleted; delete policy ``flag``).
     :param bulk_threshold: above this many records, records without clears go through the Bulk Lead Import.
     :returns: (one row per write: :data:`RESULT_COLUMNS` + ``entity_type``, the method used).
     """
-    link = config.marketo.link_fields
     rows = writes[["person_id", "dynamics_id", "field", "value", "entity_type"]].copy()
     if not link_writes.empty:
         encoded = link_writes["dynamics_type"].astype(str) + ":" + link_writes["dynamics_id"].astype(str)
         rows = pd.concat([rows, link_writes[["person_id", "dynamics_id"]].assign(
             field=LINK_FIELD, value=encoded, entity_type=link_writes["dynamics_type"])], ignore_index=True)
+    if flag_writes is not None and not flag_writes.empty:
+        rows = pd.concat([rows, _flag_rows(flag_writes[["person_id", "dynamics_id", "entity_type"]])],
+                         ignore_index=True)
     rows = rows.reset_index(drop=True)
     rows["person_id"] = rows["person_id"].astype("int64")
     refused = _too_long(rows, max_length, "the Marketo field")
@@ -247,10 +273,11 @@ def load_marketo(config: SyncConfig, entities: dict[str, EntityConfig], writes: 
 def _marketo_cells(config: SyncConfig, entities: dict[str, EntityConfig], rows: pd.DataFrame) -> pd.DataFrame:
     """API cells of Marketo writes (each entity type's field maps; a link write is two cells)."""
     link = config.marketo.link_fields
+    flag = deleted_flag_map(config)
     parts = []
     for etype, idx in rows.groupby("entity_type", sort=False).indices.items():
         part = rows.iloc[idx]
-        parts.append(api_cells(part, {f.name: f for f in entities[etype].fields}, Side.MARKETO))
+        parts.append(api_cells(part, {**{f.name: f for f in entities[etype].fields}, DELETED_FLAG: flag}, Side.MARKETO))
     cells = pd.concat(parts) if parts else rows.assign(api_field=None, api_value=None)
     is_link = cells["field"].eq(LINK_FIELD).to_numpy()
     links = cells[is_link]
@@ -474,6 +501,88 @@ def _import_creates(client, recs: list[dict], dids: np.ndarray, link_field: str,
     lost = went_in & pd.isna(np.asarray(pids, dtype=object))
     messages[lost] = "imported, but the new person was not found by its Dynamics id; linked by the next cycle"
     return pids, codes, messages
+
+
+# -- deletes (delete policy propagate) --------------------------------------------------------------------
+
+#: the inactive state a ``deactivate`` sets (entity references: contact statecode 1 Inactive / statuscode 2 Inactive;
+#: lead statecode 2 Disqualified / statuscode 7 Canceled)
+INACTIVE_STATE = {"contact": {"statecode": 1, "statuscode": 2}, "lead": {"statecode": 2, "statuscode": 7}}
+
+
+@dataclass
+class DeleteOutcome:
+    """What the deletes of one load did: error lines and sync errors of those refused, how many went through."""
+
+    activity: pd.DataFrame
+    errors: pd.DataFrame
+    done: int = 0
+
+
+def _refused_deletes(part: pd.DataFrame, ok: np.ndarray, codes, messages, where: str, what: str, kept: str) -> tuple:
+    """Activity and sync-error rows for deletes a service refused."""
+    bad = part[~ok]
+    message = (f"{where} refused to {what}: " + pd.Series(codes, dtype=object)[~ok].fillna("").astype(str) + " "
+               + pd.Series(messages, dtype=object)[~ok].fillna("").astype(str)).str.strip()
+    notes = activity_frame(pd.DataFrame({
+        "person_id": bad["person_id"].to_numpy(), "entity_type": bad["entity_type"].to_numpy(),
+        "dynamics_type": bad["entity_type"].to_numpy(), "dynamics_id": bad["dynamics_id"].to_numpy(),
+        "action": "error", "detail": (message + "; " + kept).to_numpy()}))
+    errors = pd.DataFrame({"person_id": bad["person_id"].to_numpy(), "dynamics_type": bad["entity_type"].to_numpy(),
+                           "dynamics_id": bad["dynamics_id"].to_numpy(), "target": where.lower(),
+                           "field": DELETE_RECORD, "value": None,
+                           "code": pd.Series(codes, dtype=object)[~ok].to_numpy(), "message": message.to_numpy()})
+    return notes, errors
+
+
+def delete_in_dynamics(config: SyncConfig, deletes: pd.DataFrame, client, *, dry_run: bool = False) -> DeleteOutcome:
+    """Delete, or deactivate, the Dynamics records of persons deleted in Marketo (delete policy ``propagate``).
+
+    :param deletes: identity's deletes with target ``dynamics`` and action ``delete`` or ``deactivate``.
+    """
+    out = DeleteOutcome(activity_frame([]), pd.DataFrame())
+    work = deletes[deletes["action"].isin([DynamicsDeleteAction.DELETE.value, DynamicsDeleteAction.DEACTIVATE.value])]
+    if work.empty or dry_run:
+        return out
+    notes, errors = [], []
+    for (entity, action), part in work.groupby(["entity_type", "action"], sort=False):
+        ent = config.entity(entity)
+        ids = part["dynamics_id"].astype(str).to_numpy()
+        if action == DynamicsDeleteAction.DELETE.value:
+            log.info("dynamics: deleting %d %ss whose Marketo person was deleted", len(ids), entity)
+            res = client.delete_multiple(ent.entity_set, ids)
+        else:
+            log.info("dynamics: deactivating %d %ss whose Marketo person was deleted", len(ids), entity)
+            res = client.update_multiple(ent.entity_set, pd.DataFrame({ent.id_column: ids, **INACTIVE_STATE[entity]}))
+        ok = res["ok"].astype(bool).to_numpy()
+        out.done += int(ok.sum())
+        n, e = _refused_deletes(part, ok, res["error_code"].to_numpy(), res["error_message"].to_numpy(), "Dynamics",
+                                f"{action} the {entity}", f"the {entity} is kept, unlinked")
+        notes.append(n)
+        errors.append(e)
+    out.activity = pd.concat(notes, ignore_index=True)
+    out.errors = pd.concat([e for e in errors if not e.empty], ignore_index=True) if any(not e.empty for e in errors) \
+        else pd.DataFrame()
+    return out
+
+
+def delete_in_marketo(deletes: pd.DataFrame, client, *, dry_run: bool = False) -> DeleteOutcome:
+    """Delete the Marketo persons of records deleted in Dynamics (delete policy ``propagate``): Delete Leads,
+    300 ids per call. A person Marketo no longer has (1004) counts as deleted.
+
+    :param deletes: identity's deletes with target ``marketo`` and action ``delete``.
+    """
+    out = DeleteOutcome(activity_frame([]), pd.DataFrame())
+    work = deletes[deletes["action"].eq("delete")]
+    if work.empty or dry_run:
+        return out
+    log.info("marketo: deleting %d persons whose Dynamics record was deleted", len(work))
+    res = client.delete_leads(work["person_id"].astype("int64").tolist())
+    ok = (res["status"].eq("deleted") | res["reason_code"].astype(str).eq("1004")).to_numpy()
+    out.done = int(ok.sum())
+    out.activity, out.errors = _refused_deletes(work, ok, res["reason_code"].to_numpy(), res["reason_message"].to_numpy(),
+                                                "Marketo", "delete the person", "the person is kept, unlinked")
+    return out
 
 
 # -- rejections in Marketo's activity log ------------------------------------------------------------------

@@ -92,6 +92,15 @@ class Identified(StageResult):
     creates_wanted: dict[str, int] = Field(default_factory=dict)
     #: values a service refused in a lookup (set aside with a record-level error)
     refused: int = 0
+    #: what the delete policies do to deleted pairs' survivors (target, action, person_id, entity_type,
+    #: dynamics_id: flags go with the load's writes, deletes and deactivations after them)
+    deletes: str | None = None
+    #: the pairs a delete ended (recorded at commit, so their survivors are not re-linked nor re-created)
+    deletions: str | None = None
+    #: kept links whose record left or entered the sync filter (person_id, paused)
+    paused: str | None = None
+    #: counts per lifecycle decision: ``flag``, ``delete``, ``deactivate`` (to do), ``left_filter``, ``entered_filter``
+    lifecycle: dict[str, int] = Field(default_factory=dict)
 
 
 class RecordField(BaseModel):
@@ -219,6 +228,9 @@ class Loaded(StageResult):
     rejected: int = 0
     created: int = 0
     create_errors: int = 0
+    #: records deleted (or deactivated) on this side by the delete policy ``propagate``, and those refused
+    deleted: int = 0
+    delete_errors: int = 0
     rejections_logged_in_marketo: int = 0
     #: how the writes went: ``sync`` (300-record calls), ``bulk_import`` (Marketo Bulk Lead Import)
     method: str = "sync"

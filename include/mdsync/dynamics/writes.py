@@ -131,6 +131,19 @@ class WritesMixin:
         """Update existing rows by primary id (``UpdateMultiple``, chunks of 1000); never creates."""
         return self._bulk(entity_set, "UpdateMultiple", _records(rows), None)
 
+    def delete_multiple(self, entity_set: str, ids) -> pd.DataFrame:
+        """Delete rows by primary id: ``$batch`` requests of 1000 ``DELETE`` operations, continue-on-error
+        (``DeleteMultiple`` is for elastic tables only). A row that is already gone (404) counts as deleted.
+
+        :returns: one row per id, in order: ``index``, ``id``, ``ok``, ``status``, ``error_code``, ``error_message``.
+        """
+        ids = [str(uuid.UUID(str(i))) for i in ids]
+        outcomes = self.batch([{"method": "DELETE", "url": f"{entity_set}({i})", "body": None} for i in ids])
+        return _result_frame([{"index": n, "id": i, "ok": o["ok"] or o["status"] == 404, "status": o["status"],
+                               "error_code": None if o["status"] == 404 else o["error_code"],
+                               "error_message": None if o["status"] == 404 else o["error_message"]}
+                              for n, (i, o) in enumerate(zip(ids, outcomes))])
+
     # parallel requests ------------------------------------------------------------------------------
     def parallel_requests(self) -> int:
         """How many bulk requests this client sends at once: ``max_parallel_requests`` (default

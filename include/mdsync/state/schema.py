@@ -6,6 +6,8 @@
 - ``activity``: every decision (create, update, link, collision, skip, error), queryable by person.
 - ``sync_errors``: open rejections, so a rejected value is not re-sent every cycle.
 - ``cycle_lease``: one row: which run may run a cycle against this store now (:mod:`mdsync.lease`).
+- ``deletions``: linked pairs ended by a delete on one side (tombstones: the deleted record is not created again
+  from its surviving partner); ``links.out_of_filter_since`` marks links whose record left the sync filter.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ links = sa.Table(
     sa.Column("method", sa.String(32), nullable=False),
     sa.Column("linked_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("run_id", sa.String(250)),
+    # set while the Dynamics record is outside its entity type's sync filter (the pair is not synced)
+    sa.Column("out_of_filter_since", sa.DateTime(timezone=True)),
     sa.UniqueConstraint("dynamics_type", "dynamics_id", name="uq_links_dynamics_record"),
 )
 
@@ -104,4 +108,23 @@ cycle_lease = sa.Table(
     sa.Column("renewed_at", sa.DateTime(timezone=True)),
     sa.Column("expires_at", sa.DateTime(timezone=True)),
     sa.Column("released_at", sa.DateTime(timezone=True)),
+)
+
+deletions = sa.Table(
+    "deletions",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    # the side the record was deleted on: "marketo" (the person) or "dynamics" (the lead or contact)
+    sa.Column("deleted_in", sa.String(16), nullable=False),
+    sa.Column("person_id", sa.BigInteger, nullable=False),
+    sa.Column("dynamics_type", sa.String(16), nullable=False),
+    sa.Column("dynamics_id", sa.String(36), nullable=False),
+    # the entity type's delete policy then, and what it did to the other side (flag, delete, deactivate, kept, unlink)
+    sa.Column("policy", sa.String(16), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("run_id", sa.String(250)),
+    sa.UniqueConstraint("deleted_in", "person_id", "dynamics_type", "dynamics_id", name="uq_deletions_pair"),
+    sa.Index("ix_deletions_person", "person_id"),
+    sa.Index("ix_deletions_dynamics", "dynamics_id"),
 )

@@ -1,4 +1,4 @@
-"""The state store: links, baselines, watermarks, the activity log and open sync errors.
+"""The state store: links, baselines, watermarks, the activity log, open sync errors and deletions.
 
 SQLite file by default, PostgreSQL through a URL (``postgresql+psycopg://user:pass@host/db``). The schema
 is created and upgraded by Alembic migrations on :meth:`StateStore.upgrade` (run by :func:`open_store`).
@@ -153,16 +153,19 @@ class StateStore:
     def save_links(self, links: pd.DataFrame, run_id: str | None, conn: Connection | None = None) -> None:
         """Create or replace links.
 
-        :param links: ``person_id, dynamics_type, dynamics_id, method`` rows. A person or Dynamics record
-            that was linked elsewhere is re-linked, and the baselines of re-linked persons are dropped
-            (they described another pair).
+        :param links: ``person_id, dynamics_type, dynamics_id, method`` rows, optionally ``paused`` (the record is
+            outside the sync filter). A person or Dynamics record that was linked elsewhere is re-linked, and the
+            baselines of re-linked persons are dropped (they described another pair).
         """
         if links.empty:
             return
         now = utcnow()
+        paused = links["paused"].fillna(False).astype(bool) if "paused" in links else pd.Series(False, index=links.index)
         rows = [
-            {"person_id": int(p), "dynamics_type": t, "dynamics_id": str(d), "method": m, "linked_at": now, "run_id": run_id}
-            for p, t, d, m in links[["person_id", "dynamics_type", "dynamics_id", "method"]].itertuples(index=False)
+            {"person_id": int(p), "dynamics_type": t, "dynamics_id": str(d), "method": m, "linked_at": now, "run_id": run_id,
+             "out_of_filter_since": now if out else None}
+            for (p, t, d, m), out in zip(links[["person_id", "dynamics_type", "dynamics_id", "method"]].itertuples(index=False),
+                                         paused.tolist())
         ]
         with self._tx(conn) as c:
             existing = self._links_for(c, [r["person_id"] for r in rows], [r["dynamics_id"] for r in rows])
@@ -175,7 +178,8 @@ class StateStore:
                 for chunk in _chunks(stale):
                     c.execute(sa.delete(schema.links).where(schema.links.c.person_id.in_(chunk)))
                     c.execute(sa.delete(schema.baselines).where(schema.baselines.c.person_id.in_(chunk)))
-            self._upsert(c, schema.links, rows, ["person_id"], ["dynamics_type", "dynamics_id", "method", "linked_at", "run_id"])
+            self._upsert(c, schema.links, rows, ["person_id"],
+                         ["dynamics_type", "dynamics_id", "method", "linked_at", "run_id", "out_of_filter_since"])
 
     def _links_for(self, conn: Connection, person_ids: list[int], dynamics_ids: list[str]) -> pd.DataFrame:
         t = schema.links
@@ -188,14 +192,36 @@ class StateStore:
         return pd.DataFrame(rows, columns=[c.name for c in t.columns]).drop_duplicates("person_id")
 
     def load_links(self, dynamics_type: str | None = None, person_ids: Iterable[int] | None = None) -> pd.DataFrame:
-        """Links indexed by person id: ``dynamics_type, dynamics_id, method, linked_at``."""
+        """Links indexed by person id: ``dynamics_type, dynamics_id, method, linked_at, paused`` (``paused``: the
+        Dynamics record is outside the sync filter, so the pair is not synced)."""
         t = schema.links
-        query = sa.select(t.c.person_id, t.c.dynamics_type, t.c.dynamics_id, t.c.method, t.c.linked_at)
+        query = sa.select(t.c.person_id, t.c.dynamics_type, t.c.dynamics_id, t.c.method, t.c.linked_at,
+                          t.c.out_of_filter_since)
         if dynamics_type:
             query = query.where(t.c.dynamics_type == dynamics_type)
         frame = self._read(query, t.c.person_id, person_ids)
         frame["person_id"] = frame["person_id"].astype("int64")
+        frame["paused"] = frame.pop("out_of_filter_since").notna().astype(bool)
         return frame.set_index("person_id").sort_index()
+
+    def set_paused(self, states: pd.DataFrame, conn: Connection | None = None) -> int:
+        """Mark links whose record left the sync filter (``paused`` true) or entered it again (false).
+
+        :param states: ``person_id, paused`` rows; a link already in that state keeps its time.
+        """
+        if states.empty:
+            return 0
+        t = schema.links
+        now = utcnow()
+        out = [int(p) for p in states.loc[states["paused"].astype(bool), "person_id"]]
+        back = [int(p) for p in states.loc[~states["paused"].astype(bool), "person_id"]]
+        with self._tx(conn) as c:
+            for chunk in _chunks(out):
+                c.execute(sa.update(t).where(t.c.person_id.in_(chunk), t.c.out_of_filter_since.is_(None))
+                          .values(out_of_filter_since=now))
+            for chunk in _chunks(back):
+                c.execute(sa.update(t).where(t.c.person_id.in_(chunk)).values(out_of_filter_since=None))
+        return len(states)
 
     def remove_links(self, person_ids: Iterable[int], conn: Connection | None = None) -> None:
         """Forget links (and their baselines), e.g. after a record was deleted on either side."""
@@ -204,6 +230,41 @@ class StateStore:
             for chunk in _chunks(ids):
                 c.execute(sa.delete(schema.baselines).where(schema.baselines.c.person_id.in_(chunk)))
                 c.execute(sa.delete(schema.links).where(schema.links.c.person_id.in_(chunk)))
+
+    # -- deletions ------------------------------------------------------------------------------------
+
+    DELETION_COLUMNS = ["deleted_in", "person_id", "dynamics_type", "dynamics_id", "policy", "action"]
+
+    def save_deletions(self, rows: pd.DataFrame, run_id: str | None, conn: Connection | None = None) -> int:
+        """Record linked pairs ended by a delete (:attr:`DELETION_COLUMNS`); a pair recorded before is refreshed."""
+        if rows.empty:
+            return 0
+        now = utcnow()
+        frame = rows[self.DELETION_COLUMNS].astype(object)
+        records = [{**dict(zip(self.DELETION_COLUMNS, values)), "at": now, "run_id": run_id}
+                   for values in frame.itertuples(index=False, name=None)]
+        for r in records:
+            r["person_id"], r["dynamics_id"] = int(r["person_id"]), str(r["dynamics_id"]).lower()
+        with self._tx(conn) as c:
+            self._upsert(c, schema.deletions, records, ["deleted_in", "person_id", "dynamics_type", "dynamics_id"],
+                         ["policy", "action", "at", "run_id"])
+        return len(records)
+
+    def load_deletions(self, person_ids: Iterable[int] = (), dynamics_ids: Iterable[str] = ()) -> pd.DataFrame:
+        """Recorded deletions of these persons or Dynamics records (either side): :attr:`DELETION_COLUMNS`, ``at``."""
+        t = schema.deletions
+        query = sa.select(*(t.c[n] for n in self.DELETION_COLUMNS), t.c.at)
+        columns = [c.name for c in query.selected_columns]
+        pids = sorted({int(p) for p in person_ids})
+        dids = sorted({str(d).lower() for d in dynamics_ids})
+        with self.engine.connect() as c:
+            rows = [r for chunk in _chunks(pids) for r in c.execute(query.where(t.c.person_id.in_(chunk))).all()]
+            rows += [r for chunk in _chunks(dids) for r in c.execute(query.where(t.c.dynamics_id.in_(chunk))).all()]
+        frame = _frame(rows, columns)
+        if frame.empty:
+            return frame.astype({"person_id": "int64"})
+        return frame.drop_duplicates(["deleted_in", "person_id", "dynamics_type", "dynamics_id"]).astype(
+            {"person_id": "int64"}).reset_index(drop=True)
 
     # -- baselines ------------------------------------------------------------------------------------
 

@@ -37,6 +37,12 @@ LINK_COLUMN = {
     "required_level": "None", "valid_for_create": True, "valid_for_update": True, "valid_for_read": True,
     "custom": True,
 }
+# The product's deleted flag (delete policy "flag"): set on a lead or contact whose Marketo person was deleted.
+DELETED_FLAG_COLUMN = {
+    "logical_name": "mdsync_deletedinmarketo", "type": "Boolean", "required_level": "None",
+    "valid_for_create": True, "valid_for_update": True, "valid_for_read": True,
+    "options": [[1, "Yes", None], [0, "No", None]], "custom": True,
+}
 
 _FIELD = re.compile(r"^\*\*(\w+)\*\*:\s*(.*?)(<br />)?\s*$")
 _CASCADE = re.compile(r"^- \*\*(Merge|Delete)\*\*: (\w+)\s*$")
@@ -142,6 +148,7 @@ def parse_entity(path: Path, entity: str) -> dict:
         out.append(col)
     if entity in ("contact", "lead"):
         out.append(dict(LINK_COLUMN))
+        out.append(dict(DELETED_FLAG_COLUMN))
     return {
         "logical_name": entity,
         "entity_set": props["EntitySetName"],

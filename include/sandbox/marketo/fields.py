@@ -140,6 +140,8 @@ _CUSTOM = [
     # The sync marker: the person is to be created in Dynamics, as a lead or a contact.
     ("syncToDynamics", "Sync to Dynamics", "boolean", None),
     ("dynamicsSyncAs", "Dynamics Sync As", "string", 255),
+    # Set by the sync on a person whose linked Dynamics record was deleted (delete policy "flag").
+    ("deletedInDynamics", "Deleted in Dynamics", "boolean", None),
 ]
 
 LEAD_FIELDS: list[LeadField] = _std(_STANDARD) + [

@@ -14,13 +14,16 @@ from mdsync.config import DEFAULT_CONFIG_PATH, load_config, parse_config
 from mdsync.errors import ConfigError
 
 CONFIG = load_config()
-LINK_AND_MARKER = ["dynamicsRecordId", "dynamicsRecordType", "syncToDynamics", "dynamicsSyncAs"]
+LINK_AND_MARKER = ["dynamicsRecordId", "dynamicsRecordType", "syncToDynamics", "dynamicsSyncAs", "deletedInDynamics"]
+BOOLEANS = ("unsubscribed", "syncToDynamics", "deletedInDynamics")
+#: columns the sync reads besides the mapped ones: the shipped filter's, and the deleted flag (with their types)
+LIFECYCLE_COLUMNS = {"statecode": "State", "mdsync_deletedinmarketo": "Boolean"}
 
 
 def marketo_describe(*, without=(), read_only=()) -> pd.DataFrame:
     names = list(dict.fromkeys([f.marketo for e in CONFIG.entities.values() for f in e.fields] + LINK_AND_MARKER))
-    rows = [{"rest_name": n, "display_name": n, "data_type": "boolean" if n in ("unsubscribed", "syncToDynamics") else "string",
-             "length": None if n in ("unsubscribed", "syncToDynamics") else 255, "updateable": n not in read_only}
+    rows = [{"rest_name": n, "display_name": n, "data_type": "boolean" if n in BOOLEANS else "string",
+             "length": None if n in BOOLEANS else 255, "updateable": n not in read_only}
             for n in names if n not in without]
     return pd.DataFrame(rows)
 
@@ -29,8 +32,9 @@ def dynamics_metadata(*, without=(), unreadable=(), not_updatable=(), secured_mi
     out = {}
     for name, entity in CONFIG.entities.items():
         columns = [entity.id_column, CONFIG.dynamics.marketo_id_column] + [f.dynamics for f in entity.fields]
-        columns = [c for c in dict.fromkeys(columns) if c not in without]
+        columns = [c for c in dict.fromkeys(columns + list(LIFECYCLE_COLUMNS)) if c not in without]
         attrs = pd.DataFrame({"logical_name": columns,
+                              "type": [LIFECYCLE_COLUMNS.get(c, "String") for c in columns],
                               "max_length": [100 if c == "emailaddress1" else (50 if c == "firstname" else None)
                                              for c in columns]})
         perms = pd.DataFrame({"logical_name": [c for c in columns if c not in secured_missing]})

@@ -82,14 +82,17 @@ def test_kept_links_need_neither_side_in_the_frames():
     assert set(link_map(d)) == {1, 2} and d.activity.empty
 
 
-def test_person_deleted_in_marketo_drops_the_link_and_keeps_the_record():
+def test_person_deleted_in_marketo_drops_the_link_and_flags_the_record():
+    # the shipped delete policy is the native sync's: the other side is kept and flagged
     d = decide(store=[(1, "lead", "L1"), (2, "lead", "L2")], people=[{"id": 2, "email": "bob@x.com"}],
                marketo_deleted=[1, 99])
     assert d.unlinked == [1]
     assert link_map(d) == {2: ("lead", "L2", "email")}
     [row] = acts(d)
-    assert (row["action"], row["person_id"], row["entity_type"], row["dynamics_id"]) == ("unlink", 1, "lead", "L1")
-    assert "deleted in Marketo" in row["detail"] and "kept" in row["detail"]
+    assert (row["action"], row["person_id"], row["entity_type"], row["dynamics_id"]) == ("flag", 1, "lead", "L1")
+    assert "deleted in Marketo" in row["detail"] and "kept and flagged (mdsync_deletedinmarketo = true)" in row["detail"]
+    assert d.deletes.to_dict("records") == [{"target": "dynamics", "action": "flag", "person_id": 1,
+                                             "entity_type": "lead", "dynamics_id": "L1"}]
 
 
 def test_record_deleted_in_dynamics_drops_the_link_case_insensitively():
@@ -98,8 +101,9 @@ def test_record_deleted_in_dynamics_drops_the_link_case_insensitively():
     assert d.unlinked == [1]
     assert link_map(d) == {2: ("lead", "aaaa-bbbb", "email")}  # same id, other entity type: untouched
     [row] = acts(d)
-    assert (row["action"], row["person_id"], row["dynamics_type"]) == ("unlink", 1, "contact")
-    assert "contact deleted in Dynamics" in row["detail"]
+    assert (row["action"], row["person_id"], row["dynamics_type"]) == ("flag", 1, "contact")
+    assert "contact deleted in Dynamics" in row["detail"] and "deletedInDynamics = true" in row["detail"]
+    assert d.deletes[["target", "person_id"]].to_dict("records") == [{"target": "marketo", "person_id": 1}]
 
 
 def test_deleted_on_both_sides_is_one_unlink():
@@ -198,9 +202,20 @@ def test_two_persons_naming_one_record_are_ambiguous_whatever_their_order():
 def test_two_marked_persons_with_the_email_of_one_existing_record_are_ambiguous():
     people = [{"id": 3, "email": "ann@x.com", "syncToDynamics": True}, {"id": 4, "email": "Ann@x.com", "syncToDynamics": True}]
     for order in (1, -1):
+        d = decide(people=people[::order], contacts=[contact("C1", "ann@x.com")])
+        assert d.links.empty and d.dynamics_creates.empty and d.marketo_creates.empty
+        assert sorted(r["person_id"] for r in acts(d, "ambiguous") if r["person_id"] is not None) == [3, 4]
+
+
+def test_marked_persons_whose_email_has_a_record_outside_the_sync_filter_get_nothing():
+    # an inactive contact (statecode 1, outside the shipped filter) is neither linked nor duplicated
+    people = [{"id": 3, "email": "ann@x.com", "syncToDynamics": True}, {"id": 4, "email": "Ann@x.com", "syncToDynamics": True}]
+    for order in (1, -1):
         d = decide(people=people[::order], contacts=[contact("C1", "ann@x.com", statecode=1)])
-        assert d.links.empty and d.dynamics_creates.empty
-        assert sorted(r["person_id"] for r in acts(d, "ambiguous")) == [3, 4]
+        assert d.links.empty and d.dynamics_creates.empty and d.marketo_creates.empty
+        skips = acts(d, "skip")
+        assert sorted(r["person_id"] for r in skips) == [3, 4]
+        assert all(r["dynamics_id"] == "C1" and "outside the sync filter" in r["detail"] for r in skips)
 
 
 def test_marketo_link_field_naming_a_record_linked_elsewhere_is_ambiguous():
@@ -324,25 +339,25 @@ def test_unmarked_persons_are_left_alone():
 
 
 def test_marked_person_links_an_existing_contact_before_a_lead():
+    # (records outside the sync filter are never linked: see test_marked_persons_whose_email_has_a_record_outside...)
     d = decide(people=[{"id": 5, "email": "ANN@x.com", "syncToDynamics": True, "dynamicsSyncAs": "lead"}],
-               # inactive: not matched from the Dynamics side, but found by the person's email lookup
-               leads=[lead("L1", "ann@x.com", statecode=1)], contacts=[contact("C1", "ann@x.com", statecode=1)])
+               leads=[lead("L1", "ann@x.com")], contacts=[contact("C1", "ann@x.com")])
     assert link_map(d) == {5: ("contact", "C1", "email")}
-    assert d.dynamics_creates.empty
+    assert d.dynamics_creates.empty and d.marketo_creates.empty
 
 
 def test_marked_person_links_an_existing_lead_when_there_is_no_contact():
     d = decide(people=[{"id": 5, "email": "ann@x.com", "syncToDynamics": True, "dynamicsSyncAs": "contact"}],
-               leads=[lead("L1", "Ann@X.com", statecode=1)])
+               leads=[lead("L1", "Ann@X.com")])
     assert link_map(d) == {5: ("lead", "L1", "email")}
     assert d.dynamics_creates.empty
 
 
 def test_marked_person_with_two_existing_contacts_is_ambiguous():
     d = decide(people=[{"id": 5, "email": "ann@x.com", "syncToDynamics": True}],
-               contacts=[contact("C1", "ann@x.com", statecode=1), contact("C2", "ann@x.com", statecode=1)])
-    assert d.links.empty and d.dynamics_creates.empty
-    [row] = acts(d, "ambiguous")
+               contacts=[contact("C1", "ann@x.com"), contact("C2", "ann@x.com")])
+    assert d.links.empty and d.dynamics_creates.empty and d.marketo_creates.empty
+    [row] = [r for r in acts(d, "ambiguous") if r["person_id"] is not None]
     assert row["person_id"] == 5 and "2 Dynamics contacts" in row["detail"]
 
 
