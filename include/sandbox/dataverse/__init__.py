@@ -83,8 +83,12 @@ Admin API (JSON, no auth, under ``/_sandbox``):
   A violating write gets 400 with code ``0x80040265`` and the rule's message, as a plug-in would.
 - ``PUT /_sandbox/messages`` ``{"unsupported": {"contact": ["UpsertMultiple"]}}``: bulk messages a table
   does not support (404 "Resource not found for the segment ..."), as for some standard tables.
+- ``PUT /_sandbox/keys`` ``{"contact": "Pending"}``: the ``EntityKeyIndexStatus`` of the alternate key on the
+  link column (``Active``, the default; ``Pending``, ``InProgress``, ``Failed``; ``null``: no such key), as
+  ``EntityDefinitions(LogicalName='contact')/Keys`` reports it; a key that is not active cannot address rows.
+  ``GET`` reads them.
 - ``POST /_sandbox/reset`` wipes rows, counters, faults, rules, security and message settings (and the
-  concurrency peak and hint). ``GET /_sandbox/health``.
+  concurrency peak and hint; keys become active again). ``GET /_sandbox/health``.
 
 The ROPC user is ``sb.username`` / ``sb.user_password``. Not emulated: the combined execution-time limit,
 opportunities (``QualifyLead`` with ``CreateOpportunity``), ``$expand`` of collection-valued navigation

@@ -21,6 +21,7 @@ from pyrate_limiter import InMemoryBucket, Rate, RateItem
 from . import errors as E
 from .errors import DataverseError
 from .identity import Identity, TokenService
+from .schema import LINK_KEY_COLUMN
 from .store import Store
 from .webapi import API, Reply, WebApi
 
@@ -406,6 +407,24 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
     def get_security():
         return store.security
 
+    @app.get("/_sandbox/keys")
+    def get_keys():
+        return {e.logical_name: e.link_key_status for e in store.entities.values() if LINK_KEY_COLUMN in e.columns}
+
+    @app.put("/_sandbox/keys")
+    async def put_keys(request: Request):
+        """``{"<table>": "Active" | "Pending" | "InProgress" | "Failed" | null}``: the state of the alternate key on
+        the link column (null: the table has no such key), as a deployment that lacks or is still building it."""
+        body = await request.json()
+        known = {e.logical_name: e for e in store.entities.values() if LINK_KEY_COLUMN in e.columns}
+        states = ("Active", "Pending", "InProgress", "Failed", None)
+        if not isinstance(body, dict) or any(t not in known or v not in states for t, v in body.items()):
+            return error(DataverseError(400, E.PAYLOAD, f"keys: a JSON object of table -> one of {states} for the "
+                                        f"tables {sorted(known)}, got {body!r}"))
+        for table, status in body.items():
+            known[table].link_key_status = status
+        return get_keys()
+
     @app.put("/_sandbox/rules")
     async def put_rules(request: Request):
         body = await request.json()
@@ -429,6 +448,8 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
         store.reset()
         faults.clear()
         protection.reset()
+        for entity in store.entities.values():
+            entity.link_key_status = "Active"
         tokens.revoked_before = 0.0
         with calls_lock:
             calls.clear()

@@ -86,10 +86,14 @@ class Entity:
     columns: dict[str, Column]
     table: sa.Table
     deleted: sa.Table
+    #: ``EntityKeyIndexStatus`` of the alternate key on the link column (``Active``, ``Pending``, ``InProgress``,
+    #: ``Failed``), or ``None`` when the table has no such key (admin ``PUT /_sandbox/keys``)
+    link_key_status: str | None = "Active"
 
     @property
     def has_link_key(self) -> bool:
-        return LINK_KEY_COLUMN in self.columns
+        """Whether the link column exists and its alternate key is usable (its index active)."""
+        return LINK_KEY_COLUMN in self.columns and self.link_key_status == "Active"
 
     def column_by_storage(self, name: str) -> Column | None:
         """Find a column by its payload name (``_parentcustomerid_value`` or ``firstname``)."""

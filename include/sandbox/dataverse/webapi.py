@@ -49,14 +49,20 @@ def error_reply(err: DataverseError) -> Reply:
     return Reply(err.status, err.body(), dict(err.headers))
 
 
+def _metadata_id(*parts: str) -> str:
+    """A stable ``MetadataId`` for a metadata item."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "/".join(parts)))
+
+
 def _parse_key(entity: Entity, raw: str) -> dict:
     """``<guid>`` or ``mdsync_marketopersonid='x'`` (quotes doubled inside) -> ``{column: value}``."""
     raw = raw.strip()
     m = re.fullmatch(r"(\w+)='((?:[^']|'')*)'", raw, re.S)
     if m:
         if m.group(1) != LINK_KEY_COLUMN or not entity.has_link_key:
+            keys = f"{LINK_KEY_NAME} on {LINK_KEY_COLUMN}" if entity.has_link_key else "none"
             raise DataverseError(400, E.QUERY, f"The key attribute '{m.group(1)}' is not part of an alternate key "
-                                 f"of '{entity.logical_name}' (keys: {LINK_KEY_NAME} on {LINK_KEY_COLUMN}).")
+                                 f"of '{entity.logical_name}' (keys: {keys}).")
         return {LINK_KEY_COLUMN: m.group(2).replace("''", "'")}
     try:
         return {entity.primary_id: str(uuid.UUID(raw))}
@@ -472,12 +478,15 @@ class WebApi:
     # metadata -------------------------------------------------------------------------------------------
     def metadata(self, path: str, query: dict) -> Reply:
         """``EntityDefinitions(LogicalName='x')`` and its ``Attributes`` (optionally cast to a type)."""
+        keys = re.fullmatch(r"EntityDefinitions\(LogicalName='(\w+)'\)/Keys", path)
+        if keys and keys.group(1) in self.store.entities:
+            return self.entity_keys(self.store.entities[keys.group(1)], query)
         m = re.fullmatch(r"EntityDefinitions\(LogicalName='(\w+)'\)(?:/Attributes(?:/Microsoft\.Dynamics\.CRM\."
                          r"(\w+))?)?", path)
         if not m or m.group(1) not in self.store.entities:
             raise DataverseError(404, E.QUERY, f"Resource not found for the segment '{path}'.")
         entity = self.store.entities[m.group(1)]
-        meta_id = lambda *parts: str(uuid.uuid5(uuid.NAMESPACE_URL, "/".join(parts)))  # noqa: E731
+        meta_id = _metadata_id
         if "/Attributes" not in path:
             body = {"LogicalName": entity.logical_name, "EntitySetName": entity.entity_set,
                     "PrimaryIdAttribute": entity.primary_id, "PrimaryNameAttribute": entity.primary_name,
@@ -522,6 +531,19 @@ class WebApi:
                                      "FalseOption": _option(0, opts.get(0, "No"), None, "Boolean")}
             out.append(self._select(item, query, keep=("@odata.type", "OptionSet")))
         context = f"{self.org_url}{API}$metadata#EntityDefinitions('{entity.logical_name}')/Attributes"
+        return Reply(200, {"@odata.context": context, "value": out})
+
+    def entity_keys(self, entity: Entity, query: dict) -> Reply:
+        """``EntityDefinitions(LogicalName='x')/Keys``: the table's alternate keys (``EntityKeyMetadata``)."""
+        out = []
+        if LINK_KEY_COLUMN in entity.columns and entity.link_key_status is not None:
+            out.append(self._select({
+                "LogicalName": LINK_KEY_NAME, "SchemaName": LINK_KEY_NAME, "EntityLogicalName": entity.logical_name,
+                "KeyAttributes": [LINK_KEY_COLUMN], "EntityKeyIndexStatus": entity.link_key_status,
+                "IsManaged": False, "MetadataId": _metadata_id(entity.logical_name, "keys", LINK_KEY_NAME),
+                "DisplayName": {"UserLocalizedLabel": {"Label": "Marketo person id", "LanguageCode": 1033}},
+            }, query))
+        context = f"{self.org_url}{API}$metadata#EntityDefinitions('{entity.logical_name}')/Keys"
         return Reply(200, {"@odata.context": context, "value": out})
 
     def entity_definitions(self, query: dict) -> Reply:

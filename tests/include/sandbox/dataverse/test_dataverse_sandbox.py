@@ -294,3 +294,28 @@ def test_state_survives_a_restart(tmp_path):
         delta = api("GET", delta_path).json()["value"]
         assert [r["lastname"] for r in delta] == ["After restart"]
     assert again._process is None
+
+
+def test_alternate_keys_are_in_the_metadata_and_only_an_active_key_addresses_rows(dataverse, api):
+    keys = api("GET", "EntityDefinitions(LogicalName='contact')/Keys").json()
+    assert keys["@odata.context"].endswith("$metadata#EntityDefinitions('contact')/Keys")
+    [key] = keys["value"]
+    assert (key["LogicalName"], key["KeyAttributes"], key["EntityKeyIndexStatus"]) == \
+        ("mdsync_marketopersonid_key", ["mdsync_marketopersonid"], "Active")
+    assert api("GET", "EntityDefinitions(LogicalName='account')/Keys").json()["value"] == []  # no link column
+    path = "contacts(mdsync_marketopersonid='5')"
+    assert api("PATCH", path, json={"lastname": "Keyed"}).status_code == 204
+
+    assert dataverse.admin("PUT", "keys", {"contact": "Pending"}) == {"contact": "Pending", "lead": "Active"}
+    [key] = api("GET", "EntityDefinitions(LogicalName='contact')/Keys",
+                params={"$select": "LogicalName,EntityKeyIndexStatus"}).json()["value"]
+    assert key.pop("MetadataId") and key == {"LogicalName": "mdsync_marketopersonid_key", "EntityKeyIndexStatus": "Pending"}
+    refused = api("PATCH", path, json={"lastname": "Again"})
+    assert refused.status_code == 400 and "is not part of an alternate key of 'contact' (keys: none)" in error_of(refused)[1]
+
+    dataverse.admin("PUT", "keys", {"contact": None})
+    assert api("GET", "EntityDefinitions(LogicalName='contact')/Keys").json()["value"] == []
+    bad = requests.put(dataverse.admin_url + "/keys", json={"contact": "Broken"}, verify=dataverse.ca_bundle, timeout=10)
+    assert bad.status_code == 400 and "Broken" in bad.text
+    dataverse.reset()
+    assert dataverse.admin("GET", "keys") == {"contact": "Active", "lead": "Active"}
