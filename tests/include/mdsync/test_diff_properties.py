@@ -87,7 +87,7 @@ def _keys(frame: pd.DataFrame, fields) -> pd.DataFrame:
     return pd.DataFrame({f.name: compare_key(frame[f.name], f) for f in fields})
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(populations())
 def test_plan_converges_without_ping_pong(data):
     entity, fields, ids, frames, has_baseline, report_all = data
