@@ -37,7 +37,9 @@ STANDARD_ACTIVITY_TYPES = [
         ("Lead Field", "integer"),
         [("New Value", "string"), ("Old Value", "string"), ("Reason", "string"), ("Source", "string")],
     ),
-    (MERGE_LEADS, "Merge Leads", ("Lead ID", "integer"), [("Merge IDs", "string"), ("Merge Source", "string")]),
+    (MERGE_LEADS, "Merge Leads", ("Lead ID", "integer"),
+     [("Merge IDs", "string"), ("Merge Source", "string"), ("Merged in Sales", "boolean"),
+      ("Master Updated", "boolean")]),
     (DELETE_LEAD, "Delete Lead", ("Lead ID", "integer"), [("Remove from CRM", "boolean")]),
 ]
 CUSTOM_TYPE_FIRST_ID = 100001
@@ -402,34 +404,48 @@ class MarketoStore:
         self._record_activity(lead["id"], DELETE_LEAD, format_datetime(utc_now()), primary_id=lead["id"],
                               primary=name, attributes=attributes)
 
-    def merge_leads(self, winner_id: int, loser_ids: list[int]) -> None:
-        """Merge losers into the winner: the winner keeps its values, empty ones are filled from the losers."""
+    def merge_leads(self, winner_id: int, loser_ids: list[int], merge_in_crm: bool = False) -> None:
+        """Merge losers into the winner (Merge Leads, leads.md "Merge"), all or nothing.
+
+        Field values: the winner's, except where it has none and a loser has one (the first loser with one, in
+        the order given). Activity logs are combined: the losers' activities become the winner's. The losers are
+        deleted from the lead database (a Delete Lead activity each, as for a deletion; their ids are never
+        given again) and the winner gets one Merge Leads activity (32) naming them in ``Merge IDs``
+        (``[id,id]``), with ``Merge Source`` "Web service API", ``Merged in Sales`` (the sandbox syncs no CRM,
+        so ``mergeInCRM`` merges nothing there: always false) and ``Master Updated`` (whether the winner's
+        fields changed). Unknown ids are 1004 "Lead not found" and nothing is merged.
+        """
+        losers_given = list(dict.fromkeys(loser_ids))
+        if winner_id in losers_given:
+            raise ApiError("1003", f"Invalid leadIds: {winner_id} is the winning lead and cannot also be a "
+                                   "losing lead")
         with self.transaction():
             winner = self._full_row("id = ?", (winner_id,))
-            if not winner:
-                raise ApiError("1004", f"Lead not found: {winner_id}")
+            rows = {r["id"]: r for r in self._full_row(f"id IN ({','.join('?' * len(losers_given))})",
+                                                         losers_given)}
+            missing = ([] if winner else [winner_id]) + [i for i in losers_given if i not in rows]
+            if missing:
+                raise ApiError("1004", f"Lead not found: {', '.join(map(str, missing))}")
             winner = winner[0]
-            losers = []
-            for lid in loser_ids:
-                row = self._full_row("id = ?", (lid,))
-                if not row or lid == winner_id:
-                    raise ApiError("1004", f"Lead not found: {lid}")
-                losers.append(row[0])
+            losers = [rows[i] for i in losers_given]
             fill = {}
             for loser in losers:
                 for f in LEAD_FIELDS:
-                    if f.read_only or f.name in fill:
+                    if f.read_only or f.name in fill or winner.get(f.name) not in (None, ""):
                         continue
-                    if winner.get(f.name) is None and loser.get(f.name) is not None:
+                    if loser.get(f.name) not in (None, ""):
                         fill[f.name] = loser[f.name]
             when = format_datetime(utc_now())
-            merged = ",".join(str(x) for x in loser_ids)
+            marks = ",".join("?" * len(losers_given))
+            self.db.execute(f"UPDATE activities SET leadId = ? WHERE leadId IN ({marks})", [winner_id, *losers_given])
             for loser in losers:
                 self._delete_one(loser, [{"name": "Remove from CRM", "value": False}])
-            self._apply_changes(winner_id, winner, fill, when, "Merge leads")
+            updated = self._apply_changes(winner_id, winner, fill, when, "Merge leads")
             self._record_activity(winner_id, MERGE_LEADS, when, primary_id=winner_id, primary=str(winner_id),
-                                  attributes=[{"name": "Merge IDs", "value": merged},
-                                              {"name": "Merge Source", "value": API_SOURCE}])
+                                  attributes=[{"name": "Merge IDs", "value": f"[{','.join(map(str, losers_given))}]"},
+                                              {"name": "Merge Source", "value": API_SOURCE},
+                                              {"name": "Merged in Sales", "value": False},
+                                              {"name": "Master Updated", "value": updated}])
 
     # ------------------------------------------------------------------ activities
     def paging_token(self, since: datetime) -> str:

@@ -92,16 +92,24 @@ async def delete_leads(request: Request, sb: SandboxDep):
 
 @router.post("/rest/v1/leads/{lead_id:int}/merge.json")
 async def merge_leads(lead_id: int, request: Request, sb: SandboxDep):
-    raw = request.query_params.getlist("leadIds") + request.query_params.getlist("leadId")
+    """Merge Leads: the path's lead wins; ``leadId`` (one id) and/or ``leadIds`` (up to 25, comma-separated or
+    repeated) lose; ``mergeInCRM`` is a boolean (no CRM is synced here, so it merges nothing more)."""
+    params = request.query_params
     losers = []
-    for chunk in raw:
-        for v in csv_param(chunk):
-            if not v.isdigit():
-                raise ApiError("1003", f"Invalid lead id '{v}'")
-            losers.append(int(v))
+    for raw in params.getlist("leadId"):
+        if not raw.strip().isdigit():
+            raise ApiError("1003", f"Invalid value '{raw}' for leadId: one lead id (use leadIds for several)")
+        losers.append(int(raw))
+    for v in list_param(params, "leadIds"):
+        if not v.isdigit():
+            raise ApiError("1003", f"Invalid lead id '{v}' in leadIds")
+        losers.append(int(v))
     if not losers:
         raise ApiError("701", "leadId cannot be blank")
     if len(losers) > 25:
         raise ApiError("1080", f"Too many leads to merge: {len(losers)} given, at most 25")
-    await run_in_threadpool(sb.store.merge_leads, lead_id, losers)
+    crm = params.get("mergeInCRM", "false").strip().lower()
+    if crm not in ("true", "false"):
+        raise ApiError("1003", f"Invalid value '{params['mergeInCRM']}' for mergeInCRM: true or false")
+    await run_in_threadpool(sb.store.merge_leads, lead_id, losers, crm == "true")
     return Response(json.dumps({"requestId": request_id(), "success": True}), media_type="application/json")
