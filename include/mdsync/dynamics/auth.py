@@ -61,13 +61,24 @@ class _TimeoutSession(requests.Session):
     def __init__(self, timeout) -> None:
         super().__init__()
         self.timeout = timeout
+        #: the HTTP status of the last identity call (MSAL reports a throttled or failing discovery as a bare
+        #: ValueError or MsalServiceError, so the status says whether it was the service or the settings)
+        self.last_status: int | None = None
 
     def request(self, method, url, **kwargs):
         kwargs.setdefault("timeout", self.timeout)
-        return super().request(method, url, **kwargs)
+        self.last_status = None
+        resp = super().request(method, url, **kwargs)
+        self.last_status = resp.status_code
+        return resp
+
+    @property
+    def service_down(self) -> bool:
+        """Whether the last identity call was throttled (429) or failed on the service's side (5xx)."""
+        return self.last_status is not None and (self.last_status == 429 or self.last_status >= 500)
 
 
-def identity_session(authority: str, verify, timeout=(10, 120)) -> requests.Session:
+def identity_session(authority: str, verify, timeout=(10, 120)) -> _TimeoutSession:
     """The session MSAL uses: ignores ``REQUESTS_CA_BUNDLE`` (trust_env off) so ``verify`` is honoured, and
     gives every identity call the connection's ``timeout``."""
     session = _TimeoutSession(timeout)
@@ -109,20 +120,23 @@ class TokenProvider:
         self._seen: set[str] = set()
         self._current: str | None = None  # the token handed out last
         self._app: msal.ConfidentialClientApplication | None = None
+        self._session: _TimeoutSession | None = None
 
     @property
     def app(self) -> msal.ConfidentialClientApplication:
         """MSAL's confidential client, made (and the authority discovered) on first use."""
         if self._app is None:
             known = urllib.parse.urlsplit(self.authority).hostname == "login.microsoftonline.com"
+            self._session = identity_session(self.authority, self._verify, self.timeout)
             try:
                 self._app = msal.ConfidentialClientApplication(
                     self.client_id, client_credential=self._secret, authority=self.authority,
-                    instance_discovery=None if known else False,
-                    http_client=identity_session(self.authority, self._verify, self.timeout))
+                    instance_discovery=None if known else False, http_client=self._session)
             except requests.RequestException as exc:
                 self._unreachable(exc)
-            except ValueError:  # MSAL's word for "the authority answered, but has no OpenID configuration"
+            except (ValueError, msal.exceptions.MsalServiceError) as exc:
+                self._down("its OpenID discovery", exc)
+                # MSAL's ValueError: "the authority answered, but has no OpenID configuration"
                 raise AuthError(
                     "dynamics", "authority", f"the authority {self.authority} has no OpenID configuration for this "
                     "tenant", where=self.where,
@@ -130,6 +144,15 @@ class TokenProvider:
                               "and extra.authority (default https://login.microsoftonline.com/<tenant_id>); "
                               "not retried") from None
         return self._app
+
+    def _down(self, what: str, exc: Exception) -> None:
+        """Raise :class:`ServiceUnavailable` when MSAL's failure was a throttled or failing identity call."""
+        if self._session is not None and self._session.service_down:
+            status = self._session.last_status
+            detail = getattr(exc, "_error_description", None) or getattr(exc, "_error", None) or ""
+            raise ServiceUnavailable("dynamics", f"HTTP {status}", f"the authority {self.authority} answered HTTP "
+                                     f"{status} to {what}" + (f": {detail}" if detail else ""), where=self.where,
+                                     next_step="the identity service is down or throttling for now; retried") from None
 
     def _unreachable(self, exc: requests.RequestException) -> NoReturn:
         reason, retryable = transport_problem(exc, f"the authority {self.authority}", self.timeout)
@@ -152,6 +175,10 @@ class TokenProvider:
                 result = self._acquire()
             except requests.RequestException as exc:
                 self._unreachable(exc)
+            except msal.exceptions.MsalServiceError as exc:  # e.g. a 503 whose body MSAL cannot read as OAuth
+                self._down("a token request", exc)
+                result = {"error": getattr(exc, "_error", None) or "server_error",
+                          "error_description": getattr(exc, "_error_description", None) or str(exc)}
             token = result.get("access_token")
             fresh = token is not None and token not in self._seen
             if token is not None:

@@ -104,3 +104,33 @@ def test_a_missing_permission_is_not_retried_and_says_what_to_grant(dataverse):
     assert text.startswith(f"Dynamics connection 'dynamics_default' ({dataverse.org_url}): error ")
     assert "(HTTP 403)" in text and "grant the sync user's security role" in text and not is_retryable(err.value)
     assert dataverse.calls()["by_endpoint"]["GET /api/data/v9.2/contacts"] == 1
+
+
+# -- the identity service down for a while: retried, and named when it stays down --------------------------------
+
+def test_a_503_burst_on_the_token_endpoint_is_ridden_out(dataverse):
+    dataverse.fault("unavailable", count=2, seconds=0, path_prefix=f"/{dataverse.tenant_id}/oauth2/v2.0/token")
+    client = client_for(dataverse, max_attempts=4)
+    assert client.request("GET", "WhoAmI").json()["UserId"]
+    assert token_calls(dataverse) == 3 and web_api_calls(dataverse) == 1
+
+
+def test_a_token_endpoint_that_stays_down_is_a_transient_error_naming_the_authority(dataverse):
+    dataverse.fault("unavailable", count=50, seconds=0, path_prefix=f"/{dataverse.tenant_id}/oauth2/v2.0/token")
+    client = client_for(dataverse, max_attempts=3)
+    err = who_am_i_fails(client, ServiceUnavailable)
+    text = str(err)
+    assert f"the authority {dataverse.authority} answered HTTP 503 to a token request" in text
+    assert "MsalServiceError" not in text and "still failing after 3 attempts" in text
+    assert is_retryable(err) and token_calls(dataverse) == 3 and web_api_calls(dataverse) == 0
+
+
+@pytest.mark.parametrize("kind, status", [("throttle", 429), ("unavailable", 503)])
+def test_a_throttled_or_failing_discovery_is_retried_not_taken_for_a_wrong_tenant(dataverse, kind, status):
+    prefix = f"/{dataverse.tenant_id}/v2.0/.well-known/"
+    dataverse.fault(kind, count=1, seconds=0, path_prefix=prefix)
+    assert client_for(dataverse, max_attempts=3).request("GET", "WhoAmI").status_code == 200  # ridden out
+    dataverse.fault(kind, count=50, seconds=0, path_prefix=prefix)
+    err = who_am_i_fails(client_for(dataverse, max_attempts=2), ServiceUnavailable)
+    assert f"the authority {dataverse.authority} answered HTTP {status} to its OpenID discovery" in str(err)
+    assert "no OpenID configuration" not in str(err) and is_retryable(err)
