@@ -98,6 +98,8 @@ def missing_names(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics: 
             problems.append(_unknown(f"dynamics.marketo_id_column ({ename})", table, config.dynamics.marketo_id_column,
                                      d_names, f"create the column and an alternate key "
                                               f"'{config.dynamics.alternate_key}' on it (README)"))
+        elif "keys" in meta:
+            problems.extend(_key_problem(config, ename, table, meta["keys"]))
         for i, f in enumerate(entity.fields):
             if f.marketo.lower() not in have_m:
                 problems.append(_unknown(f"entities.{ename}.fields[{i}].marketo ({f.name})", "Marketo's lead schema",
@@ -117,6 +119,31 @@ def missing_names(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics: 
         problems.append(_unknown("marketo.deleted_flag_field", "Marketo's lead schema", flag_field, m_names,
                                  "create it as a Boolean field in Marketo Admin > Field Management"))
     return problems
+
+
+def _key_problem(config: SyncConfig, ename: str, table: str, keys: list[dict]) -> list[str]:
+    """The alternate key on the link column must exist and be active: creates are upserts by it, and without
+    it a retried create would make a second record."""
+    column, name = config.dynamics.marketo_id_column.lower(), config.dynamics.alternate_key
+    entry = f"dynamics.alternate_key ({ename})"
+    on_column = [k for k in keys if [c.lower() for c in k["columns"]] == [column]]
+    named = [k for k in keys if str(k["name"]).lower() == name.lower()]
+    listed = ", ".join(f"{k['name']} on {'+'.join(k['columns'])} ({k['status']})" for k in keys) or "none"
+    if not named:
+        hint = f" (did you mean '{on_column[0]['name']}'?)" if on_column else ""
+        return [f"{entry}: {table} has no alternate key '{name}'{hint}; its keys: {listed}. Create it on "
+                f"'{config.dynamics.marketo_id_column}' alone (Power Apps > Tables > {ename} > Keys; README), or name "
+                "the existing one: without it creates are not idempotent and are not attempted"]
+    key = named[0]
+    if [c.lower() for c in key["columns"]] != [column]:
+        return [f"{entry}: alternate key '{key['name']}' of {table} is on {', '.join(key['columns'])}, not on "
+                f"'{config.dynamics.marketo_id_column}' alone (dynamics.marketo_id_column); point the config at a key "
+                "on that column"]
+    if key["status"] != "Active":
+        return [f"{entry}: alternate key '{key['name']}' of {table} is {key['status']}, not Active: Dataverse builds "
+                "its index in the background after the key is created ('Pending'/'InProgress': wait and run again; "
+                "'Failed': duplicate values in the column stop it, fix them and reactivate the key in Power Apps)"]
+    return []
 
 
 def _logical(column: str) -> str:

@@ -203,7 +203,8 @@ class Cycle:
             logical = self.dynamics.logical_name(entity.entity_set)
             dyn[name] = {"entity_set": entity.entity_set, "logical_name": logical,
                          "attributes": self.dynamics.attributes(logical, refresh=True),
-                         "permissions": self.dynamics.field_permissions(logical)}
+                         "permissions": self.dynamics.field_permissions(logical),
+                         "keys": self.dynamics.alternate_keys(logical)}
         acc = access_stage.refresh_access(self.config, describe, dyn)
         acc.refreshed_at = datetime.now(timezone.utc).isoformat()
         data = acc.to_json()

@@ -261,6 +261,15 @@ class DynamicsClient(WritesMixin):
         self.column_types[entity_logical_name] = dict(zip(frame["logical_name"], frame["type"]))
         return frame
 
+    def alternate_keys(self, entity_logical_name: str) -> list[dict]:
+        """The table's alternate keys (``EntityDefinitions(...)/Keys``), e.g.
+        ``[{"name": "mdsync_marketopersonid_key", "columns": ["mdsync_marketopersonid"], "status": "Active"}]``;
+        a key's index must be ``Active`` before rows can be addressed (and upserted) by it."""
+        items = self.request("GET", f"EntityDefinitions(LogicalName={odata.odata_literal(entity_logical_name)})/Keys",
+                             params={"$select": "LogicalName,KeyAttributes,EntityKeyIndexStatus"}).json()["value"]
+        return [{"name": i.get("LogicalName"), "columns": list(i.get("KeyAttributes") or []),
+                 "status": i.get("EntityKeyIndexStatus")} for i in items]
+
     def preload_metadata(self, entity_set: str, logical_name: str, attributes: pd.DataFrame) -> None:
         """Reuse column metadata read earlier (e.g. by another task's schema refresh), so reading and typing
         rows of ``entity_set`` needs no metadata call (DESIGN §8: an idle cycle costs at most 3 calls).

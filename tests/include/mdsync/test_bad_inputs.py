@@ -759,6 +759,10 @@ BAD_CONFIGS = {
         _mutate(lambda c: _field(c, "lead", "city").update(dynamics="adress1_city")),
         "entities.lead.fields[8].dynamics (city): Dataverse table 'lead' has no column 'adress1_city' (did you mean "
         "'address1_city'?)"),
+    "alternate_key_that_does_not_exist": (
+        _mutate(_set("dynamics.alternate_key", "mdsync_marketoid_key")),
+        "dynamics.alternate_key (lead): Dataverse table 'lead' has no alternate key 'mdsync_marketoid_key' (did you "
+        "mean 'mdsync_marketopersonid_key'?)"),
 }
 
 
@@ -783,6 +787,28 @@ def test_a_bad_config_stops_the_run_at_once_naming_the_entry_and_writes_nothing(
     assert len(world.store().activity()) == store_rows
     failed = fail_fast(refused.value)  # at the Airflow boundary: the task fails at once, in one line
     assert isinstance(failed, AirflowFailException) and "\n" not in str(failed) and expected in str(failed)
+
+
+@pytest.mark.parametrize("status, expected", [
+    (None, "Dataverse table 'contact' has no alternate key 'mdsync_marketopersonid_key'; its keys: none"),
+    ("Pending", "alternate key 'mdsync_marketopersonid_key' of Dataverse table 'contact' is Pending, not Active"),
+    ("Failed", "'Failed': duplicate values in the column stop it"),
+])
+def test_a_missing_or_inactive_alternate_key_stops_the_run_before_any_write(world, tmp_path, monkeypatch, status,
+                                                                             expected):
+    """Creates are upserts by the key: without an active one a retried create would duplicate a record."""
+    monkeypatch.setenv("MDSYNC_SCHEMA_CACHE_MINUTES", "0")
+    monkeypatch.setenv("MDSYNC_STAGING_URL", f"file://{tmp_path / 'staging'}")
+    calls = _writes(world)
+    world.dataverse_sandbox.admin("PUT", "keys", {"contact": status})
+    try:
+        with pytest.raises(ConfigError) as refused:
+            world.run(f"alternate-key-{status}")
+    finally:
+        world.dataverse_sandbox.admin("PUT", "keys", {"contact": "Active"})
+    assert "dynamics.alternate_key (contact)" in str(refused.value) and expected in str(refused.value)
+    assert _writes(world) == calls
+    assert isinstance(fail_fast(refused.value), AirflowFailException)
 
 
 def _writes(world: ModuleWorld) -> dict:
