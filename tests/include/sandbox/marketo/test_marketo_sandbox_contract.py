@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from urllib.parse import urlsplit
 
 import pytest
 import requests
 from sandbox.marketo import MarketoSandbox
-from tests.fixtures.marketo_sandbox import operation_method, schema_for, validate_response
+from tests.fixtures.marketo_sandbox import (schema_checking_hook, validate_error_envelope, validate_identity,
+                                            validate_response)
 
 
 class Api:
@@ -26,8 +26,15 @@ class Api:
         self.http.trust_env = False
         self.http.verify = sb.verify
         self.violations: list[str] = []
-        self.checked = 0
+        self._checked: list = []
+        # Every response, identity ones included, goes through the fixture's one Swagger check.
+        self.http.hooks["response"].append(schema_checking_hook(self.violations, self._checked))
         self.token = self.identity().json()["access_token"]
+
+    @property
+    def checked(self) -> int:
+        """How many responses were schema-checked."""
+        return len(self._checked)
 
     def identity(self, **override):
         params = {"grant_type": "client_credentials", "client_id": self.sb.client_id,
@@ -38,13 +45,7 @@ class Api:
         headers = kwargs.pop("headers", {})
         if token:
             headers["Authorization"] = f"Bearer {self.token if token == 'default' else token}"
-        resp = self.http.request(method, self.sb.base_url + path, headers=headers, **kwargs)
-        path = urlsplit(resp.url).path
-        method = operation_method(resp.request)
-        if resp.headers.get("content-type", "").startswith("application/json") and schema_for(method, path):
-            self.checked += 1
-            self.violations += validate_response(method, path, resp.json())
-        return resp
+        return self.http.request(method, self.sb.base_url + path, headers=headers, **kwargs)
 
     def json(self, method: str, path: str, **kwargs) -> dict:
         resp = self.call(method, path, **kwargs)
@@ -318,8 +319,19 @@ def test_admin_counts_calls_by_endpoint_and_reset_wipes_data(api, marketo):
 
 
 def test_schema_check_catches_a_non_conforming_body(api, marketo):
-    """A guard on the guard: the schema check rejects a wrongly typed id and does run on the calls made."""
+    """A guard on the guard: the schema check rejects a wrongly typed id, a bad identity answer and malformed
+    error envelopes, and does run on the calls made, errors and identity included."""
     assert validate_response("GET", "/rest/v1/leads.json", {"requestId": "r", "success": True, "result": [{"id": "1"}],
                                                             "errors": [], "warnings": []})
+    assert validate_identity({"access_token": "t", "token_type": "mac", "expires_in": 10, "scope": "s"})
+    assert validate_identity({"access_token": "t", "token_type": "bearer", "expires_in": 10, "scope": "s"}) == []
+    good = {"requestId": "r", "success": False, "errors": [{"code": "610", "message": "Requested resource not found"}]}
+    assert validate_error_envelope("GET", "/rest/v1/x.json", good) == []
+    for bad in ({**good, "errors": []}, {**good, "errors": [{"code": 610, "message": "m"}]},
+                {"success": False, "errors": good["errors"]}):
+        assert validate_error_envelope("GET", "/rest/v1/x.json", bad), bad
+    assert api.checked == 1  # the identity call that made the caller's token
     api.json("GET", "/rest/v1/leads/describe2.json")
-    assert api.checked == 1
+    assert error_code(api.json("GET", "/rest/v1/nothing/here.json")) == "610"  # no operation: the bare envelope
+    assert error_code(api.json("DELETE", "/rest/v1/leads/describe.json")) == "605"
+    assert api.checked == 4
