@@ -12,6 +12,7 @@ import pytest
 import requests
 from sandbox.marketo import MarketoSandbox
 
+from tests.fixtures.marketo_sandbox import schema_checking_hook
 from tests.include.sandbox.marketo.test_marketo_sandbox_contract import Api
 
 
@@ -38,7 +39,10 @@ def test_a_client_trusting_the_sandbox_ca_talks_to_it_over_https(https_sandbox):
     extra = json.loads(sb.connection_json())["extra"]
     assert extra == {"verify": sb.ca_bundle}
     client = MarketoClient(sb.base_url, sb.client_id, sb.client_secret, verify=extra["verify"])
+    seen: list = []
+    client.session.hooks["response"].append(schema_checking_hook(api.violations, seen))
     assert client.get_leads("email", ["tls@example.com"], fields=["firstName"])["firstName"].tolist() == ["T"]
+    assert len(seen) == client.calls_made >= 2 and api.violations == []  # identity, describe, the read
 
 
 def test_clients_not_trusting_the_ca_or_speaking_plain_http_get_no_answer(https_sandbox):
