@@ -443,6 +443,64 @@ class ScheduleSettings(_Strict):
     full_reconcile_every_hours: float = Field(default=24, gt=0)
 
 
+def _identifier(entry: str, value: str) -> str:
+    if not _IDENTIFIER.match(value):
+        raise ValueError(f"{entry} {value!r} is not a table or column name")
+    return value
+
+
+class AccountSettings(_Strict):
+    """``accounts``: account columns copied one way to the Marketo persons of the account's contacts (the
+    persons' company fields, see :mod:`mdsync.accounts`). Fields are the usual :class:`FieldMap` entries; their
+    direction is ``to_marketo`` (the default here) and nothing else."""
+
+    entity_set: str = "accounts"
+    id_column: str = "accountid"
+    #: the account's name, for activity lines ("company fields from account 'Contoso'")
+    name_column: str = "name"
+    #: the contact's lookup of its parent account, as the Web API reads it
+    contact_lookup: str = "_parentcustomerid_value"
+    fields: list[FieldMap] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_way(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("fields"), list):
+            return data
+        fields = []
+        for i, f in enumerate(data["fields"]):
+            if isinstance(f, dict):
+                label = f"fields[{i}] ({f.get('name')})"
+                direction = f.get("direction", Direction.TO_MARKETO.value)
+                if direction != Direction.TO_MARKETO.value:
+                    raise ValueError(f"{label}: account fields flow one way, from the Dynamics account to the Marketo "
+                                     f"persons of its contacts: direction must be 'to_marketo' (or left out), not "
+                                     f"{direction!r}")
+                if f.get("rule") is not None:
+                    raise ValueError(f"{label}: account fields take no value rule ({f['rule']!r} is for fields that "
+                                     "sync both ways)")
+                f = {**f, "direction": Direction.TO_MARKETO.value}
+            fields.append(f)
+        return {**data, "fields": fields}
+
+    @field_validator("entity_set", "id_column", "name_column", "contact_lookup")
+    @classmethod
+    def _names(cls, v: str, info) -> str:
+        return _identifier(info.field_name, v)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "AccountSettings":
+        for attr in ("name", "marketo"):
+            seen: dict[str, int] = {}
+            for i, f in enumerate(self.fields):
+                key = getattr(f, attr) if attr == "name" else f.marketo.lower()
+                if key in seen:
+                    raise ValueError(f"fields[{i}] ({f.name}): {attr} field {getattr(f, attr)!r} is mapped twice "
+                                     f"(also at fields[{seen[key]}])")
+                seen[key] = i
+        return self
+
+
 class SyncConfig(_Strict):
     """The whole sync config."""
 
@@ -451,6 +509,8 @@ class SyncConfig(_Strict):
     dynamics: DynamicsSettings
     schedule: ScheduleSettings = ScheduleSettings()
     entities: dict[str, EntityConfig]
+    #: account fields on the persons of the account's contacts (one way; optional)
+    accounts: AccountSettings | None = None
 
     @field_validator("version")
     @classmethod
@@ -519,6 +579,30 @@ class SyncConfig(_Strict):
             if column and column.lower() in reserved_columns:
                 raise ValueError(f"entities.{ename}.filter.dynamics_column {column!r} is "
                                  f"{reserved_columns[column.lower()]}, not a sync-filter column")
+        return self
+
+    @model_validator(mode="after")
+    def _accounts_fit(self) -> "SyncConfig":
+        if self.accounts is None:
+            return self
+        if "contact" not in self.entities:
+            raise ValueError("accounts: account fields reach persons through their contacts; configure "
+                             "entities.contact too, or remove the accounts section")
+        link, marker = self.marketo.link_fields, self.marketo.sync_marker
+        reserved = {name.lower(): entry for entry, name in (
+            ("marketo.link_fields.dynamics_id", link.dynamics_id), ("marketo.link_fields.dynamics_type", link.dynamics_type),
+            ("marketo.sync_marker.field", marker.field), ("marketo.sync_marker.as_field", marker.as_field),
+            ("marketo.deleted_flag_field", self.marketo.deleted_flag_field)) if name}
+        by_contact = {f.marketo.lower(): f.name for f in self.entities["contact"].fields}
+        for i, f in enumerate(self.accounts.fields):
+            where = f"accounts.fields[{i}] ({f.name}): Marketo field {f.marketo!r}"
+            if f.marketo.lower() in reserved:
+                raise ValueError(f"{where} is reserved for {reserved[f.marketo.lower()]} and cannot take account values")
+            if f.marketo.lower() in by_contact:
+                # two sources for one field would overwrite each other every cycle
+                raise ValueError(f"{where} is also mapped for contacts (entities.contact field "
+                                 f"{by_contact[f.marketo.lower()]!r}); a person's field takes its value from the "
+                                 "contact or from its account, not both")
         return self
 
     def entity(self, name: str) -> EntityConfig:

@@ -180,3 +180,75 @@ def test_missing_file_and_bad_yaml(tmp_path):
     top.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping at the top level"):
         load_config(top)
+
+
+# -- accounts to persons (issue 10.5) -------------------------------------------------------------------------
+
+def test_shipped_account_fields_flow_one_way_to_the_persons_company_fields():
+    accounts = load_config().accounts
+    assert (accounts.entity_set, accounts.id_column, accounts.contact_lookup) == ("accounts", "accountid",
+                                                                                  "_parentcustomerid_value")
+    assert {f.direction for f in accounts.fields} == {Direction.TO_MARKETO}
+    pairs = {f.name: (f.marketo, f.dynamics) for f in accounts.fields}
+    assert pairs["company"] == ("company", "name") and pairs["employees"] == ("numberOfEmployees", "numberofemployees")
+    assert pairs["billing_city"] == ("billingCity", "address1_city")
+    industry = next(f for f in accounts.fields if f.name == "industry")
+    assert industry.type is FieldType.PICKLIST and industry.values[7] == "Consulting" and len(industry.values) == 33
+
+
+def _account_field(raw, name: str) -> dict:
+    return next(f for f in raw["accounts"]["fields"] if f["name"] == name)
+
+
+@pytest.mark.parametrize("direction", ["both", "to_dynamics", "sideways"])
+def test_account_fields_refuse_any_direction_but_to_marketo(raw, direction):
+    _account_field(raw, "industry")["direction"] = direction
+    msg = _error(raw)
+    assert "sync.yaml: accounts: fields[11] (industry): account fields flow one way, from the Dynamics account to " \
+           f"the Marketo persons of its contacts: direction must be 'to_marketo' (or left out), not {direction!r}" in msg
+
+
+def test_an_explicit_to_marketo_direction_is_fine(raw):
+    _account_field(raw, "company")["direction"] = "to_marketo"
+    assert parse_config(raw).accounts.fields[0].direction is Direction.TO_MARKETO
+
+
+def test_account_fields_take_no_value_rule(raw):
+    _account_field(raw, "company").update(type="boolean", rule="opt_out_wins")
+    assert "accounts: fields[0] (company): account fields take no value rule ('opt_out_wins'" in _error(raw)
+
+
+def test_an_account_field_cannot_also_be_a_contact_field(raw):
+    _account_field(raw, "billing_city")["marketo"] = "City"
+    msg = _error(raw)
+    assert ("accounts.fields[7] (billing_city): Marketo field 'City' is also mapped for contacts (entities.contact "
+            "field 'city'); a person's field takes its value from the contact or from its account, not both") in msg
+
+
+def test_an_account_field_cannot_be_a_link_field(raw):
+    _account_field(raw, "company")["marketo"] = "dynamicsRecordType"
+    assert "Marketo field 'dynamicsRecordType' is reserved for marketo.link_fields.dynamics_type" in _error(raw)
+
+
+def test_an_account_field_mapped_twice(raw):
+    _account_field(raw, "website")["marketo"] = "Company"
+    assert "accounts: fields[4] (website): marketo field 'Company' is mapped twice (also at fields[0])" in _error(raw)
+
+
+def test_an_account_column_setting_must_be_a_column_name(raw):
+    raw["accounts"]["contact_lookup"] = "parentcustomerid/accountid"
+    assert "sync.yaml: accounts.contact_lookup: contact_lookup 'parentcustomerid/accountid' is not a table or column " \
+           "name" in _error(raw)
+
+
+def test_accounts_need_the_contact_entity(raw):
+    del raw["entities"]["contact"]
+    assert "accounts: account fields reach persons through their contacts; configure entities.contact too" in _error(raw)
+
+
+def test_the_accounts_section_is_optional_and_checked_for_typos(raw):
+    del raw["accounts"]
+    assert parse_config(copy.deepcopy(raw)).accounts is None
+    raw["accounts"] = {"entity_set": "accounts", "feilds": []}
+    msg = _error(raw)
+    assert "accounts.feilds: is not a known setting (typo?)" in msg and "accounts.fields: is required but missing" in msg
