@@ -313,18 +313,26 @@ class Cycle:
         persons = s.read_frame(marketo.persons)
         records = {e: s.read_frame(d.rows) for e, d in dynamics.entities.items()}
         links = self.store.load_links()
+        # deletions recorded for what was read (and what its link fields name): no lookup of a deleted id
+        pids, dids = identity_stage.deletion_keys(self.config, persons, records, self.run.person_ids)
+        deletions = self.store.load_deletions(person_ids=pids, dynamics_ids=dids)
         lookups = identity_stage.plan_lookups(
             self.config, links, persons, records, marketo_complete=marketo.complete,
-            dynamics_complete=all(d.full_read for d in dynamics.entities.values()), push_ids=self.run.person_ids)
+            dynamics_complete=all(d.full_read for d in dynamics.entities.values()), push_ids=self.run.person_ids,
+            deletions=deletions)
         refused = activity_frame([])
         if not lookups.empty:
             log.info("identity: looking up %s", lookups.counts())
             self._use_metadata(acc, marketo=True)
             persons, records, refused = self._look_up(lookups, acc, persons, records)
+            more_p, more_d = identity_stage.deletion_keys(self.config, persons, records, self.run.person_ids)
+            more_p, more_d = more_p.difference(pids), more_d.difference(dids)
+            if len(more_p) or len(more_d):  # and for what the lookups found
+                found = self.store.load_deletions(person_ids=more_p, dynamics_ids=more_d)
+                deletions = pd.concat([deletions, found], ignore_index=True).drop_duplicates(
+                    ["deleted_in", "person_id", "dynamics_type", "dynamics_id"]) if not found.empty else deletions
         m_deleted = s.read_frame(marketo.deleted)["id"].tolist()
         d_deleted = {e: s.read_frame(d.deleted)["id"].tolist() for e, d in dynamics.entities.items()}
-        pids, dids = identity_stage.deletion_keys(self.config, persons, records, self.run.person_ids)
-        deletions = self.store.load_deletions(person_ids=pids, dynamics_ids=dids)
         guarded = identity_stage.guard_ids(self.config, links, m_deleted, d_deleted)
         changed = None
         if len(guarded):  # propagate: whether each survivor changed on its own side since the last sync

@@ -226,11 +226,12 @@ class Lookups:
 
 def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame, records: dict[str, pd.DataFrame],
                  *, marketo_complete: bool = False, dynamics_complete: bool = False,
-                 push_ids=()) -> Lookups:
+                 push_ids=(), deletions: pd.DataFrame | None = None) -> Lookups:
     """Which records to read so that :func:`decide` sees everything it decides about.
 
     :param marketo_complete: ``persons`` holds every Marketo person (a bulk export of all): no Marketo lookups.
     :param dynamics_complete: every Dynamics row is in ``records`` (full reads): no Dynamics lookups.
+    :param deletions: recorded deletions (:data:`DELETION_COLUMNS`): a deleted id a link field names is not read.
     """
     persons = _normal_persons(persons)
     link_col = config.dynamics.marketo_id_column
@@ -257,6 +258,9 @@ def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame,
     named_persons.append(pd.Series(links.index[back], dtype="int64"))
     named = pd.concat(named_persons) if named_persons else pd.Series([], dtype="int64")
     wanted_ids = pd.Index(named).union(pd.Index([int(i) for i in push_ids], dtype="int64"))
+    dead = deletions if deletions is not None and not deletions.empty else None
+    if dead is not None:
+        wanted_ids = wanted_ids.difference(pd.Index(dead.loc[dead["deleted_in"].eq("marketo"), "person_id"], dtype="int64"))
     if not marketo_complete:
         out.marketo_ids = sorted(int(i) for i in wanted_ids.difference(pd.Index(persons["id"])))
     if not marketo_complete and emails:
@@ -276,6 +280,9 @@ def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame,
             have = records.get(entity)
             have_ids = _lower(have[ent.id_column]) if have is not None and not have.empty else pd.Series([], dtype=str)
             missing = mine[~mine.str.lower().isin(have_ids).to_numpy()]
+            if dead is not None:
+                gone = dead.loc[dead["deleted_in"].eq("dynamics") & dead["dynamics_type"].eq(entity), "dynamics_id"]
+                missing = missing[~missing.str.lower().isin(gone.str.lower()).to_numpy()]
             if len(missing):
                 out.dynamics_ids[entity] = sorted(set(missing))
     return out
@@ -528,8 +535,8 @@ def _hold_survivors(dec: _Decider, deletions: pd.DataFrame | None, persons: pd.D
     dec.hold(held["person_id"], held["dynamics_type"], held["dynamics_id"])
     if note and not held.empty:
         h_in_m = held["deleted_in"].eq("marketo").to_numpy()
-        read = np.where(h_in_m, _record_key(held["dynamics_type"], held["dynamics_id"]).isin(_record_keys(dec.config, records)),
-                        held["person_id"].isin(persons["id"]))
+        record_read = _record_key(held["dynamics_type"], held["dynamics_id"]).isin(_record_keys(dec.config, records))
+        read = np.where(h_in_m, record_read, held["person_id"].isin(persons["id"]))
         shown = held[read]
         s_in_m = h_in_m[read]
         entity = shown["dynamics_type"].astype(str)

@@ -264,6 +264,17 @@ def test_a_marked_person_with_the_email_of_a_held_record_gets_no_duplicate():
     assert any(r["person_id"] == 5 and "is held" in r["detail"] for r in lines(d, "skip"))
 
 
+def test_a_deleted_id_that_a_link_field_names_is_not_looked_up():
+    people = persons({"id": 3, "email": "a@x.com", "dynamicsRecordId": "L2", "dynamicsRecordType": "lead"},
+                     {"id": 4, "email": "b@x.com", "dynamicsRecordId": "L4", "dynamicsRecordType": "lead"})
+    rows = {"contact": records("contact", {"contactid": "C1", "mdsync_marketopersonid": "1"},
+                               {"contactid": "C5", "mdsync_marketopersonid": "5"})}
+    tombs = deletions(("marketo", 1, "contact", "C1"), ("dynamics", 3, "lead", "L2"))
+    assert identity.plan_lookups(CONFIG, links(), people, rows).marketo_ids == [1, 5]
+    lookups = identity.plan_lookups(CONFIG, links(), people, rows, deletions=tombs)
+    assert lookups.marketo_ids == [5] and lookups.dynamics_ids == {"lead": ["L4"]}
+
+
 def test_deletion_keys_name_the_records_read_and_those_their_link_fields_name():
     people = persons({"id": 3, "email": "a@x.com", "dynamicsRecordId": "AAAA", "dynamicsRecordType": "lead"})
     rows = {"contact": records("contact", {"contactid": "C1", "mdsync_marketopersonid": "7"},

@@ -20,11 +20,12 @@ def store(state_url):
 
 
 def test_schema_is_migrated_and_upgrade_is_idempotent(store):
-    assert store.revision() == "0002"
+    assert store.revision() == "0003"
     store.upgrade()
-    assert store.revision() == "0002"
+    assert store.revision() == "0003"
     tables = set(sa.inspect(store.engine).get_table_names())
-    assert {"links", "baselines", "watermarks", "activity", "sync_errors", "cycle_lease", "mdsync_alembic_version"} <= tables
+    assert {"links", "baselines", "watermarks", "activity", "sync_errors", "cycle_lease", "deletions",
+            "mdsync_alembic_version"} <= tables
 
 
 def test_links_round_trip_and_relink(store):
