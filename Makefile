@@ -28,9 +28,13 @@ $(STAMP): requirements.txt pyproject.toml
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
 	@touch $(STAMP)
 
+# Two workers, a test file each at a time (a file's module-scoped sandbox worlds stay on one worker): the suite
+# mostly waits on the sandboxes and on Airflow, so two files at once take about half the time on two cores.
+TEST_WORKERS ?= 2
+
 test: venv
 	@bash scripts/ensure-postgres.sh
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) -m sandbox.demo
