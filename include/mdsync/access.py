@@ -42,6 +42,18 @@ class EntityAccess:
 
 
 @dataclass
+class AccountAccess:
+    """Which account fields (``accounts.fields``, canonical names) the sync may use this run: their Dataverse
+    column readable by the sync user and their Marketo field updateable."""
+
+    fields: list[str]
+    #: Marketo field length per account write field (``account.<name>``, string fields)
+    marketo_max_length: dict[str, int] = field(default_factory=dict)
+    #: ``{"field", "side", "reason"}`` for every account field dropped this run
+    dropped: list[dict] = field(default_factory=list)
+
+
+@dataclass
 class FieldAccess:
     entities: dict[str, EntityAccess]
     #: Dataverse metadata handed to later tasks so they need no metadata calls:
@@ -50,6 +62,8 @@ class FieldAccess:
     #: Marketo describe records (rest_name, data_type, length, updateable, ...)
     marketo_describe: list[dict]
     refreshed_at: str = ""
+    #: the account fields the sync may use (None: no ``accounts`` section)
+    accounts: "AccountAccess | None" = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -61,6 +75,7 @@ class FieldAccess:
             dynamics_metadata=data["dynamics_metadata"],
             marketo_describe=data["marketo_describe"],
             refreshed_at=data.get("refreshed_at", ""),
+            accounts=AccountAccess(**data["accounts"]) if data.get("accounts") else None,
         )
 
 
@@ -118,7 +133,7 @@ def missing_names(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics: 
     if flag_field and flag_field.lower() not in have_m:
         problems.append(_unknown("marketo.deleted_flag_field", "Marketo's lead schema", flag_field, m_names,
                                  "create it as a Boolean field in Marketo Admin > Field Management"))
-    return problems
+    return problems + account_missing_names(config, m_names, dynamics)
 
 
 def _key_problem(config: SyncConfig, ename: str, table: str, keys: list[dict]) -> list[str]:
@@ -240,6 +255,9 @@ def refresh_access(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics:
     if problems:
         raise ConfigError(f"{source}: the sync filter or the deleted flags cannot be used as configured:\n  "
                           + "\n  ".join(problems))
+    problems = account_problems(config, dynamics)
+    if problems:
+        raise ConfigError(f"{source}: the accounts section cannot be used as configured:\n  " + "\n  ".join(problems))
     mk = marketo_describe.assign(key=marketo_describe["rest_name"].str.lower()).set_index("key")
     entities: dict[str, EntityAccess] = {}
     metadata: dict[str, dict] = {}
@@ -257,7 +275,9 @@ def refresh_access(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics:
             "logical_name": meta["logical_name"],
             "attributes": meta["attributes"].astype(object).where(meta["attributes"].notna(), None).to_dict("records"),
         }
-    return FieldAccess(entities, metadata, marketo_describe.astype(object).where(marketo_describe.notna(), None).to_dict("records"))
+    accounts = account_access(config, marketo_describe, dynamics, metadata)
+    return FieldAccess(entities, metadata, marketo_describe.astype(object).where(marketo_describe.notna(), None).to_dict("records"),
+                       accounts=accounts)
 
 
 def _decide(f: FieldMap, mk: pd.DataFrame, attrs: pd.DataFrame, perms: pd.DataFrame, access: EntityAccess) -> None:
@@ -287,3 +307,106 @@ def _decide(f: FieldMap, mk: pd.DataFrame, attrs: pd.DataFrame, perms: pd.DataFr
     max_length = attrs.loc[d_key, "max_length"]
     if pd.notna(max_length):
         access.dynamics_max_length[f.name] = int(max_length)
+
+
+# -- the accounts section (account fields on the persons of the account's contacts) -------------------------
+
+#: the key of the account table's metadata in the ``dynamics`` argument of :func:`refresh_access`
+ACCOUNT_META = "account"
+#: Dataverse attribute types of a lookup that can name a contact's parent account
+_LOOKUP_TYPES = {"Lookup", "Customer"}
+
+
+def _web_api_names(attrs: pd.DataFrame) -> list[str]:
+    """A table's column names as the Web API reads them (``_<lookup>_value`` for lookups), for suggestions."""
+    lookups = attrs.loc[attrs["type"].isin(_LOOKUP_TYPES | {"Owner"}), "logical_name"]
+    return list(attrs["logical_name"]) + [f"_{n}_value" for n in lookups]
+
+
+def account_missing_names(config: SyncConfig, m_names: list, dynamics: dict[str, dict]) -> list[str]:
+    """One line per entry of the ``accounts`` section naming a column or Marketo field that does not exist (the
+    account table's metadata is ``dynamics["account"]``)."""
+    accounts = config.accounts
+    if accounts is None or ACCOUNT_META not in dynamics:
+        return []
+    have_m = {str(n).lower() for n in m_names}
+    meta, contact = dynamics[ACCOUNT_META], dynamics["contact"]
+    d_names = list(meta["attributes"]["logical_name"])
+    have_d = {str(n).lower() for n in d_names}
+    table = f"Dataverse table '{meta['logical_name']}'"
+    problems = [_unknown(f"accounts.{entry}", table, column, d_names)
+                for entry, column in (("id_column", accounts.id_column), ("name_column", accounts.name_column))
+                if column.lower() not in have_d]
+    c_names = {str(n).lower() for n in contact["attributes"]["logical_name"]}
+    if _logical(accounts.contact_lookup).lower() not in c_names:
+        problems.append(_unknown("accounts.contact_lookup", f"Dataverse table '{contact['logical_name']}'",
+                                 accounts.contact_lookup, _web_api_names(contact["attributes"]),
+                                 "name the contact's parent lookup as the Web API reads it (_<lookup>_value)"))
+    for i, f in enumerate(accounts.fields):
+        if f.marketo.lower() not in have_m:
+            problems.append(_unknown(f"accounts.fields[{i}].marketo ({f.name})", "Marketo's lead schema", f.marketo,
+                                     m_names))
+        if f.dynamics.lower() not in have_d:
+            problems.append(_unknown(f"accounts.fields[{i}].dynamics ({f.name})", table, f.dynamics, d_names))
+    return problems
+
+
+def account_problems(config: SyncConfig, dynamics: dict[str, dict]) -> list[str]:
+    """One line per column of the ``accounts`` section the sync could not use (they all exist): a contact lookup
+    that is not a lookup, or columns the sync user cannot read that the stage needs whole (the lookup, the
+    account's id and name)."""
+    accounts = config.accounts
+    if accounts is None or ACCOUNT_META not in dynamics:
+        return []
+    problems = []
+    for entry, meta, column in (("contact_lookup", dynamics["contact"], accounts.contact_lookup),
+                                ("id_column", dynamics[ACCOUNT_META], accounts.id_column),
+                                ("name_column", dynamics[ACCOUNT_META], accounts.name_column)):
+        key = _logical(column).lower()
+        attrs = meta["attributes"].assign(key=meta["attributes"]["logical_name"].str.lower()).set_index("key")
+        perms = meta["permissions"].assign(key=meta["permissions"]["logical_name"].str.lower()).set_index("key")
+        table = f"Dataverse table '{meta['logical_name']}'"
+        kind = str(attrs.loc[key, "type"])
+        if entry == "contact_lookup" and kind not in _LOOKUP_TYPES:
+            problems.append(f"accounts.contact_lookup: column '{column}' of {table} is a {kind} column; it must be "
+                            "the lookup of the contact's parent account (Customer or Lookup, e.g. "
+                            "_parentcustomerid_value)")
+        elif key not in perms.index or not bool(perms.loc[key, "can_read"]):
+            problems.append(f"accounts.{entry}: the sync user cannot read column '{column}' of {table} (field-level "
+                            "security), so account fields cannot reach persons")
+    return problems
+
+
+def account_access(config: SyncConfig, marketo_describe: pd.DataFrame, dynamics: dict[str, dict],
+                   metadata: dict[str, dict]) -> AccountAccess | None:
+    """Decide which account fields the sync may use this run (a field whose Dataverse column the sync user cannot
+    read, or whose Marketo field is not updateable, is dropped and logged, as mapped fields are), and add the
+    account table's metadata to ``metadata`` (by entity set) so later tasks type account rows without a call."""
+    from mdsync.accounts import write_field
+
+    accounts = config.accounts
+    if accounts is None or ACCOUNT_META not in dynamics:
+        return None
+    meta = dynamics[ACCOUNT_META]
+    metadata[accounts.entity_set] = {
+        "logical_name": meta["logical_name"],
+        "attributes": meta["attributes"].astype(object).where(meta["attributes"].notna(), None).to_dict("records")}
+    mk = marketo_describe.assign(key=marketo_describe["rest_name"].str.lower()).set_index("key")
+    perms = meta["permissions"].assign(key=meta["permissions"]["logical_name"].str.lower()).set_index("key")
+    out = AccountAccess(fields=[])
+    for f in accounts.fields:
+        m_key, d_key = f.marketo.lower(), f.dynamics.lower()
+        if d_key not in perms.index or not bool(perms.loc[d_key, "can_read"]):
+            out.dropped.append({"field": f.name, "side": "dynamics", "reason": f"the sync user cannot read Dataverse "
+                                f"column '{f.dynamics}' of {meta['logical_name']} (field-level security)"})
+        elif not bool(mk.loc[m_key, "updateable"]):
+            out.dropped.append({"field": f.name, "side": "marketo",
+                                "reason": f"Marketo field '{f.marketo}' is not updateable through the API"})
+        else:
+            out.fields.append(f.name)
+            length = mk.loc[m_key, "length"]
+            if pd.notna(length) and str(mk.loc[m_key, "data_type"]) in ("string", "email", "phone", "url", "text"):
+                out.marketo_max_length[write_field(f.name)] = int(length)
+    for d in out.dropped:
+        log.warning("field access: account field %s dropped for this run: %s", d["field"], d["reason"])
+    return out

@@ -36,6 +36,8 @@ from mdsync.plan import BASELINE_COLUMNS, REQUIRES_MARKETO, REQUIRES_NOTHING, UP
 CONTACT = "contact"
 #: baseline field of the account a person last took values from
 ACCOUNT_ID = "account.id"
+#: the watermark (delta link) of the accounts read, and the key of their metadata
+ACCOUNT = "account"
 PREFIX = "account."
 PAIR_COLUMNS = ["person_id", "dynamics_id", "contact_id", "account_id"]
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mdsync import access as access_stage
+from mdsync import accounts as accounts_stage
 from mdsync import identity as identity_stage
 from mdsync import guard as guard_stage
 from mdsync import undo as undo_stage
@@ -32,12 +33,14 @@ from mdsync.activity import (activity_frame, blocked_activity, collision_activit
 from mdsync.canonical import canonical_frame
 from mdsync.commit import commit_cycle, error_rows, resolved_keys, succeeded_baselines
 from mdsync.config import Side, SyncConfig, load_config
-from mdsync.extract import dynamics_columns, extract_dynamics, extract_marketo, marketo_fields
+from mdsync.extract import (account_columns, dynamics_columns, extract_accounts, extract_dynamics, extract_marketo,
+                            marketo_fields, query_any)
 from mdsync.load import (DeleteOutcome, create_in_dynamics, create_in_marketo, delete_in_dynamics, delete_in_marketo,
                          load_dynamics, load_marketo, record_rejections_in_marketo)
 from mdsync.plan import REQUIRES_NOTHING, plan_entity, suppress_known_rejections
-from mdsync.results import (Committed, DynamicsEntityExtracted, DynamicsExtracted, GuardDecision, Identified,
-                            Loaded, MarketoExtracted, Planned, RunManifest, SchemaResult, StageResult)
+from mdsync.results import (AccountsExtracted, AccountsPlanned, Committed, DynamicsEntityExtracted, DynamicsExtracted,
+                            GuardDecision, Identified, Loaded, MarketoExtracted, Planned, RunManifest, SchemaResult,
+                            StageResult)
 from mdsync.settings import Settings
 from mdsync.staging import Staging
 from mdsync.state import StateStore, open_store
@@ -205,6 +208,8 @@ class Cycle:
                          "attributes": self.dynamics.attributes(logical, refresh=True),
                          "permissions": self.dynamics.field_permissions(logical),
                          "keys": self.dynamics.alternate_keys(logical)}
+        if self.config.accounts is not None:
+            dyn[access_stage.ACCOUNT_META] = self._account_metadata()
         acc = access_stage.refresh_access(self.config, describe, dyn)
         acc.refreshed_at = datetime.now(timezone.utc).isoformat()
         data = acc.to_json()
@@ -270,6 +275,8 @@ class Cycle:
                                                      pd.DataFrame({"id": result.deleted}, dtype="str")),
                     delta_link=result.delta_link, high_water=result.high_water, extracted=len(result.rows),
                     full_read=result.full_read)
+            if self.config.accounts is not None:
+                out.accounts = self._extract_accounts(acc, full, out)
             box["result"] = out
         return box["result"]
 
@@ -305,7 +312,9 @@ class Cycle:
     # -- 3. identity ----------------------------------------------------------------------------------
 
     def identify(self, schema: SchemaResult, marketo: MarketoExtracted, dynamics: DynamicsExtracted) -> Identified:
-        return self._timed("identify", self._identify, schema, marketo, dynamics)
+        identified = self._timed("identify", self._identify, schema, marketo, dynamics)
+        identified.accounts = dynamics.accounts  # for the contact plan (the plan tasks get identity's result)
+        return identified
 
     def _identify(self, schema: SchemaResult, marketo: MarketoExtracted, dynamics: DynamicsExtracted) -> Identified:
         s = self.staging
@@ -421,7 +430,7 @@ class Cycle:
     # -- 4. diff, resolve, plan -----------------------------------------------------------------------
 
     def plan(self, entity_name: str, schema: SchemaResult, identity: Identified) -> Planned:
-        return self._timed(f"plan_{entity_name}", self._plan, entity_name, schema, identity)
+        return self._timed(f"plan_{entity_name}", self._plan_with_accounts, entity_name, schema, identity)
 
     def _plan(self, entity_name: str, schema: SchemaResult, identity: Identified) -> Planned:
         entity = self.config.entity(entity_name)
@@ -480,6 +489,106 @@ class Cycle:
             activity=s.write_frame(f"plan-{entity_name}-activity", notes),
             compared=summary["compared"], to_dynamics=len(d_writes), to_marketo=len(m_writes),
             collisions=summary["collisions"], held=int(sum(len(h) for h in held)), undo=undo)
+
+    # -- 4a. account fields on persons (mdsync.accounts) -----------------------------------------------
+
+    def _account_metadata(self) -> dict:
+        """The account table's metadata for the schema refresh (columns, types, the sync user's permissions)."""
+        from mdsync.errors import ConfigError, ServiceError
+
+        entity_set = self.config.accounts.entity_set
+        try:
+            logical = self.dynamics.logical_name(entity_set)
+        except ServiceError as exc:
+            raise ConfigError(f"sync config: accounts.entity_set {entity_set!r}: {exc.service_message}; name the "
+                              "account table's entity set (accounts)") from None
+        return {"entity_set": entity_set, "logical_name": logical,
+                "attributes": self.dynamics.attributes(logical, refresh=True),
+                "permissions": self.dynamics.field_permissions(logical)}
+
+    def _extract_accounts(self, acc: access_stage.FieldAccess, full: bool, out: DynamicsExtracted) -> AccountsExtracted:
+        """Accounts changed since their delta link and the parent lookup of their contacts (staged)."""
+        wm = self.store.watermark("dynamics", accounts_stage.ACCOUNT)
+        contacts = out.entities.get(accounts_stage.CONTACT)
+        result = extract_accounts(self.dynamics, self.config, acc, delta_link=wm.token if wm else None, full=full,
+                                  contacts_complete=bool(contacts and contacts.full_read))
+        return AccountsExtracted(
+            accounts=self.staging.write_frame("dynamics-accounts", result.accounts),
+            contacts=self.staging.write_frame("dynamics-account-contacts", result.contacts),
+            delta_link=result.delta_link, high_water=result.high_water, extracted=len(result.accounts),
+            deleted=len(result.deleted), contacts_read=len(result.contacts), full_read=result.full_read)
+
+    def _plan_with_accounts(self, entity_name: str, schema: SchemaResult, identity: Identified) -> Planned:
+        """The entity type's plan; the contact plan also takes its persons' company fields from their accounts."""
+        planned = self._plan(entity_name, schema, identity)
+        if entity_name == accounts_stage.CONTACT and identity.accounts is not None and not self.run.undo_run:
+            planned.accounts = self._plan_accounts(planned, schema, identity)
+        return planned
+
+    def _plan_accounts(self, planned: Planned, schema: SchemaResult, identity: Identified) -> AccountsPlanned:
+        """Account values for the persons of contacts whose account changed, that moved, or that were newly linked
+        (:func:`mdsync.accounts.plan_accounts`); the writes, baselines and notes join the contact plan's own, so
+        they are guarded, loaded (one Marketo record per person) and committed with them."""
+        s, settings = self.staging, self.config.accounts
+        acc = self._access(schema.access)
+        fields = [f for f in settings.fields if acc.accounts is not None and f.name in acc.accounts.fields]
+        if not fields:
+            return AccountsPlanned()
+        contact = self.config.entity(accounts_stage.CONTACT)
+        links = s.read_frame(identity.links)
+        accounts = s.read_frame(identity.accounts.accounts)
+        frames = [s.read_frame(identity.records[contact.name]), s.read_frame(identity.accounts.contacts)]
+        forced = self._account_retries(links) if self.run.retry_failed else []
+        if forced:  # a retry of rejected account values: their contacts' parents, whatever changed
+            self._use_metadata(acc)
+            ids = links.loc[forced, "dynamics_id"].astype(str).tolist()
+            frames.append(query_any(self.dynamics, contact.entity_set, [contact.id_column, settings.contact_lookup],
+                                    contact.id_column, ids))
+        pairs = accounts_stage.linked_pairs(
+            accounts_stage.contact_parents(frames, contact.id_column, settings.contact_lookup), links)
+        baseline = self.store.load_baselines(person_ids=pairs["person_id"].tolist(),
+                                             fields=accounts_stage.baseline_fields(fields))
+        have = accounts[settings.id_column].astype(str).tolist() if not accounts.empty else []
+        wanted = accounts_stage.accounts_to_read(pairs, baseline, have, force=forced)
+        if wanted:  # parents of moved and newly linked contacts
+            self._use_metadata(acc)
+            read = query_any(self.dynamics, settings.entity_set, account_columns(self.config, acc), settings.id_column,
+                             wanted)
+            accounts = pd.concat([accounts, read], ignore_index=True) if not accounts.empty else read
+        persons = s.read_frame(identity.persons)
+        plan = accounts_stage.plan_accounts(settings, fields, accounts, pairs, baseline, persons)
+        writes, held = plan.writes, plan.writes.iloc[0:0]
+        if not self.run.retry_failed:
+            errors = self.store.open_errors(target="marketo", person_ids=pairs["person_id"].tolist())
+            writes, held = suppress_known_rejections(writes, errors, Side.MARKETO)
+        notes = pd.concat([plan.activity, held_activity(contact.name, held, "marketo")], ignore_index=True)
+        notes["email"] = notes["person_id"].map(_emails(persons))
+        self._log_activity(notes)
+        for attr, part in (("marketo_writes", writes), ("baseline_updates", plan.baseline_updates), ("activity", notes)):
+            if not part.empty:  # into the contact plan's staged frames (a retried task plans both anew)
+                path = getattr(planned, attr)
+                setattr(planned, attr, s.write_frame(Path(path).stem, pd.concat([s.read_frame(path), part],
+                                                                                ignore_index=True)))
+        planned.to_marketo += len(writes)
+        planned.held += len(held)
+        log.info("plan accounts: %d accounts read (%d changed), %d persons compared: %d account fields to Marketo, "
+                 "%d held back", plan.accounts, identity.accounts.extracted, plan.persons, len(writes), len(held))
+        return AccountsPlanned(accounts=plan.accounts, persons=plan.persons, to_marketo=len(writes), held=len(held))
+
+    def _account_retries(self, links: pd.DataFrame) -> list[int]:
+        """Persons linked to contacts with rejected account values still open (a run that retries failed records)."""
+        errors = self.store.open_errors(target="marketo")
+        mine = errors["field"].astype(str).str.startswith(accounts_stage.PREFIX).to_numpy() if not errors.empty else []
+        pids = pd.Index(errors.loc[mine, "person_id"].astype("int64").unique()) if len(mine) else pd.Index([])
+        contacts = links.index[links["dynamics_type"].eq(accounts_stage.CONTACT).to_numpy()]
+        return sorted(pids.intersection(contacts).tolist())
+
+    def _marketo_entities(self, acc: access_stage.FieldAccess) -> dict:
+        """The entity configs the Marketo load converts writes with: the contact's includes the account fields."""
+        if self.config.accounts is None or acc.accounts is None:
+            return self.config.entities
+        fields = [f for f in self.config.accounts.fields if f.name in acc.accounts.fields]
+        return accounts_stage.with_account_fields(self.config.entities, fields)
 
     # -- 4b. mass-change guard -----------------------------------------------------------------------
 
@@ -557,8 +666,9 @@ class Cycle:
         max_length = {}
         for e in acc.entities.values():
             max_length.update(e.marketo_max_length)
+        max_length.update(acc.accounts.marketo_max_length if acc.accounts else {})
         deletes = self._deletes(identity, "marketo")
-        results, method = load_marketo(self.config, self.config.entities, writes, link_writes, max_length, self.marketo,
+        results, method = load_marketo(self.config, self._marketo_entities(acc), writes, link_writes, max_length, self.marketo,
                                        dry_run=self.run.dry_run, bulk_threshold=self.settings.marketo_bulk_threshold,
                                        flag_writes=deletes[deletes["action"].eq("flag").to_numpy()])
         records = {e: s.read_frame(p) for e, p in identity.records.items()}
@@ -640,6 +750,8 @@ class Cycle:
         watermarks = [("marketo", "persons", marketo.high_water, None)]
         for name, d in dynamics.entities.items():
             watermarks.append(("dynamics", name, d.high_water, d.delta_link))
+        if dynamics.accounts is not None:
+            watermarks.append(("dynamics", accounts_stage.ACCOUNT, dynamics.accounts.high_water, dynamics.accounts.delta_link))
         if marketo.full and dynamics.full:
             watermarks.append((*FULL_RECONCILE, marketo.high_water, None))
         counts = commit_cycle(self.store, self.run.run_id, baselines=baseline_parts(),
@@ -726,6 +838,7 @@ class Cycle:
             "undo": _undo_summary(m.plans),
             "lifecycle": {**m.identity.lifecycle, "deleted": {"dynamics": dyn.deleted, "marketo": mkt.deleted},
                           "delete_errors": {"dynamics": dyn.delete_errors, "marketo": mkt.delete_errors}},
+            "accounts": _accounts_summary(m),
         }
         lines = [f"sync summary (API calls: Marketo {used['marketo']}, Dynamics {used['dynamics']})",
                  f"  Marketo persons read: {m.marketo.extracted} ({m.marketo.mode}); created: {created} "
@@ -741,6 +854,11 @@ class Cycle:
             lines.append(f"  deletes: flagged {life.get('flag', 0)}, deleted/deactivated in Dynamics {dyn.deleted} "
                          f"(refused {dyn.delete_errors}), deleted in Marketo {mkt.deleted} (refused {mkt.delete_errors}); "
                          f"sync filter: {life.get('left_filter', 0)} left, {life.get('entered_filter', 0)} entered again")
+        a = summary["accounts"]
+        if a and (a["changed"] or a["persons"]):
+            lines.append(f"  accounts: {a['changed']} changed ({a['contacts_read']} of their contacts read); "
+                         f"{a['accounts']} accounts to {a['persons']} persons compared: {a['to_marketo']} account "
+                         f"fields to Marketo, {a['held']} held back")
         if m.guard and m.guard.tripped:
             lines += ["  " + line for line in guard_stage.describe(m.guard)]
         lines += _undo_lines(summary["undo"])
@@ -750,6 +868,16 @@ class Cycle:
         lines.append("  tasks: " + ", ".join(f"{n} {r.elapsed_s:.1f} s" for n, r in m.stage_results()))
         log.info("\n".join(lines))
         return summary
+
+
+def _accounts_summary(m: RunManifest) -> dict:
+    """What a run took from accounts: changed accounts and contacts read, persons compared, fields written."""
+    read = m.dynamics.accounts if m.dynamics else None
+    planned = next((p.accounts for p in m.plans if p.accounts is not None), None)
+    if read is None and planned is None:
+        return {}
+    return {"changed": read.extracted if read else 0, "contacts_read": read.contacts_read if read else 0,
+            **(planned or AccountsPlanned()).model_dump()}
 
 
 def _undo_summary(plans: list[Planned]) -> dict:

@@ -65,9 +65,28 @@ class DynamicsEntityExtracted(BaseModel):
     full_read: bool = False
 
 
+class AccountsExtracted(BaseModel):
+    """Accounts changed since their delta link, and the contacts of those accounts (:mod:`mdsync.accounts`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: changed accounts (raw Web API columns)
+    accounts: str
+    #: contact id and parent lookup of the contacts of changed accounts
+    contacts: str
+    delta_link: str | None = None
+    high_water: datetime | None = None
+    extracted: int = 0
+    deleted: int = 0
+    contacts_read: int = 0
+    full_read: bool = False
+
+
 class DynamicsExtracted(StageResult):
     entities: dict[str, DynamicsEntityExtracted] = Field(default_factory=dict)
     full: bool = False
+    #: the ``accounts`` section's read (None: no such section, or an undo run)
+    accounts: AccountsExtracted | None = None
 
 
 class Identified(StageResult):
@@ -101,6 +120,9 @@ class Identified(StageResult):
     paused: str | None = None
     #: counts per lifecycle decision: ``flag``, ``delete``, ``deactivate`` (to do), ``left_filter``, ``entered_filter``
     lifecycle: dict[str, int] = Field(default_factory=dict)
+    #: the accounts read by extract_dynamics, handed on to the contact plan (which takes the persons' company fields
+    #: from them)
+    accounts: AccountsExtracted | None = None
 
 
 class RecordField(BaseModel):
@@ -143,6 +165,19 @@ class UndoSummary(BaseModel):
     changed_later: list[UndoItem] = Field(default_factory=list)
 
 
+class AccountsPlanned(BaseModel):
+    """Counts of the account fields a contact plan writes to persons (:mod:`mdsync.accounts`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: accounts read (changed, or parents of moved and newly linked contacts) and persons compared with them
+    accounts: int = 0
+    persons: int = 0
+    #: account fields to write to persons, and those held back (Marketo rejected the same value before)
+    to_marketo: int = 0
+    held: int = 0
+
+
 class Planned(StageResult):
     entity: str
     dynamics_writes: str
@@ -156,6 +191,8 @@ class Planned(StageResult):
     held: int = 0
     #: an undo run's plan: what it restores, skips and lists
     undo: UndoSummary | None = None
+    #: the contact plan: what it takes from accounts (its writes and baselines are among the plan's own)
+    accounts: AccountsPlanned | None = None
 
 
 class ChangeSample(RecordField):

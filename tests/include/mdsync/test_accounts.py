@@ -208,3 +208,101 @@ def test_a_rejected_write_keeps_its_baseline_and_the_others_advance(settings, fi
     results = plan.writes[["person_id", "field"]].assign(ok=np.array([True, False]))
     kept = succeeded_baselines(plan.baseline_updates, pd.DataFrame(), results)
     assert kept[["person_id", "field", "value"]].values.tolist() == [[1, "account.company", "Acme Corp"]]
+
+
+# -- field access of the accounts section (the schema refresh) ----------------------------------------------
+
+def access_world(config, *, without=(), unreadable=(), read_only=(), lookup_type="Customer"):
+    """Both sides' metadata as the schema refresh reads it, with the account table and the contact's lookup."""
+    from mdsync.access import ACCOUNT_META
+    from tests.include.mdsync.test_access import dynamics_metadata, marketo_describe
+
+    describe = marketo_describe(read_only=read_only)
+    extra = [f.marketo for f in config.accounts.fields if f.marketo not in set(describe["rest_name"])]
+    describe = pd.concat([describe, pd.DataFrame({"rest_name": extra, "display_name": extra, "data_type": "string",
+                                                  "length": 255, "updateable": [n not in read_only for n in extra]})],
+                         ignore_index=True)
+    dyn = dynamics_metadata()
+    contact = dyn["contact"]
+    contact["attributes"] = pd.concat([contact["attributes"], pd.DataFrame(
+        {"logical_name": ["parentcustomerid"], "type": [lookup_type], "max_length": [None]})], ignore_index=True)
+    contact["permissions"] = pd.concat([contact["permissions"], pd.DataFrame(
+        {"logical_name": ["parentcustomerid"], "can_read": ["parentcustomerid" not in unreadable],
+         "can_update": [True], "can_create": [True]})], ignore_index=True)
+    columns = [c for c in dict.fromkeys(["accountid", "name", *(f.dynamics for f in config.accounts.fields)])
+               if c not in without]
+    dyn[ACCOUNT_META] = {"entity_set": "accounts", "logical_name": "account",
+                         "attributes": pd.DataFrame({"logical_name": columns, "type": "String", "max_length": None}),
+                         "permissions": pd.DataFrame({"logical_name": columns,
+                                                      "can_read": [c not in unreadable for c in columns],
+                                                      "can_update": True, "can_create": True})}
+    return describe, dyn
+
+
+def test_the_schema_refresh_decides_which_account_fields_the_run_may_use(config):
+    from mdsync.access import FieldAccess, refresh_access
+
+    acc = refresh_access(config, *access_world(config))
+    assert acc.accounts.fields == [f.name for f in config.accounts.fields] and acc.accounts.dropped == []
+    assert acc.accounts.marketo_max_length["account.company"] == 255
+    assert acc.dynamics_metadata["accounts"]["logical_name"] == "account"  # later tasks type account rows from it
+    assert FieldAccess.from_json(acc.to_json()).accounts == acc.accounts
+
+
+def test_account_fields_the_sync_user_cannot_read_or_marketo_cannot_take_are_dropped_and_logged(config, caplog):
+    from mdsync.access import refresh_access
+
+    with caplog.at_level("WARNING", logger="mdsync.access"):
+        acc = refresh_access(config, *access_world(config, unreadable=["revenue"], read_only=["sicCode"]))
+    assert "annual_revenue" not in acc.accounts.fields and "sic_code" not in acc.accounts.fields
+    assert [d["reason"] for d in acc.accounts.dropped] == [
+        "the sync user cannot read Dataverse column 'revenue' of account (field-level security)",
+        "Marketo field 'sicCode' is not updateable through the API"]
+    assert "account field annual_revenue dropped for this run" in caplog.text
+
+
+def test_misspelt_account_columns_and_fields_are_config_errors_naming_the_closest_name(config, raw_config):
+    from mdsync.access import refresh_access
+    from mdsync.config import parse_config
+    from mdsync.errors import ConfigError
+
+    fields = raw_config["accounts"]["fields"]
+    next(f for f in fields if f["name"] == "billing_city")["dynamics"] = "address1_cty"
+    next(f for f in fields if f["name"] == "employees")["marketo"] = "numberOfEmployes"
+    raw_config["accounts"]["contact_lookup"] = "_parentcustomerid_valeu"
+    with pytest.raises(ConfigError) as refused:  # against the shipped config's world
+        refresh_access(parse_config(raw_config), *access_world(config), source="sync.yaml")
+    message = str(refused.value)
+    assert "sync.yaml names fields that do not exist" in message
+    assert ("accounts.fields[7].dynamics (billing_city): Dataverse table 'account' has no column 'address1_cty' "
+            "(did you mean 'address1_city'?)") in message
+    assert ("accounts.fields[2].marketo (employees): Marketo's lead schema has no field 'numberOfEmployes' (did you "
+            "mean 'numberOfEmployees'?)") in message
+    assert ("accounts.contact_lookup: Dataverse table 'contact' has no column '_parentcustomerid_valeu' (did you mean "
+            "'_parentcustomerid_value'?)") in message
+
+
+@pytest.mark.parametrize("kind, world, says", [
+    ("not a lookup", {"lookup_type": "String"}, "accounts.contact_lookup: column '_parentcustomerid_value' of "
+                                                "Dataverse table 'contact' is a String column; it must be the lookup"),
+    ("unreadable", {"unreadable": ["parentcustomerid"]}, "accounts.contact_lookup: the sync user cannot read column "
+                                                         "'_parentcustomerid_value' of Dataverse table 'contact'"),
+    ("unreadable name", {"unreadable": ["name"]}, "accounts.name_column: the sync user cannot read column 'name'"),
+])
+def test_a_contact_lookup_or_account_column_the_stage_cannot_use_is_a_config_error(config, kind, world, says):
+    from mdsync.access import refresh_access
+    from mdsync.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        refresh_access(config, *access_world(config, **world), source="sync.yaml")
+    assert "sync.yaml: the accounts section cannot be used as configured" in str(refused.value)
+    assert says in str(refused.value), kind
+
+
+@pytest.fixture()
+def raw_config():
+    import yaml
+
+    from mdsync.config import DEFAULT_CONFIG_PATH
+
+    return yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
