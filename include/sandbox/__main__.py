@@ -2,12 +2,14 @@
 
 Writes ``.sandbox/connections.env`` with the two ``export AIRFLOW_CONN_…`` lines that point a sync at them.
 Ports come from ``MARKETO_PORT`` (default 8710) and ``DATAVERSE_PORT`` (default 8711); data persists in
-``.sandbox/`` between runs.
+``.sandbox/`` between runs. ``--marketo-tls`` (or ``MARKETO_TLS=1``) serves Marketo over HTTPS too, with a
+certificate of the sandbox CA (the connection line then carries it as ``extra.verify``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -35,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=".sandbox", help="data folder (default .sandbox)")
     parser.add_argument("--marketo-port", type=int, default=int(os.environ.get("MARKETO_PORT", "8710")))
     parser.add_argument("--dataverse-port", type=int, default=int(os.environ.get("DATAVERSE_PORT", "8711")))
+    parser.add_argument("--marketo-tls", action="store_true", default=os.environ.get("MARKETO_TLS", "") in ("1", "true"),
+                        help="serve Marketo over HTTPS (certificate of the sandbox CA)")
     args = parser.parse_args(argv)
     root = Path(args.dir).resolve()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with MarketoSandbox(root / "marketo", port=args.marketo_port) as marketo, \
+    with MarketoSandbox(root / "marketo", port=args.marketo_port, tls=args.marketo_tls) as marketo, \
             DataverseSandbox(root / "dataverse", port=args.dataverse_port) as dataverse:
         env = root / "connections.env"
         write_connections(env, marketo, dataverse)
@@ -47,11 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Dataverse sandbox: {dataverse.org_url}  (authority {dataverse.authority}, CA {dataverse.ca_bundle})")
         print(f"Connections:       source {env}")
         print("Ctrl-C stops both.", flush=True)
-        try:
-            while not stop.wait(1):
-                pass
-        except KeyboardInterrupt:
-            pass
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
     print("sandbox stopped")
     return 0
 
