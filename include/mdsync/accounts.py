@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from mdsync.activity import activity_frame
-from mdsync.canonical import CANONICAL_DTYPE, canonical_frame
+from mdsync.canonical import CANONICAL_DTYPE, canonical_frame, canonical_series
 from mdsync.config import AccountSettings, EntityConfig, FieldMap, Side
 from mdsync.plan import BASELINE_COLUMNS, REQUIRES_MARKETO, REQUIRES_NOTHING, UPDATE, WRITE_COLUMNS
 
@@ -160,7 +160,7 @@ def plan_accounts(settings: AccountSettings, fields: list[FieldMap], accounts: p
     keys = on["account_id"].to_numpy(dtype=object)
     pids = on["person_id"].to_numpy(dtype="int64")
 
-    canon, problems = canonical_frame(acc, fields, Side.DYNAMICS)
+    canon, problems = _account_values(acc, fields)
     values = canon.reindex(keys).reset_index(drop=True)
     base = baseline.reindex(pids).reset_index(drop=True)
     last = last_all[on_mask].reset_index(drop=True)
@@ -216,6 +216,17 @@ def plan_accounts(settings: AccountSettings, fields: list[FieldMap], accounts: p
     return AccountPlan(writes=_typed(writes, WRITE_COLUMNS).assign(entity_type=CONTACT),
                        baseline_updates=_typed(updates, BASELINE_COLUMNS), activity=notes,
                        accounts=int(len(pd.unique(keys))), persons=len(on))
+
+
+def _account_values(accounts: pd.DataFrame, fields: list[FieldMap]) -> tuple[pd.DataFrame, list]:
+    """Canonical account values per field (one column may feed several fields, so not :func:`canonical_frame`,
+    which reads each column once)."""
+    columns, problems = {}, []
+    for f in fields:
+        if f.dynamics in accounts.columns:
+            columns[f.name], problem = canonical_series(accounts[f.dynamics], f, Side.DYNAMICS)
+            problems += [problem] if problem is not None else []
+    return pd.DataFrame(columns, index=accounts.index), problems
 
 
 def _marketo_values(persons: pd.DataFrame | None, fields: list[FieldMap], pids: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:

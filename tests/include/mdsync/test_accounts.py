@@ -306,3 +306,11 @@ def raw_config():
     from mdsync.config import DEFAULT_CONFIG_PATH
 
     return yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+
+
+def test_one_account_column_can_feed_two_marketo_fields(settings, fields):
+    role = fields[0].model_copy(update={"name": "role", "marketo": "leadRole"})  # the account's name again
+    plan = plan_accounts(settings, [*fields, role], accounts(ACME_ROW), pairs_of({1: ACME}, links({1: 1})),
+                         baseline({}, [*fields, role]))
+    assert {f: v for (_, f), v in written(plan).items() if f in ("account.company", "account.role")} == {
+        "account.company": "Acme", "account.role": "Acme"}

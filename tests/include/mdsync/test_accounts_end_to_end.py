@@ -222,3 +222,35 @@ def test_rows_are_found_by_any_of_many_values_in_url_sized_filters_with_escaped_
                       per_query=2)
     assert sorted(found["lastname"]) == names
     assert world.dataverse_calls().get("GET /api/data/v9.2/contacts") == 3  # ceil(6 / 2)
+
+
+def test_a_value_marketo_cannot_take_is_a_record_error_retried_on_request_or_when_it_changes(world, tmp_path,
+                                                                                             monkeypatch):
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw["accounts"]["fields"].append({"name": "role", "marketo": "leadRole", "dynamics": "name"})  # 50 characters
+    path = tmp_path / "sync.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MDSYNC_CONFIG", str(path))
+    long_name = "Cyberdyne Systems Corporation of North America Inc."  # 51 characters
+    cyberdyne = account(world, name=long_name)
+    contacts_and_persons(world, cyberdyne, "miles@accounts.example")
+    report = world.run("cyberdyne-link")
+    assert report["errors"]["marketo"] == 1
+    person = world.person("miles@accounts.example", fields=["id", "company", "leadRole"])
+    assert (person["company"], person["leadRole"]) == (long_name, None)  # the person's other fields went through
+    pid = int(person["id"])
+    error = world.open_errors(pid)[["target", "field", "code"]].values.tolist()
+    assert error == [["marketo", "account.role", "too_long"]]
+    line = account_lines(world, "cyberdyne-link").set_index("field").loc["account.role"]
+    assert line["action"] == "error" and line["detail"] == (
+        "Marketo rejected the value: too_long value is 51 characters but the Marketo field allows 50; not sent "
+        "(values are never truncated); not re-sent until the value changes")
+    quiet(world, "cyberdyne-link-echo")  # not re-sent while the account keeps it
+
+    assert world.run("cyberdyne-retry", retry_failed=True)["errors"]["marketo"] == 1  # asked for: tried again
+    set_account(world, cyberdyne, name="Cyberdyne")
+    world.run("cyberdyne-renamed")
+    person = world.person("miles@accounts.example", fields=["id", "company", "leadRole"])
+    assert (person["company"], person["leadRole"]) == ("Cyberdyne", "Cyberdyne")
+    assert world.open_errors(pid).empty
+    quiet(world, "cyberdyne-echo")
