@@ -169,8 +169,8 @@ def plan_accounts(settings: AccountSettings, fields: list[FieldMap], accounts: p
     current, known = _marketo_values(persons, fields, pids)
 
     names = acc[settings.name_column].reindex(keys) if settings.name_column in acc else pd.Series(None, index=keys)
-    shown = pd.Series(names.to_numpy(dtype=object)).map(lambda v: None if v is None or pd.isna(v) or v == "" else repr(str(v)))
-    shown = shown.where(shown.notna(), "with id " + on["account_id"].astype(str))
+    names = pd.Series(names.to_numpy(dtype=object), dtype=CANONICAL_DTYPE).replace("", None)
+    shown = ("'" + names + "'").where(names.notna(), "with id " + on["account_id"].astype(str))
     reason = ("company fields from account " + shown
               + np.where(first, " (the contact's account, first sync)", np.where(moved, " (the contact's new account)", "")))
 
@@ -199,8 +199,9 @@ def plan_accounts(settings: AccountSettings, fields: list[FieldMap], accounts: p
             updates.append(rows(held, field=name, value=vals, requires=REQUIRES_NOTHING))
         if bad.any():
             raw = acc[f.dynamics].reindex(keys).to_numpy(dtype=object)
-            skipped.append(rows(bad, field=name, new_value=pd.Series(raw[bad]).astype(str).to_numpy(),
-                                detail=("Dynamics value " + pd.Series(raw[bad]).map(repr) + " of account "
+            shown_raw = pd.Series(raw[bad]).astype(str)
+            skipped.append(rows(bad, field=name, new_value=shown_raw.to_numpy(),
+                                detail=("Dynamics value " + shown_raw + " of account "
                                         + shown[bad].reset_index(drop=True) + " left alone: "
                                         + _reason(problems, f.name)).to_numpy()))
     took = first | moved

@@ -314,3 +314,10 @@ def test_one_account_column_can_feed_two_marketo_fields(settings, fields):
                          baseline({}, [*fields, role]))
     assert {f: v for (_, f), v in written(plan).items() if f in ("account.company", "account.role")} == {
         "account.company": "Acme", "account.role": "Acme"}
+
+
+def test_an_account_without_a_name_is_named_by_its_id(settings, fields):
+    plan = plan_accounts(settings, fields, accounts({**ACME_ROW, "name": ""}), pairs_of({1: ACME}, links({1: 1})),
+                         acme_baseline(fields, 1, **{write_field("company"): "Acme"}))
+    assert plan.writes[["field", "reason"]].values.tolist() == [
+        ["account.company", f"company fields from account with id {ACME}"]]
