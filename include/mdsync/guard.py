@@ -2,7 +2,9 @@
 
 A botched import or a wrong mapping upstream shows up as a plan that writes to a large part of the other
 side at once. Before the loads, :func:`check_run` counts, per side, the distinct records the run's plans
-would write (mapped fields, link fields and creates) and compares them with a threshold:
+would write (mapped fields, link fields, creates, and what the delete policies do: flags set, records deleted
+or deactivated — a mass delete on one side must not empty the other unasked) and compares them with a
+threshold:
 
     threshold = max(max_records, max_percent % of the side's linked records before this cycle)
 
@@ -33,6 +35,10 @@ log = logging.getLogger("mdsync.guard")
 SIDES = ("dynamics", "marketo")
 #: the pseudo-field counting link-field writes (dynamicsRecordId / the Dynamics Marketo-id column)
 LINK_FIELDS = "(link fields)"
+#: the pseudo-field counting the delete policy's flags (deletedInDynamics / the Dynamics deleted column)
+DELETED_FLAG = "(deleted flag)"
+#: delete-policy actions that remove a record from its side (``flag`` is an update)
+REMOVALS = ("delete", "deactivate")
 #: records in the sample shown to the approver, and how much of each value
 SAMPLE_RECORDS, SAMPLE_FIELDS_PER_RECORD, SAMPLE_VALUE_CHARS = 5, 6, 80
 #: outcomes under which the loads write (see :attr:`GuardDecision.proceed`)
@@ -92,29 +98,39 @@ def _sample(writes: dict[str, pd.DataFrame], size: int) -> list[ChangeSample]:
 
 
 def side_changes(writes: dict[str, pd.DataFrame], link_writes: dict[str, pd.DataFrame], created: dict[str, int],
-                 linked: int | None, limits: Limits, sample_size: int = SAMPLE_RECORDS) -> SideChanges:
+                 linked: int | None, limits: Limits, sample_size: int = SAMPLE_RECORDS,
+                 deletes: pd.DataFrame | None = None) -> SideChanges:
     """What the plans would write to one side.
 
     :param writes: per entity type, the plan's field writes to this side (``person_id, field, value, previous``…).
     :param link_writes: per entity type, link-field writes to this side (``person_id``…).
     :param created: per entity type, records the load would create on this side.
     :param linked: the side's linked records before this cycle (``None``: not counted).
+    :param deletes: what the delete policies do on this side (``action``: flag, delete or deactivate;
+        ``person_id``, ``entity_type``), as identity decided it.
     """
     out = SideChanges(linked=linked, threshold=limits.threshold(linked))
-    for entity in sorted(set(writes) | set(link_writes) | set(created)):
-        w, links = writes.get(entity), link_writes.get(entity)
-        updated = _ids(w).union(_ids(links))
+    deletes = deletes if deletes is not None else pd.DataFrame(columns=["action", "person_id", "entity_type"])
+    flags = {str(e): part for e, part in deletes[deletes["action"].eq("flag").to_numpy()].groupby("entity_type")}
+    removed = deletes[deletes["action"].isin(REMOVALS).to_numpy()]["entity_type"].value_counts()
+    for entity in sorted(set(writes) | set(link_writes) | set(created) | set(flags) | set(map(str, removed.index))):
+        w, links, flagged = writes.get(entity), link_writes.get(entity), flags.get(entity)
+        updated = _ids(w).union(_ids(links)).union(_ids(flagged))
         fields = {} if w is None or w.empty else \
             {str(k): int(v) for k, v in w.drop_duplicates(["person_id", "field"])["field"].value_counts().sort_index().items()}
         if len(_ids(links)):
             fields[LINK_FIELDS] = len(_ids(links))
+        if len(_ids(flagged)):
+            fields[DELETED_FLAG] = len(_ids(flagged))
         if len(updated):
             out.updated[entity] = len(updated)
         if fields:
             out.fields[entity] = fields
         if created.get(entity):
             out.created[entity] = int(created[entity])
-    out.records = sum(out.updated.values()) + sum(out.created.values())
+        if removed.get(entity):
+            out.deleted[entity] = int(removed[entity])
+    out.records = sum(out.updated.values()) + sum(out.created.values()) + sum(out.deleted.values())
     out.sample = _sample(writes, sample_size)
     return out
 
@@ -122,15 +138,22 @@ def side_changes(writes: dict[str, pd.DataFrame], link_writes: dict[str, pd.Data
 def decide(dynamics_writes: dict[str, pd.DataFrame], marketo_writes: dict[str, pd.DataFrame],
            dynamics_link_writes: dict[str, pd.DataFrame], marketo_link_writes: dict[str, pd.DataFrame],
            dynamics_creates: dict[str, int], marketo_creates: dict[str, int], linked: int | None, limits: Limits,
-           *, dry_run: bool = False, allowed: bool = False, sample_size: int = SAMPLE_RECORDS) -> GuardDecision:
+           *, dry_run: bool = False, allowed: bool = False, sample_size: int = SAMPLE_RECORDS,
+           deletes: pd.DataFrame | None = None) -> GuardDecision:
     """The guard's decision on one run's plans (pure on frames).
 
     Writes are per entity type (a person's Marketo writes under the entity type of its Dynamics record).
-    ``linked`` is the number of links before this cycle (each side has that many linked records).
+    ``linked`` is the number of links before this cycle (each side has that many linked records). ``deletes``
+    is identity's lifecycle frame (``target`` side, ``action``, ``person_id``, ``entity_type``).
     """
+    def on(side: str) -> pd.DataFrame | None:
+        return None if deletes is None or deletes.empty else deletes[deletes["target"].eq(side).to_numpy()]
+
     decision = GuardDecision(max_records=limits.max_records, max_percent=limits.max_percent, sides={
-        "dynamics": side_changes(dynamics_writes, dynamics_link_writes, dynamics_creates, linked, limits, sample_size),
-        "marketo": side_changes(marketo_writes, marketo_link_writes, marketo_creates, linked, limits, sample_size),
+        "dynamics": side_changes(dynamics_writes, dynamics_link_writes, dynamics_creates, linked, limits, sample_size,
+                                 on("dynamics")),
+        "marketo": side_changes(marketo_writes, marketo_link_writes, marketo_creates, linked, limits, sample_size,
+                                on("marketo")),
     })
     if decision.tripped:
         decision.outcome = DRY_RUN if dry_run else ALLOWED if allowed else AWAITING
@@ -158,12 +181,16 @@ def check_run(manifest: RunManifest, staging, limits: Limits, *, dry_run: bool =
     d_links = {e: s.read_frame(path) for e, path in identity.dynamics_link_writes.items()}
     m_links = _by_entity(s.read_frame(identity.marketo_link_writes), "dynamics_type")
     creates = (_counts(s.read_frame(identity.dynamics_creates)), _counts(s.read_frame(identity.marketo_creates)))
+    deletes = s.read_frame(identity.deletes) if identity.deletes else None
     args = (d_writes, m_writes, d_links, m_links, *creates)
-    decision = decide(*args, None, limits, dry_run=dry_run, allowed=allowed, sample_size=sample_size)
+    kw = dict(dry_run=dry_run, allowed=allowed, sample_size=sample_size, deletes=deletes)
+    decision = decide(*args, None, limits, **kw)
     if any(side.records > limits.max_records for side in decision.sides.values()):
         links = s.read_frame(identity.links)  # every link: only read when the floor alone does not decide
-        linked = int((~links["new"].astype(bool)).sum()) if "new" in links else len(links)
-        decision = decide(*args, linked, limits, dry_run=dry_run, allowed=allowed, sample_size=sample_size)
+        # the pairs a delete ended this cycle were linked before it, though no longer in the links frame
+        ended = 0 if deletes is None else int(deletes["person_id"].nunique())
+        linked = (int((~links["new"].astype(bool)).sum()) if "new" in links else len(links)) + ended
+        decision = decide(*args, linked, limits, **kw)
     for line in describe(decision):
         log.info(line)
     return decision
@@ -178,7 +205,8 @@ def describe(decision: GuardDecision) -> list[str]:
             continue
         linked = "not counted" if side.linked is None else f"{side.linked:,}"
         per_entity = ", ".join(f"{e} {side.updated.get(e, 0):,} updated + {side.created.get(e, 0):,} created"
-                               for e in sorted(set(side.updated) | set(side.created))) or "nothing"
+                               + (f" + {side.deleted[e]:,} deleted" if side.deleted.get(e) else "")
+                               for e in sorted(set(side.updated) | set(side.created) | set(side.deleted))) or "nothing"
         lines.append(f"mass-change guard: {side.records:,} records to {name.capitalize()} ({per_entity}); "
                      f"threshold {side.threshold:,} (max of {decision.max_records:,} and {decision.max_percent:g} % "
                      f"of {linked} linked){' -- OVER' if side.tripped else ''}")

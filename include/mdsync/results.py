@@ -51,6 +51,8 @@ class MarketoExtracted(StageResult):
     complete: bool = False
     #: a manual run's ``person_ids`` that Marketo does not have (reported in the log and the run's report)
     missing_person_ids: list[int] = Field(default_factory=list)
+    #: persons merged away in the window (``loser_id, winner_id``; None for an undo run)
+    merges: str | None = None
 
 
 class DynamicsEntityExtracted(BaseModel):
@@ -123,6 +125,12 @@ class Identified(StageResult):
     #: the accounts read by extract_dynamics, handed on to the contact plan (which takes the persons' company fields
     #: from them)
     accounts: AccountsExtracted | None = None
+    #: persons to merge in Marketo (winner_id, loser_id, entity_type, dynamics_id, detail: the load does it)
+    marketo_merges: str | None = None
+    #: pairs a merge handed to another person or record (from_person, to_person): baselines follow them
+    moved: str | None = None
+    #: persons merged away in Marketo to remember (loser_id, winner_id), recorded at commit
+    merges: str | None = None
 
 
 class RecordField(BaseModel):
@@ -216,7 +224,10 @@ class SideChanges(BaseModel):
     #: per entity type: records updated (mapped fields or link fields) and records created
     updated: dict[str, int] = Field(default_factory=dict)
     created: dict[str, int] = Field(default_factory=dict)
-    #: per entity type: field -> records whose field would change (``(link fields)`` for the link fields)
+    #: per entity type: records the delete policy ``propagate`` would delete (or deactivate) on this side
+    deleted: dict[str, int] = Field(default_factory=dict)
+    #: per entity type: field -> records whose field would change (``(link fields)`` for the link fields,
+    #: ``(deleted flag)`` for the delete policy ``flag``)
     fields: dict[str, dict[str, int]] = Field(default_factory=dict)
     #: a few of the changes, old -> new
     sample: list[ChangeSample] = Field(default_factory=list)
@@ -268,6 +279,10 @@ class Loaded(StageResult):
     #: records deleted (or deactivated) on this side by the delete policy ``propagate``, and those refused
     deleted: int = 0
     delete_errors: int = 0
+    #: persons merged in Marketo (losers merged away), those refused, and every merge's outcome (staged)
+    merged: int = 0
+    merge_errors: int = 0
+    merge_results: str | None = None
     rejections_logged_in_marketo: int = 0
     #: how the writes went: ``sync`` (300-record calls), ``bulk_import`` (Marketo Bulk Lead Import)
     method: str = "sync"

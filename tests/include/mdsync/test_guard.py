@@ -78,6 +78,28 @@ def test_creates_alone_trip_it_on_the_side_they_are_written_to():
     assert d.sides["marketo"].created == {"contact": 30}
 
 
+def lifecycle(rows: list[tuple[str, str, int, str]]) -> pd.DataFrame:
+    """``(target side, action, person_id, entity_type)`` rows -> identity's delete-policy frame."""
+    return pd.DataFrame({"target": [r[0] for r in rows], "action": [r[1] for r in rows],
+                         "person_id": pd.Series([r[2] for r in rows], dtype="int64"),
+                         "entity_type": [r[3] for r in rows], "dynamics_id": [f"rec-{r[2]}" for r in rows]})
+
+
+def test_a_mass_delete_on_one_side_trips_it_on_the_other_before_anything_is_deleted_or_flagged():
+    # 12 persons deleted in Marketo under propagate: their 12 contacts would be deleted in Dynamics
+    deleted = lifecycle([("dynamics", "delete", p, "contact") for p in range(1, 13)])
+    d = run(deletes=deleted, linked=40)
+    side = d.sides["dynamics"]
+    assert side.deleted == {"contact": 12} and side.records == 12 and side.tripped and not d.proceed
+    assert "contact 0 updated + 0 created + 12 deleted" in guard.describe(d)[0]
+    # flags are updates of the survivors, counted once with their other writes
+    flagged = lifecycle([("marketo", "flag", p, "lead") for p in range(1, 6)]
+                        + [("dynamics", "deactivate", 9, "lead")])
+    d = run(marketo={"lead": writes([(1, "city", "a", "b")])}, deletes=flagged, linked=40)
+    assert d.sides["marketo"].updated == {"lead": 5} and d.sides["marketo"].fields["lead"][guard.DELETED_FLAG] == 5
+    assert d.sides["dynamics"].deleted == {"lead": 1} and not d.tripped
+
+
 def test_a_dry_run_never_asks_and_allow_mass_change_lets_the_run_through():
     big = {"contact": job_titles(range(1, 40))}
     assert run(big, dry_run=True).outcome == "dry_run" and run(big, dry_run=True).proceed
@@ -171,3 +193,22 @@ def test_check_guard_counts_a_mass_change_on_a_real_cycle_and_the_report_says_no
     cycle, again = plan_only(sync_world, "run-4")
     allowed = cycle.check_guard(again, allow_mass_change=True)
     assert allowed.outcome == "allowed" and allowed.sides["marketo"].records == 4
+
+
+def test_a_mass_delete_in_dynamics_asks_before_the_persons_are_flagged(sync_world, monkeypatch):
+    from tests.fixtures.mass_change import seed_linked_contacts
+
+    pairs = seed_linked_contacts(sync_world, 10, prefix="gone")
+    assert sync_world.cycle("del-1").run_all()["new_links"] == 10
+    monkeypatch.setenv("MDSYNC_GUARD_MAX_RECORDS", "3")
+    monkeypatch.setenv("MDSYNC_GUARD_MAX_PERCENT", "20")  # threshold max(3, 20 % of 10) = 3
+    client = sync_world.dynamics()
+    for contact in pairs.contact_ids[:4]:  # a clean-up job deletes four linked contacts
+        client.request("DELETE", f"contacts({contact})")
+
+    cycle, manifest = plan_only(sync_world, "del-2")
+    decision = cycle.check_guard(manifest)
+    marketo = decision.sides["marketo"]
+    # the default policy flags the four persons: updates of the Marketo side, counted against the threshold
+    assert (marketo.records, marketo.linked, marketo.tripped) == (4, 10, True)
+    assert marketo.fields == {"contact": {guard.DELETED_FLAG: 4}} and decision.outcome == "awaiting_approval"
