@@ -96,14 +96,16 @@ def body(decision, timeout: timedelta, deadline: datetime, run_id: str) -> str:
     out = [f"Run {_code(run_id)} would write more records to one side than the mass-change guard allows "
            f"(more than {decision.max_records:,} records, or {decision.max_percent:g} % of the side's linked records "
            f"if that is more), so **nothing has been written yet**.", "",
-           "| side | records to write | updated | created | linked before | threshold | |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+           "| side | records to write | updated | created | deleted | linked before | threshold | |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, s in sides.items():
         out.append(f"| {name.capitalize()} | **{s.records:,}** | {sum(s.updated.values()):,} | "
-                   f"{sum(s.created.values()):,} | {_n(s.linked)} | {s.threshold:,} | {'**over**' if s.tripped else ''} |")
+                   f"{sum(s.created.values()):,} | {sum(s.deleted.values()):,} | {_n(s.linked)} | {s.threshold:,} | "
+                   f"{'**over**' if s.tripped else ''} |")
     rows = [(name, entity, field, n) for name, s in sides.items() for entity, fields in s.fields.items()
             for field, n in fields.items()]
     rows += [(name, entity, "(new records)", n) for name, s in sides.items() for entity, n in s.created.items()]
+    rows += [(name, entity, "(records deleted)", n) for name, s in sides.items() for entity, n in s.deleted.items()]
     rows.sort(key=lambda r: (-r[3], r[0], r[1], r[2]))
     if rows:
         out += ["", "**Records per field**", "", "| side | entity | field | records |", "| --- | --- | --- | ---: |"]

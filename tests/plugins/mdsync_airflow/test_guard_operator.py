@@ -39,8 +39,8 @@ def test_the_request_shows_counts_per_side_entity_and_field_and_a_sample_old_to_
     d = decision()
     text = body(d, timedelta(minutes=10), datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc), "scheduled__2026-12-01")
     assert "**nothing has been written yet**" in text
-    assert "| Marketo | **12,345** | 12,340 | 5 | 40,000 | 5,000 | **over** |" in text
-    assert "| Dynamics | **12** | 0 | 0 | – | 5,000 |  |" in text
+    assert "| Marketo | **12,345** | 12,340 | 5 | 0 | 40,000 | 5,000 | **over** |" in text
+    assert "| Dynamics | **12** | 0 | 0 | 0 | – | 5,000 |  |" in text
     assert "| Marketo | contact | job\\_title | 12,000 |" in text and "| Marketo | lead | (new records) | 5 |" in text
     assert text.index("job\\_title | 12,000") < text.index("city | 340")  # largest first
     # values are one table cell each: markup, HTML and pipes escaped, newlines folded
