@@ -67,6 +67,7 @@ def commit_cycle(
     resolved: pd.DataFrame, watermarks: list[tuple[str, str, datetime | None, str | None]],
     links: pd.DataFrame | None = None, unlinked: list[int] = (),
     deletions: pd.DataFrame | None = None, paused: pd.DataFrame | None = None,
+    moved: pd.DataFrame | None = None, merges: pd.DataFrame | None = None,
 ) -> dict:
     """Persist a cycle's outcome atomically. Returns counts.
 
@@ -74,6 +75,9 @@ def commit_cycle(
         same transaction (a first sync's millions of rows never sit in memory at once).
     :param deletions: linked pairs this cycle ended by a delete (:meth:`StateStore.save_deletions`).
     :param paused: ``person_id, paused``: links whose record left or entered the sync filter.
+    :param moved: ``from_person, to_person``: pairs a merge handed to another person or record; their baselines
+        follow them (re-linking would drop them), and this cycle's own baseline updates come on top.
+    :param merges: ``loser_id, winner_id``: Marketo persons merged away (:meth:`StateStore.save_merges`).
     """
     with store.transaction() as tx:
         earlier = _committed_before(tx, run_id, watermarks)
@@ -81,10 +85,15 @@ def commit_cycle(
             log.info("run %s committed this cycle already (an earlier try of this task committed, then the task was "
                      "not seen to finish): nothing is recorded twice", run_id)
             return earlier
+        carried = carried_baselines(store, moved, tx)
         if unlinked:
             store.remove_links(unlinked, conn=tx)
         if links is not None and not links.empty:
             store.save_links(links, run_id, conn=tx)
+        if not carried.empty:
+            store.save_baselines(carried, run_id, conn=tx)
+        if merges is not None and not merges.empty:
+            store.save_merges(merges, run_id, conn=tx)
         if paused is not None and not paused.empty:
             store.set_paused(paused, conn=tx)
         if deletions is not None and not deletions.empty:
@@ -96,6 +105,17 @@ def commit_cycle(
         for source, entity, high_water, token in watermarks:
             store.save_watermark(source, entity, high_water, token, run_id, conn=tx)
     return {"baselines": n_base, "errors": n_err, "activity": n_act, "watermarks": len(watermarks)}
+
+
+def carried_baselines(store, moved: pd.DataFrame | None, conn) -> pd.DataFrame:
+    """The stored baselines of each ``from_person`` as ``to_person``'s (``person_id, field, value``), read before
+    the links change (a re-link drops the baselines of the persons it moves)."""
+    if moved is None or moved.empty:
+        return pd.DataFrame(columns=["person_id", "field", "value"])
+    moved = moved.drop_duplicates("from_person", keep="last")
+    rows = store.baseline_rows(moved["from_person"].tolist(), conn=conn)
+    to = pd.Series(moved["to_person"].astype("int64").to_numpy(), index=moved["from_person"].astype("int64").to_numpy())
+    return rows.assign(person_id=rows["person_id"].map(to).astype("int64"))
 
 
 def _frames(parts):

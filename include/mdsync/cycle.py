@@ -33,10 +33,10 @@ from mdsync.activity import (activity_frame, blocked_activity, collision_activit
 from mdsync.canonical import canonical_frame
 from mdsync.commit import commit_cycle, error_rows, resolved_keys, succeeded_baselines
 from mdsync.config import Side, SyncConfig, load_config
-from mdsync.extract import (account_columns, dynamics_columns, extract_accounts, extract_dynamics, extract_marketo,
-                            marketo_fields, query_any)
+from mdsync.extract import (account_columns, dynamics_columns, empty_merges, extract_accounts, extract_dynamics,
+                            extract_marketo, final_winners, marketo_fields, query_any)
 from mdsync.load import (DeleteOutcome, create_in_dynamics, create_in_marketo, delete_in_dynamics, delete_in_marketo,
-                         load_dynamics, load_marketo, record_rejections_in_marketo)
+                         load_dynamics, load_marketo, merge_in_marketo, record_rejections_in_marketo)
 from mdsync.plan import REQUIRES_NOTHING, plan_entity, suppress_known_rejections
 from mdsync.results import (AccountsExtracted, AccountsPlanned, Committed, DynamicsEntityExtracted, DynamicsExtracted,
                             GuardDecision, Identified, Loaded, MarketoExtracted, Planned, RunManifest, SchemaResult,
@@ -253,7 +253,8 @@ class Cycle:
                 persons=self.staging.write_frame("marketo-persons", result.persons),
                 deleted=self.staging.write_frame("marketo-deleted", pd.DataFrame({"id": result.deleted}, dtype="int64")),
                 high_water=result.high_water, since=since, extracted=len(result.persons), full=full,
-                mode=result.mode, complete=result.complete, missing_person_ids=result.missing_ids)
+                mode=result.mode, complete=result.complete, missing_person_ids=result.missing_ids,
+                merges=self.staging.write_frame("marketo-merges", result.merges))
         return box["result"]
 
     def extract_dynamics(self, schema: SchemaResult) -> DynamicsExtracted:
@@ -325,10 +326,12 @@ class Cycle:
         # deletions recorded for what was read (and what its link fields name): no lookup of a deleted id
         pids, dids = identity_stage.deletion_keys(self.config, persons, records, self.run.person_ids)
         deletions = self.store.load_deletions(person_ids=pids, dynamics_ids=dids)
+        window = s.read_frame(marketo.merges) if marketo.merges else empty_merges()
+        merges = self._known_merges(window, pids)
         lookups = identity_stage.plan_lookups(
             self.config, links, persons, records, marketo_complete=marketo.complete,
             dynamics_complete=all(d.full_read for d in dynamics.entities.values()), push_ids=self.run.person_ids,
-            deletions=deletions)
+            deletions=deletions, merges=merges)
         refused = activity_frame([])
         if not lookups.empty:
             log.info("identity: looking up %s", lookups.counts())
@@ -340,6 +343,7 @@ class Cycle:
                 found = self.store.load_deletions(person_ids=more_p, dynamics_ids=more_d)
                 deletions = pd.concat([deletions, found], ignore_index=True).drop_duplicates(
                     ["deleted_in", "person_id", "dynamics_type", "dynamics_id"]) if not found.empty else deletions
+                merges = self._known_merges(merges, more_p)
         m_deleted = s.read_frame(marketo.deleted)["id"].tolist()
         d_deleted = {e: s.read_frame(d.deleted)["id"].tolist() for e, d in dynamics.entities.items()}
         guarded = identity_stage.guard_ids(self.config, links, m_deleted, d_deleted)
@@ -351,14 +355,14 @@ class Cycle:
         decisions = identity_stage.decide(
             self.config, links, persons, records, m_deleted, d_deleted, push_ids=self.run.person_ids,
             push_as=self.run.sync_as, deletions=deletions, changed=changed,
-            note_held=not (marketo.full or dynamics.full))
+            note_held=not (marketo.full or dynamics.full), merges=merges)
         activity = pd.concat([decisions.activity, refused], ignore_index=True)
         emails = _emails(persons)
         activity["email"] = activity["email"].where(activity["email"].notna(), activity["person_id"].map(emails))
         if self.run.dry_run:
             activity["detail"] = activity["detail"].where(activity["action"] != "link",
                                                           activity["detail"] + " [dry run: not saved]")
-            activity["detail"] = activity["detail"].where(~activity["action"].isin(["flag", "delete"]),
+            activity["detail"] = activity["detail"].where(~activity["action"].isin(["flag", "delete", "merge"]),
                                                           activity["detail"] + " [dry run: not done]")
         self._log_activity(activity)
         active = decisions.links[~decisions.links["paused"].astype(bool)]  # pairs outside the filter are not synced
@@ -366,7 +370,9 @@ class Cycle:
         new = decisions.new_links
         lifecycle = {**decisions.deletes["action"].value_counts().to_dict(),
                      "left_filter": int(decisions.paused["paused"].astype(bool).sum()),
-                     "entered_filter": int((~decisions.paused["paused"].astype(bool)).sum())}
+                     "entered_filter": int((~decisions.paused["paused"].astype(bool)).sum()),
+                     "merged_in_marketo": len(window), "links_moved": len(decisions.moved),
+                     "persons_to_merge": len(decisions.marketo_merges)}
         log.info("identity: %d links (%d new, %d outside the sync filter), %d dropped; creates wanted: %d in Marketo, "
                  "%d in Dynamics; lifecycle: %s", len(decisions.links), len(new), len(decisions.links) - len(active),
                  len(decisions.unlinked), len(decisions.marketo_creates), len(decisions.dynamics_creates), lifecycle)
@@ -374,6 +380,9 @@ class Cycle:
             deletes=s.write_frame("lifecycle-deletes", decisions.deletes),
             deletions=s.write_frame("lifecycle-deletions", decisions.deletions),
             paused=s.write_frame("lifecycle-paused", decisions.paused), lifecycle=lifecycle,
+            marketo_merges=s.write_frame("lifecycle-marketo-merges", decisions.marketo_merges),
+            moved=s.write_frame("lifecycle-moved", decisions.moved), merges=s.write_frame("lifecycle-merges", window),
+            link_clears=s.write_frame("lifecycle-link-clears", decisions.link_clears),
             links=s.write_frame("links", decisions.links),
             persons=s.write_frame("persons", persons),
             records={e: s.write_frame(f"records-{e}", r) for e, r in records.items()},
@@ -385,6 +394,13 @@ class Cycle:
             dynamics_link_writes={e: s.write_frame(f"dynamics-link-writes-{e}", w) for e, w in d_links.items()},
             new_links=len(new), refused=len(refused),
             creates_wanted={"marketo": len(decisions.marketo_creates), "dynamics": len(decisions.dynamics_creates)})
+
+    def _known_merges(self, merges: pd.DataFrame, person_ids) -> pd.DataFrame:
+        """``merges`` with the merges the state store remembers of ``person_ids`` (chains followed to the winner)."""
+        known = self.store.load_merges(loser_ids=person_ids) if len(person_ids) else empty_merges()
+        if known.empty:
+            return merges
+        return final_winners(pd.concat([known, merges], ignore_index=True))
 
     def _look_up(self, lookups: identity_stage.Lookups, acc, persons: pd.DataFrame, records: dict[str, pd.DataFrame]):
         """Read what identity needs besides the extracts; values a service refuses are set aside, logged."""
@@ -452,6 +468,10 @@ class Cycle:
         dynamics, d_problems = canonical_frame(d_raw, d_fields, Side.DYNAMICS)
         keys = marketo.index.union(dynamics.index)
         baseline = self.store.load_baselines(person_ids=keys.tolist(), fields=entity.field_names)
+        if identity.moved:  # a pair a Marketo merge moved to its winner compares against the loser's baselines
+            baseline = identity_stage.carry_baselines(
+                baseline, self.staging.read_frame(identity.moved),
+                lambda ids: self.store.load_baselines(person_ids=ids, fields=entity.field_names))
         skipped, undo = [problem_activity(entity_name, m_problems + d_problems, links)], None
         if self.run.undo_run:  # restores of what the undone run wrote, instead of the three-way diff
             undone = undo_stage.plan_undo(entity, self._undone(), marketo, dynamics, links, baseline,
@@ -617,9 +637,11 @@ class Cycle:
             writes = s.read_frame(p.dynamics_writes)
             link_writes = s.read_frame(identity.dynamics_link_writes[name])
             flags = deletes[deletes["action"].eq("flag").to_numpy() & deletes["entity_type"].eq(name).to_numpy()]
+            clears = s.read_frame(identity.link_clears) if identity.link_clears else None
             results = load_dynamics(self.config, self.config.entity(name), writes, link_writes,
                                     acc.entities[name].dynamics_max_length, self.dynamics, dry_run=self.run.dry_run,
-                                    flag_writes=flags)
+                                    flag_writes=flags,
+                                    link_clears=clears[clears["entity_type"].eq(name)] if clears is not None else None)
             out.results[name] = s.write_frame(f"results-{name}-dynamics", results)
             out.written += int(results["ok"].sum())
             out.rejected += _rejected(results)
@@ -686,7 +708,26 @@ class Cycle:
         out = Loaded(side="marketo", results={"all": s.write_frame("results-marketo", results)},
                      written=int(results["ok"].sum()), rejected=_rejected(results),
                      rejections_logged_in_marketo=logged, method=method)
-        return self._with_creates(out, created, "marketo", removed)
+        out = self._with_creates(out, created, "marketo", removed)
+        return self._with_merges(out, identity)
+
+    def _with_merges(self, out: Loaded, identity: Identified) -> Loaded:
+        """The persons identity decided to merge in Marketo (Merge Leads); refusals are error lines and sync errors."""
+        s = self.staging
+        merges = s.read_frame(identity.marketo_merges) if identity.marketo_merges else pd.DataFrame()
+        if merges.empty:
+            return out
+        merged = merge_in_marketo(merges, self.marketo, dry_run=self.run.dry_run)
+        self._log_activity(merged.activity)
+        out.merged, out.merge_errors = merged.done, len(merged.errors)
+        out.merge_results = s.write_frame("merge-results-marketo", merged.results)
+        if not merged.activity.empty:  # with the creates' and deletes' lines and errors, recorded at commit
+            out.activity = s.write_frame("create-activity-marketo", pd.concat(
+                [s.read_frame(out.activity), merged.activity], ignore_index=True))
+            errors = s.read_frame(out.errors)
+            out.errors = s.write_frame("create-errors-marketo", pd.concat(
+                [e for e in (errors, merged.errors) if not e.empty], ignore_index=True))
+        return out
 
     # -- 6. commit ------------------------------------------------------------------------------------
 
@@ -759,9 +800,21 @@ class Cycle:
                               watermarks=watermarks, links=new_links,
                               unlinked=s.read_frame(identity.unlinked)["person_id"].tolist(),
                               deletions=s.read_frame(identity.deletions) if identity.deletions else None,
-                              paused=s.read_frame(identity.paused) if identity.paused else None)
+                              paused=s.read_frame(identity.paused) if identity.paused else None,
+                              moved=s.read_frame(identity.moved) if identity.moved else None,
+                              merges=self._merges_to_remember(manifest))
         log.info("committed: %s", counts)
         return Committed(links=len(new_links), **counts)
+
+    def _merges_to_remember(self, manifest: RunManifest) -> pd.DataFrame:
+        """Persons merged away: those of the window, and those this run's load merged (``loser_id, winner_id``)."""
+        s, loaded = self.staging, manifest.marketo_loaded
+        parts = [s.read_frame(manifest.identity.merges)] if manifest.identity.merges else []
+        if loaded is not None and loaded.merge_results:
+            done = s.read_frame(loaded.merge_results)
+            parts.append(done.loc[done["ok"].astype(bool), ["loser_id", "winner_id"]])
+        parts = [p for p in parts if not p.empty]
+        return final_winners(pd.concat(parts, ignore_index=True)) if parts else empty_merges()
 
     # -- running stages -------------------------------------------------------------------------------
 
@@ -837,7 +890,8 @@ class Cycle:
             if m.guard else {},
             "undo": _undo_summary(m.plans),
             "lifecycle": {**m.identity.lifecycle, "deleted": {"dynamics": dyn.deleted, "marketo": mkt.deleted},
-                          "delete_errors": {"dynamics": dyn.delete_errors, "marketo": mkt.delete_errors}},
+                          "delete_errors": {"dynamics": dyn.delete_errors, "marketo": mkt.delete_errors},
+                          "merged_by_sync": mkt.merged, "merge_errors": mkt.merge_errors},
             "accounts": _accounts_summary(m),
         }
         lines = [f"sync summary (API calls: Marketo {used['marketo']}, Dynamics {used['dynamics']})",
@@ -850,10 +904,15 @@ class Cycle:
         lines.append(f"  written: Dynamics {dyn.written}, Marketo {mkt.written} ({mkt.method}); "
                      f"rejected: Dynamics {summary['errors']['dynamics']}, Marketo {summary['errors']['marketo']}")
         life = m.identity.lifecycle
-        if any(life.values()) or dyn.deleted or mkt.deleted:
+        merge_counts = ("merged_in_marketo", "links_moved", "persons_to_merge")
+        if any(v for k, v in life.items() if k not in merge_counts) or dyn.deleted or mkt.deleted:
             lines.append(f"  deletes: flagged {life.get('flag', 0)}, deleted/deactivated in Dynamics {dyn.deleted} "
                          f"(refused {dyn.delete_errors}), deleted in Marketo {mkt.deleted} (refused {mkt.delete_errors}); "
                          f"sync filter: {life.get('left_filter', 0)} left, {life.get('entered_filter', 0)} entered again")
+        if any(life.get(k) for k in merge_counts):
+            lines.append(f"  merges: {life.get('merged_in_marketo', 0)} persons merged away in Marketo, "
+                         f"{life.get('links_moved', 0)} links moved to the surviving record or person, "
+                         f"{mkt.merged} persons merged in Marketo by the sync (refused {mkt.merge_errors})")
         a = summary["accounts"]
         if a and (a["changed"] or a["persons"]):
             lines.append(f"  accounts: {a['changed']} changed ({a['contacts_read']} of their contacts read); "

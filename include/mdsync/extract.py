@@ -1,7 +1,9 @@
 """Stage 2 of the cycle: extract what changed on each side since the watermark (DESIGN §4.2).
 
 Marketo: a paging token from the window start (minus the overlap), then lead-change activities (type 12/13)
-and deleted leads from it; the changed persons are then read in full by id (300 per call). A full reconcile
+and the Merge Leads and Delete Lead activities (32, 37: one call a page) from it; the changed persons and the
+merges' winners are then read in full by id (300 per call). A merge's losers are deleted too: they are told
+apart from persons deleted on their own and never treated as deletes. A full reconcile
 also re-reads every linked person and every person updated in the look-back period (bulk export).
 Dynamics: change tracking per entity set (a delta link kept as the watermark; a full read when there is none,
 it expired, or a full reconcile is asked for).
@@ -43,14 +45,26 @@ def change_fields(config: SyncConfig) -> list[str]:
     return [f for f in marketo_fields(config) if f not in (link.dynamics_id, link.dynamics_type, "updatedAt")]
 
 
+#: Dataverse columns of a merged record: ``merged`` (true on the subordinate of a ``Merge``) and its master
+MERGED, MASTER_ID = "merged", "_masterid_value"
+#: the contact a lead was qualified into (``QualifyLead`` sets it: the new contact, or an existing one), and the
+#: lead a contact was created from
+QUALIFIED_CONTACT, ORIGINATING_LEAD = "_parentcontactid_value", "_originatingleadid_value"
+
+
+def lifecycle_columns(entity: EntityConfig) -> list[str]:
+    """The columns identity follows merges and qualified leads by (standard columns of contacts and leads)."""
+    return [MERGED, MASTER_ID, *{"lead": [QUALIFIED_CONTACT], "contact": [ORIGINATING_LEAD]}.get(entity.name, [])]
+
+
 def dynamics_columns(config: SyncConfig, entity: EntityConfig, access: EntityAccess) -> list[str]:
-    """The Dataverse columns a cycle reads for one entity type (``$select`` of mapped, readable columns only, and
-    the columns of the entity type's sync filter)."""
+    """The Dataverse columns a cycle reads for one entity type (``$select`` of mapped, readable columns only, the
+    columns of the entity type's sync filter, and those of merges and qualified leads)."""
     readable = set(access.dynamics_read)
     mapped = [f.dynamics for f in entity.fields if f.name in readable]
     parent = [config.accounts.contact_lookup] if config.accounts and entity.name == "contact" else []
     return list(dict.fromkeys([entity.id_column, *mapped, config.dynamics.marketo_id_column, "statecode", "modifiedon",
-                               *entity.filter.columns, *parent]))
+                               *entity.filter.columns, *parent, *lifecycle_columns(entity)]))
 
 
 def _selected(delta_link: str) -> set[str]:
@@ -71,6 +85,8 @@ class MarketoExtract:
     mode: str = "changes"
     #: asked-for persons (a manual run's ``person_ids``) that Marketo does not have (deleted or never existed)
     missing_ids: list[int] = field(default_factory=list)
+    #: persons merged away in the window: ``loser_id``, ``winner_id`` (the surviving person, chains followed)
+    merges: pd.DataFrame = field(default_factory=lambda: empty_merges())
 
     @property
     def complete(self) -> bool:
@@ -146,8 +162,8 @@ def extract_marketo(
     started = datetime.now(timezone.utc)
     fields = marketo_fields(config)
     token = client.get_paging_token(since)
-    deleted_frame, _ = client.get_deleted_leads(token)
-    deleted = sorted({int(i) for i in deleted_frame.get("lead_id", pd.Series(dtype="Int64")).dropna()})
+    deleted_frame, merge_frame, _ = client.get_merges_and_deletions(token)
+    merges, deleted = merged_and_deleted(merge_frame, deleted_frame)
     frames, mode, changed_ids = [], "changes", set()
     if full:
         start = bootstrap_since or oldest_person_created(client)
@@ -173,7 +189,9 @@ def extract_marketo(
         changed_ids = set(int(i) for i in changes.get("lead_id", pd.Series(dtype="Int64")).dropna())
         log.info("marketo: %d change activities for %d persons since %s", len(changes), len(changed_ids),
                  since.isoformat())
-    wanted = (changed_ids | {int(i) for i in extra_ids}) - set(deleted)
+    # a merge's winner is read in full: it may take over its losers' links (and its values may have changed)
+    winners = set(merges["winner_id"].astype("int64"))
+    wanted = (changed_ids | winners | {int(i) for i in extra_ids}) - set(deleted) - set(merges["loser_id"])
     if lookback_days:
         frames.append(client.export_leads(fields, updated_at=(started - timedelta(days=lookback_days), started),
                                           poll_interval_s=bulk_poll_seconds))
@@ -187,12 +205,47 @@ def extract_marketo(
     persons = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", *fields])
     if not persons.empty:
         persons = persons.drop_duplicates("id", keep="last")
-        persons = persons[~persons["id"].isin(deleted)].reset_index(drop=True)
-    log.info("marketo: %d deleted since %s; read %d persons in full (%s)", len(deleted), since.isoformat(),
-             len(persons), mode)
+        persons = persons[~persons["id"].isin(deleted) & ~persons["id"].isin(merges["loser_id"])].reset_index(drop=True)
+    log.info("marketo: %d deleted and %d merged away since %s; read %d persons in full (%s)", len(deleted),
+             len(merges), since.isoformat(), len(persons), mode)
     missing = _missing(extra_ids, persons, deleted)
     return MarketoExtract(persons=persons, deleted=deleted, high_water=started, changed=len(changed_ids), mode=mode,
-                          missing_ids=missing)
+                          missing_ids=missing, merges=merges)
+
+
+def empty_merges() -> pd.DataFrame:
+    """A frame of merged-away persons: ``loser_id``, ``winner_id``."""
+    return pd.DataFrame({"loser_id": pd.Series(dtype="int64"), "winner_id": pd.Series(dtype="int64")})
+
+
+def final_winners(merges: pd.DataFrame) -> pd.DataFrame:
+    """``loser_id, winner_id`` with each winner followed to the person that survives (a winner merged away in turn
+    into another person: 12 into 34, then 34 into 56 gives 12 -> 56 and 34 -> 56); the last merge of a loser counts."""
+    if merges.empty:
+        return empty_merges()
+    pairs = merges[["loser_id", "winner_id"]].dropna().astype("int64").drop_duplicates("loser_id", keep="last")
+    winner = pd.Series(pairs["winner_id"].to_numpy(), index=pairs["loser_id"].to_numpy())
+    final = winner.copy()
+    for _ in range(len(winner)):  # one hop per round; a chain is never longer than the merges
+        step = final.map(winner)
+        moved = step.notna() & step.ne(final) & step.ne(final.index.to_series(index=final.index))
+        if not moved.any():
+            break
+        final = final.where(~moved, step).astype("int64")
+    return pd.DataFrame({"loser_id": final.index.astype("int64"), "winner_id": final.to_numpy(dtype="int64")})
+
+
+def merged_and_deleted(merge_frame: pd.DataFrame, deleted_frame: pd.DataFrame) -> tuple[pd.DataFrame, list[int]]:
+    """Tell merged-away persons from deleted ones (a merge deletes its losers, with a Delete Lead activity each).
+
+    :returns: ``(merges, deleted)``: the losers with their surviving winner (:func:`final_winners`), and the ids
+        deleted on their own; a loser whose winner was itself deleted in the window counts as deleted.
+    """
+    merges = final_winners(merge_frame)
+    gone = {int(i) for i in deleted_frame.get("lead_id", pd.Series(dtype="Int64")).dropna()}
+    lost = merges["winner_id"].isin(gone).to_numpy()  # merged into a person deleted since: gone with it
+    deleted = (gone - set(merges["loser_id"])) | set(merges["loser_id"][lost])
+    return merges[~lost].reset_index(drop=True), sorted(deleted)
 
 
 def _missing(asked, persons: pd.DataFrame, deleted: list[int]) -> list[int]:

@@ -40,6 +40,7 @@ import pandas as pd
 from mdsync.activity import activity_frame
 from mdsync.config import (ENTITY_TYPES, BoolOp, Column, Comparison, DeletePolicy, EntityConfig, Literal, Not, Side,
                            SyncConfig)
+from mdsync.extract import MASTER_ID, MERGED, ORIGINATING_LEAD, QUALIFIED_CONTACT
 
 log = logging.getLogger("mdsync.identity")
 
@@ -51,6 +52,12 @@ DYNAMICS_CREATE_COLUMNS = ["person_id", "entity_type", "email"]
 DELETE_COLUMNS = ["target", "action", "person_id", "entity_type", "dynamics_id"]
 #: the pairs a delete ended, for the state store (:meth:`mdsync.state.StateStore.save_deletions`)
 DELETION_COLUMNS = ["deleted_in", "person_id", "dynamics_type", "dynamics_id", "policy", "action"]
+#: persons the load stage merges in Marketo (the loser into the winner), and the record the winner follows
+MARKETO_MERGE_COLUMNS = ["winner_id", "loser_id", "entity_type", "dynamics_id", "detail"]
+#: pairs a merge handed to another person or record: their baselines follow (``from_person`` -> ``to_person``)
+MOVED_COLUMNS = ["from_person", "to_person"]
+#: linked Dynamics records whose person follows another record (:func:`handover_candidates`)
+HANDOVER_COLUMNS = ["person_id", "from_type", "from_id", "to_type", "to_id", "reason"]
 _TRUE = ("true", "1", "yes")
 
 
@@ -226,12 +233,14 @@ class Lookups:
 
 def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame, records: dict[str, pd.DataFrame],
                  *, marketo_complete: bool = False, dynamics_complete: bool = False,
-                 push_ids=(), deletions: pd.DataFrame | None = None) -> Lookups:
+                 push_ids=(), deletions: pd.DataFrame | None = None, merges: pd.DataFrame | None = None) -> Lookups:
     """Which records to read so that :func:`decide` sees everything it decides about.
 
     :param marketo_complete: ``persons`` holds every Marketo person (a bulk export of all): no Marketo lookups.
     :param dynamics_complete: every Dynamics row is in ``records`` (full reads): no Dynamics lookups.
     :param deletions: recorded deletions (:data:`DELETION_COLUMNS`): a deleted id a link field names is not read.
+    :param merges: Marketo persons merged away (``loser_id, winner_id``): the winner is read instead of a loser a
+        link column names, and the records of moved links are read (see :func:`merge_lookups`).
     """
     persons = _normal_persons(persons)
     link_col = config.dynamics.marketo_id_column
@@ -258,6 +267,8 @@ def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame,
     named_persons.append(pd.Series(links.index[back], dtype="int64"))
     named = pd.concat(named_persons) if named_persons else pd.Series([], dtype="int64")
     wanted_ids = pd.Index(named).union(pd.Index([int(i) for i in push_ids], dtype="int64"))
+    merge_ids, merge_records = merge_lookups(config, links, records, merges)
+    wanted_ids = _winners_of(wanted_ids, merges).union(merge_ids)
     dead = deletions if deletions is not None and not deletions.empty else None
     if dead is not None:
         wanted_ids = wanted_ids.difference(pd.Index(dead.loc[dead["deleted_in"].eq("marketo"), "person_id"], dtype="int64"))
@@ -285,6 +296,13 @@ def plan_lookups(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame,
                 missing = missing[~missing.str.lower().isin(gone.str.lower()).to_numpy()]
             if len(missing):
                 out.dynamics_ids[entity] = sorted(set(missing))
+    if not dynamics_complete:
+        for entity, ids in merge_records.items():
+            rows = records.get(entity)
+            have = _lower(rows[config.entity(entity).id_column]) if rows is not None and not rows.empty else pd.Series([], dtype=object)
+            more = ids[~ids.str.lower().isin(have).to_numpy()]
+            if len(more):
+                out.dynamics_ids[entity] = sorted(set(out.dynamics_ids.get(entity, [])) | set(more))
     return out
 
 
@@ -315,6 +333,20 @@ def _frame_of(columns: list[str]) -> pd.DataFrame:
     return frame.astype({"person_id": "int64"})
 
 
+def _merge_frame(parts=()) -> pd.DataFrame:
+    parts = [p for p in parts if not p.empty]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: pd.Series(dtype=object)
+                                                                            for c in MARKETO_MERGE_COLUMNS})
+    return frame.astype({"winner_id": "int64", "loser_id": "int64"})
+
+
+def _moved_frame(parts=()) -> pd.DataFrame:
+    parts = [p for p in parts if not p.empty]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: pd.Series(dtype="int64")
+                                                                            for c in MOVED_COLUMNS})
+    return frame.astype("int64")
+
+
 @dataclass
 class IdentityDecisions:
     """What identity decided for one cycle."""
@@ -336,6 +368,15 @@ class IdentityDecisions:
     deletions: pd.DataFrame = field(default_factory=lambda: _frame_of(DELETION_COLUMNS))
     #: kept links whose record left (``paused`` true) or entered (false) the sync filter this cycle
     paused: pd.DataFrame = field(default_factory=lambda: _frame_of(["person_id", "paused"]))
+    #: persons the load stage merges in Marketo (:data:`MARKETO_MERGE_COLUMNS`): a merge or a qualified lead in
+    #: Dynamics left two persons on one record
+    marketo_merges: pd.DataFrame = field(default_factory=lambda: _merge_frame())
+    #: pairs a merge handed to another person or record (:data:`MOVED_COLUMNS`): their baselines follow
+    moved: pd.DataFrame = field(default_factory=lambda: _moved_frame())
+    #: Dynamics records whose Marketo-id column is emptied before the link columns are written (``entity_type,
+    #: dynamics_id, person_id``): a merged subordinate hands its person to a master of its own table, and the
+    #: column is an alternate key (two rows of a table cannot name one person)
+    link_clears: pd.DataFrame = field(default_factory=lambda: _frame_of(["entity_type", "dynamics_id", "person_id"]))
 
     @property
     def new_links(self) -> pd.DataFrame:
@@ -345,9 +386,15 @@ class IdentityDecisions:
 class _Decider:
     """Holds the taken persons and records while the steps of :func:`decide` add links."""
 
-    def __init__(self, config: SyncConfig, links: pd.DataFrame, outside: pd.Index) -> None:
+    def __init__(self, config: SyncConfig, links: pd.DataFrame, outside: pd.Index,
+                 merges: pd.DataFrame | None = None) -> None:
         self.config = config
         self.links = links
+        #: Marketo persons merged away -> the person each survives as
+        self.merged_into = merged_into(merges)
+        self.moved: list[pd.DataFrame] = []
+        self.marketo_merges: list[pd.DataFrame] = []
+        self.link_clears = _frame_of(["entity_type", "dynamics_id", "person_id"])
         #: ``entity:id`` keys of the records read that are outside their sync filter
         self.outside = outside
         #: links dropped by a deletion: the record kept on the other side is neither re-matched nor re-created
@@ -398,7 +445,8 @@ class _Decider:
 def decide(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame, records: dict[str, pd.DataFrame],
            marketo_deleted=(), dynamics_deleted: dict[str, list[str]] | None = None, *,
            push_ids=(), push_as: str | None = None, deletions: pd.DataFrame | None = None,
-           changed: ChangedSince | None = None, note_held: bool = True) -> IdentityDecisions:
+           changed: ChangedSince | None = None, note_held: bool = True,
+           merges: pd.DataFrame | None = None) -> IdentityDecisions:
     """Decide this cycle's links and creates from frames alone.
 
     :param links: the state store's links (index person_id; dynamics_type, dynamics_id, method, paused).
@@ -411,6 +459,9 @@ def decide(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame, recor
         (:data:`DELETION_COLUMNS`): their survivors are held unless ``deletes.recreate``.
     :param changed: the pairs that changed since the last sync (:func:`changed_since`), for ``propagate``.
     :param note_held: log a line for each held survivor read this cycle (not on a full reconcile: they all are).
+    :param merges: Marketo persons merged away (``loser_id, winner_id``, chains followed): this window's and those
+        the state store remembers for the persons named here. A loser's link moves to its winner or is dropped,
+        and a loser id in a Dynamics row's link column stands for its winner.
     """
     persons = _normal_persons(persons)
     records = {e: r for e, r in records.items() if e in config.entities}
@@ -419,30 +470,43 @@ def decide(config: SyncConfig, links: pd.DataFrame, persons: pd.DataFrame, recor
     links = links.assign(new=False, paused=paused if len(links) else np.zeros(0, dtype=bool),
                          dynamics_id=links["dynamics_id"].astype(str))
     links.index = links.index.astype("int64").rename("person_id")
-    dec = _Decider(config, links, outside_filter(config, records))
+    dec = _Decider(config, links, outside_filter(config, records), merges)
     m_deleted = pd.Index([int(i) for i in marketo_deleted], dtype="int64")
     d_deleted = pd.Index([f"{e}:{str(i).lower()}" for e, ids in (dynamics_deleted or {}).items() for i in ids])
 
     unlinked = _drop_deleted(dec, m_deleted, d_deleted, changed or ChangedSince())
     dead_persons, dead_records = _hold_survivors(dec, deletions, persons, records, [int(i) for i in push_ids], note_held)
-    _rebuild_from_dynamics(dec, records, m_deleted, dead_persons)
+    unlinked += _follow_marketo_merges(dec)
+    live = _unmerged(records)  # merged subordinates are followed by their links only (never matched nor rebuilt)
+    _rebuild_from_dynamics(dec, live, m_deleted, dead_persons)
     _rebuild_from_marketo(dec, persons, d_deleted, dead_records)
-    marketo_creates = _match_dynamics_records(dec, persons, records)
+    unlinked += _hand_over(dec, records)
+    marketo_creates = _match_dynamics_records(dec, persons, live)
     default = push_as or config.marketo.sync_marker.default_type
-    dynamics_creates = _push_marketo_persons(dec, persons, records, [int(i) for i in push_ids], default)
+    dynamics_creates = _push_marketo_persons(dec, persons, live, [int(i) for i in push_ids], default)
     _drop_dangling(dec, persons, records)
 
     new = pd.concat(dec.new) if dec.new else empty_links()
     new = new[new.index.isin(dec.links.index)]
+    # a link made and then moved again this cycle (rebuilt, then handed over by a merge) is logged as it ends
+    new = new[dec.links["dynamics_id"].reindex(new.index).to_numpy() == new["dynamics_id"].to_numpy()]
+    new = new[~new.index.duplicated(keep="last")]
     if not new.empty:
         dec.note(_notes("link", "linked (" + new["method"].str.replace("_", " ") + ")",
                         person_id=new.index.to_numpy(), entity_type=new["dynamics_type"].to_numpy(),
                         dynamics_id=new["dynamics_id"].to_numpy()))
     _filter_states(dec, records)
     activity = pd.concat(dec.notes, ignore_index=True) if dec.notes else activity_frame([])
-    return IdentityDecisions(links=dec.links.sort_index(), unlinked=unlinked, marketo_creates=marketo_creates,
+    return IdentityDecisions(links=dec.links.sort_index(), unlinked=sorted(set(unlinked)), marketo_creates=marketo_creates,
                              dynamics_creates=dynamics_creates, activity=activity, deletes=dec.deletes,
-                             deletions=dec.deletions, paused=dec.paused)
+                             deletions=dec.deletions, paused=dec.paused, marketo_merges=_merge_frame(dec.marketo_merges),
+                             moved=_moved_frame(dec.moved), link_clears=dec.link_clears)
+
+
+def _unmerged(records: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """``records`` without the subordinates of Dataverse merges (``merged`` true)."""
+    return {e: (r[~_as_boolean(_column(r, MERGED)).fillna(False).to_numpy(dtype=bool)] if MERGED in r else r)
+            for e, r in records.items()}
 
 
 def _policies(config: SyncConfig, attr: str) -> dict:
@@ -573,6 +637,7 @@ def _rebuild_from_dynamics(dec: _Decider, records: dict[str, pd.DataFrame], m_de
     dec.note(_notes("error", column + " holds " + cand["named"][bad].map(repr).astype(str) + ", which is not a Marketo person id; not linked",
                     entity_type=cand["entity"][bad].to_numpy(), dynamics_id=cand["dynamics_id"][bad].to_numpy()))
     cand = cand[~bad].assign(person_id=number[~bad].astype("int64"))
+    cand = _repoint_merged(dec, cand)  # a person merged away stands for its winner
     cand = cand[~cand["person_id"].isin(dead).to_numpy()]
     gone = cand["person_id"].isin(m_deleted).to_numpy()  # the person was deleted in Marketo this window
     dec.hold(cand["person_id"][gone], cand["entity"][gone], cand["dynamics_id"][gone])
@@ -846,6 +911,280 @@ def _filter_states(dec: _Decider, records: dict[str, pd.DataFrame]) -> None:
     dec.links = links.assign(paused=paused)
     changed = left | back
     dec.paused = pd.DataFrame({"person_id": links.index[changed].astype("int64"), "paused": paused[changed]})
+
+
+# -- merges (DESIGN §3): a link follows the record that survives a merge on either side -------------------------
+
+def _winners_of(ids: pd.Index, merges: pd.DataFrame | None) -> pd.Index:
+    """``ids`` with each Marketo person merged away replaced by the person it survives as."""
+    if merges is None or merges.empty or ids.empty:
+        return ids
+    into = merged_into(merges)
+    return pd.Index(pd.Series(ids, dtype="int64").map(into).fillna(pd.Series(ids, dtype="int64")).astype("int64")
+                    .unique(), dtype="int64")
+
+
+def merged_into(merges: pd.DataFrame | None) -> pd.Series:
+    """Loser id -> winner id of Marketo merges (``loser_id, winner_id`` rows, chains already followed)."""
+    if merges is None or merges.empty:
+        return pd.Series([], dtype="int64", index=pd.Index([], dtype="int64"))
+    m = merges.drop_duplicates("loser_id", keep="last")
+    return pd.Series(m["winner_id"].astype("int64").to_numpy(), index=pd.Index(m["loser_id"].astype("int64")))
+
+
+def handover_candidates(config: SyncConfig, links: pd.DataFrame, records: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Linked Dynamics records whose person must follow another record (:data:`HANDOVER_COLUMNS`):
+
+    - ``dynamics_merge``: the subordinate of a Dataverse ``Merge`` (``merged`` true): its master (a master merged
+      in turn is followed to the record that survives);
+    - ``lead_qualified``: a lead qualified (``statecode`` 1) into a contact (``_parentcontactid_value``: the contact
+      created from it, or an existing one).
+    """
+    parts = []
+    if links.empty:
+        return pd.DataFrame(columns=HANDOVER_COLUMNS)
+    owner = pd.Series(links.index.to_numpy(dtype="int64"),
+                      index=_record_key(links["dynamics_type"], links["dynamics_id"]).to_numpy())
+    owner = owner[~owner.index.duplicated()]
+    for entity, rows in records.items():
+        if rows.empty or entity not in config.entities:
+            continue
+        rows = rows.drop_duplicates(config.entity(entity).id_column, keep="last")
+        ids = rows[config.entity(entity).id_column].astype(str)
+        person = owner.reindex(_record_key(entity, ids).to_numpy()).to_numpy()
+        linked = ~pd.isna(person)
+        merged = _as_boolean(_column(rows, MERGED)).fillna(False).to_numpy(dtype=bool) & ~_blank(_column(rows, MASTER_ID))
+        master = _final_masters(ids, _text(_column(rows, MASTER_ID)), merged)
+        mine = linked & merged
+        parts.append(pd.DataFrame({"person_id": person[mine], "from_type": entity, "from_id": ids[mine].to_numpy(),
+                                   "to_type": entity, "to_id": master[mine], "reason": "dynamics_merge"}))
+        if entity == "lead" and "contact" in config.entities:
+            state = pd.to_numeric(_column(rows, "statecode"), errors="coerce").to_numpy()
+            contact = _text(_column(rows, QUALIFIED_CONTACT))
+            mine = linked & ~merged & (state == 1) & ~_blank(contact)
+            parts.append(pd.DataFrame({"person_id": person[mine], "from_type": entity, "from_id": ids[mine].to_numpy(),
+                                       "to_type": "contact", "to_id": contact[mine].to_numpy(),
+                                       "reason": "lead_qualified"}))
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=HANDOVER_COLUMNS)
+    return out.astype({"person_id": "int64"}) if not out.empty else pd.DataFrame(columns=HANDOVER_COLUMNS)
+
+
+def _final_masters(ids: pd.Series, masters: pd.Series, merged: np.ndarray) -> np.ndarray:
+    """Each merged row's master, followed while that master was merged in turn (among the rows read)."""
+    if not merged.any():
+        return masters.to_numpy(dtype=object)
+    step = pd.Series(masters[merged].str.lower().to_numpy(), index=ids[merged].str.lower().to_numpy())
+    step = step[~step.index.duplicated(keep="last")]
+    spelled = pd.Series(masters[merged].to_numpy(), index=masters[merged].str.lower().to_numpy())
+    spelled = spelled[~spelled.index.duplicated()]
+    final = pd.Series(masters.str.lower().to_numpy(dtype=object), index=ids.index, dtype=object)
+    for _ in range(len(step)):  # one hop per round: a chain is never longer than the merged rows
+        nxt = final.map(step)
+        hop = nxt.notna() & nxt.ne(final)
+        if not hop.any():
+            break
+        final = final.where(~hop, nxt)
+    spelt = final.map(spelled)
+    return spelt.where(spelt.notna(), masters).to_numpy(dtype=object)
+
+
+def merge_lookups(config: SyncConfig, links: pd.DataFrame, records: dict[str, pd.DataFrame],
+                  merges: pd.DataFrame | None) -> tuple[pd.Index, dict[str, pd.Series]]:
+    """What merges need read besides the extracts: the persons that take a link over (a Marketo merge's winner, the
+    person of a merged or qualified Dynamics record), and the records links move to or from (a loser's record, a
+    merge's master, the contact a lead was qualified into).
+
+    :returns: (person ids, per entity type the Dynamics ids).
+    """
+    pids, dids = [], {}
+    if merges is not None and not merges.empty and not links.empty:
+        hit = merges[merges["loser_id"].isin(links.index)]
+        pids.append(hit["winner_id"].astype("int64"))
+        moved = links.loc[hit["loser_id"].astype("int64").unique()]
+        for entity, part in moved.groupby("dynamics_type"):
+            dids.setdefault(str(entity), []).append(part["dynamics_id"].astype(str))
+    h = handover_candidates(config, links, records)
+    if not h.empty:
+        pids.append(h["person_id"].astype("int64"))
+        for entity, part in h.groupby("to_type"):
+            dids.setdefault(str(entity), []).append(part["to_id"].astype(str))
+    ids = pd.Index(pd.concat(pids, ignore_index=True).unique(), dtype="int64") if pids else pd.Index([], dtype="int64")
+    return ids, {e: pd.concat(v, ignore_index=True).drop_duplicates() for e, v in dids.items()}
+
+
+def _follow_marketo_merges(dec: _Decider) -> list[int]:
+    """Persons merged away in Marketo whose link is still held: a winner without a link takes one over (a contact
+    before a lead, the system of record), with both link fields rewritten to it and the pair's baselines; a
+    winner that has its own keeps it, and the loser's link is dropped (its record is held: not matched again nor
+    used to create the person again), with a line saying a Dynamics merge of the two records may be wanted.
+
+    :returns: the losers whose link was dropped or moved (removed from the state store).
+    """
+    links, into = dec.links, dec.merged_into
+    hit = links[links.index.isin(into.index)]
+    if hit.empty:
+        return []
+    m = pd.DataFrame({"loser": hit.index.to_numpy(dtype="int64"), "winner": into.reindex(hit.index).to_numpy(dtype="int64"),
+                      "entity": hit["dynamics_type"].astype(str).to_numpy(), "did": hit["dynamics_id"].astype(str).to_numpy(),
+                      "paused": _paused(hit), "rank": hit["dynamics_type"].ne("contact").to_numpy()})
+    m = m.sort_values(["winner", "rank"], kind="stable")
+    own = links.reindex(m["winner"].to_numpy())  # the winner's own link, if any
+    free = own["dynamics_id"].isna().to_numpy()
+    mover = ~m["winner"].duplicated().to_numpy() & free
+    moved = m[mover]
+    # what each winner ends up with: its own link, or the one it takes over
+    took = moved.set_index("winner")
+    kept_type = np.where(free, m["winner"].map(took["entity"]).to_numpy(dtype=object), own["dynamics_type"].to_numpy(dtype=object))
+    kept_id = np.where(free, m["winner"].map(took["did"]).to_numpy(dtype=object), own["dynamics_id"].to_numpy(dtype=object))
+    dec.links = links.drop(index=m["loser"].to_numpy())
+    dec.add(moved["winner"], moved["entity"].to_numpy(), moved["did"].to_numpy(), "marketo_merge")
+    if moved["paused"].any():  # a pair outside the sync filter stays paused when its person changes
+        dec.links.loc[moved.loc[moved["paused"], "winner"].to_numpy(), "paused"] = True
+    dec.moved.append(pd.DataFrame({"from_person": moved["loser"].to_numpy(), "to_person": moved["winner"].to_numpy()}))
+    lost = m[~mover]
+    dec.hold(lost["loser"], lost["entity"].to_numpy(), lost["did"].to_numpy())
+    who = "merged in Marketo: person " + m["loser"].astype(str) + " into " + m["winner"].astype(str) + "; "
+    text = np.where(mover, who + "link moved: the " + m["entity"] + " " + m["did"] + " now follows person "
+                    + m["winner"].astype(str),
+                    who + "person " + m["winner"].astype(str) + " keeps its link to the " + kept_type.astype(str)
+                    + " " + kept_id.astype(str) + "; the link of person " + m["loser"].astype(str)
+                    + " to the " + m["entity"] + " " + m["did"] + " is dropped (a Dynamics merge of those two records "
+                    "may be wanted)")
+    dec.note(_notes("merge", text, person_id=m["winner"].to_numpy(), entity_type=m["entity"].to_numpy(),
+                    dynamics_id=m["did"].to_numpy()))
+    return sorted(int(i) for i in m["loser"])
+
+
+def _hand_over(dec: _Decider, records: dict[str, pd.DataFrame]) -> list[int]:
+    """Persons of merged and qualified Dynamics records (:func:`handover_candidates`) follow the surviving record: a
+    record without a person takes this one over (its link fields and the baselines follow); when it already has
+    one, the two persons are merged in Marketo (the surviving record's person wins; the load stage calls Merge
+    Leads) and the other link is dropped. A record that could not be read is left as it is (logged).
+
+    :returns: the persons whose link was dropped (merged away in Marketo by the load stage).
+    """
+    h = handover_candidates(dec.config, dec.links, records)
+    if h.empty:
+        return []
+    h = h.drop_duplicates("person_id").reset_index(drop=True)
+    to_key = _record_key(h["to_type"], h["to_id"])
+    read = to_key.isin(_record_keys(dec.config, records)).to_numpy()
+    gone = h[~read]
+    dec.note(_notes("skip", np.where(gone["reason"].eq("dynamics_merge"),
+                                     "merged in Dynamics into the " + gone["to_type"] + " " + gone["to_id"],
+                                     "qualified into the contact " + gone["to_id"])
+                    + ", which could not be read; the link stays as it is",
+                    person_id=gone["person_id"].to_numpy(), entity_type=gone["from_type"].to_numpy(),
+                    dynamics_id=gone["from_id"].to_numpy()))
+    h, to_key = h[read].reset_index(drop=True), to_key[read].reset_index(drop=True)
+    if h.empty:
+        return []
+    owner = pd.Series(dec.links.index.to_numpy(dtype="int64"), index=dec.taken_records.to_numpy())
+    owner = owner[~owner.index.duplicated()]
+    has = pd.Series(owner.reindex(to_key.to_numpy()).to_numpy(), index=h.index)
+    # a record without a person: the first handed over takes it, the others are merged into that one
+    first = h["person_id"].groupby(to_key.to_numpy()).transform("first")
+    winner = has.fillna(first).astype("int64")
+    move = (has.isna() & winner.eq(h["person_id"])).to_numpy()
+    merge = winner.ne(h["person_id"]).to_numpy()
+    subordinate = h["reason"].eq("dynamics_merge").to_numpy()
+    created = _created_from(dec.config, h, records)
+    moved, merged = h[move], h[merge]
+    for reason, part in moved.groupby("reason", sort=False):
+        dec.add(part["person_id"], part["to_type"].to_numpy(), part["to_id"].to_numpy(), str(reason))
+    dec.moved.append(pd.DataFrame({"from_person": moved["person_id"].to_numpy(), "to_person": moved["person_id"].to_numpy()}))
+    same = moved[moved["from_type"].eq(moved["to_type"]).to_numpy()]  # the subordinate lets go of the person first
+    dec.link_clears = pd.DataFrame({"entity_type": same["from_type"].to_numpy(), "dynamics_id": same["from_id"].to_numpy(),
+                                    "person_id": same["person_id"].to_numpy(dtype="int64")})
+    losers = merged["person_id"].to_numpy(dtype="int64")
+    dec.links = dec.links.drop(index=losers)
+    dec.hold(merged["person_id"], merged["from_type"].to_numpy(), merged["from_id"].to_numpy())
+    w = winner.astype(str)
+    sub = "merged in Dynamics: " + h["from_type"] + " " + h["from_id"] + " into " + h["to_id"] + "; "
+    qual = "lead " + h["from_id"] + " was qualified"
+    text = np.select(
+        [subordinate & move, created & move, move, subordinate],
+        [sub + "person " + h["person_id"].astype(str) + " now follows " + h["to_id"],
+         qual + ": the person now follows the contact created from it",
+         qual + " into the existing contact " + h["to_id"] + ": the person now follows it",
+         sub + "persons " + h["person_id"].astype(str) + " and " + w + " merged in Marketo (" + w + ", who follows "
+         + h["to_id"] + ", wins)"],
+        default="persons " + h["person_id"].astype(str) + " and " + w + " merged in Marketo (lead qualified into an "
+                "existing contact: lead " + h["from_id"] + " into contact " + h["to_id"] + "; " + w
+                + ", who follows it, wins)")
+    # a person moved by a merge is a "merge" line; one moved by a qualified lead a "link" line, as before
+    action = np.where(move & ~subordinate, "link", "merge")
+    shown = move | merge
+    person = np.where(move, h["person_id"].to_numpy(), winner.to_numpy())
+    for name in ("merge", "link"):
+        mine = shown & (action == name)
+        dec.note(_notes(name, text[mine], person_id=person[mine], entity_type=h["to_type"][mine].to_numpy(),
+                        dynamics_id=h["to_id"][mine].to_numpy()))
+    dec.marketo_merges.append(pd.DataFrame({
+        "winner_id": winner[merge].to_numpy(dtype="int64"), "loser_id": losers,
+        "entity_type": merged["to_type"].to_numpy(), "dynamics_id": merged["to_id"].to_numpy(),
+        "detail": text[merge]}, columns=MARKETO_MERGE_COLUMNS))
+    return sorted(int(i) for i in losers)
+
+
+def _created_from(config: SyncConfig, h: pd.DataFrame, records: dict[str, pd.DataFrame]) -> np.ndarray:
+    """Which handovers of qualified leads go to the contact created from the lead (its originating lead)."""
+    rows = records.get("contact")
+    if rows is None or rows.empty or ORIGINATING_LEAD not in rows:
+        return np.zeros(len(h), dtype=bool)
+    origin = pd.Series(_lower(rows[ORIGINATING_LEAD]).to_numpy(),
+                       index=rows[config.entity("contact").id_column].astype(str).str.lower().to_numpy())
+    origin = origin[~origin.index.duplicated(keep="last")]
+    return (h["reason"].eq("lead_qualified").to_numpy()
+            & (h["to_id"].str.lower().map(origin).to_numpy() == h["from_id"].str.lower().to_numpy()))
+
+
+def _repoint_merged(dec: _Decider, cand: pd.DataFrame) -> pd.DataFrame:
+    """Dynamics rows whose Marketo-id column names a person merged away in Marketo: the winner takes its place
+    (the column is rewritten to it with the link), or, when the winner follows another record, the row is held
+    (not linked to a person that no longer exists, nor used to create it again) and logged."""
+    into = dec.merged_into
+    hit = cand["person_id"].isin(into.index).to_numpy()
+    if not hit.any():
+        return cand
+    key = _record_key(cand["entity"], cand["dynamics_id"])
+    winner = cand["person_id"].map(into)
+    held = key.isin(dec.kept_records).to_numpy()  # held by this cycle's merge already (logged there)
+    busy = hit & ~held & (winner.isin(dec.taken_persons) | winner.isin(dec.kept.index)).to_numpy()
+    column = dec.config.dynamics.marketo_id_column
+    b = cand[busy]
+    dec.note(_notes("skip", column + " names person " + b["person_id"].astype(str) + ", merged into "
+                    + winner[busy].astype(str) + " in Marketo, which follows another record: not linked, and no person "
+                    "is created (a Dynamics merge of the two records may be wanted)",
+                    person_id=winner[busy].to_numpy(), entity_type=b["entity"].to_numpy(),
+                    dynamics_id=b["dynamics_id"].to_numpy()))
+    dec.hold(b["person_id"], b["entity"].to_numpy(), b["dynamics_id"].to_numpy())
+    free = hit & ~held & ~busy
+    f = cand[free]
+    dec.note(_notes("merge", column + " names person " + f["person_id"].astype(str) + ", merged into "
+                    + winner[free].astype(str) + " in Marketo: linked to " + winner[free].astype(str)
+                    + " instead (the column is rewritten)",
+                    person_id=winner[free].to_numpy(), entity_type=f["entity"].to_numpy(),
+                    dynamics_id=f["dynamics_id"].to_numpy()))
+    out = cand.assign(person_id=cand["person_id"].where(~free, winner).astype("int64"))
+    return out[~(hit & ~free)]
+
+
+def carry_baselines(baseline: pd.DataFrame, moved: pd.DataFrame | None, load) -> pd.DataFrame:
+    """Baselines of the pairs a merge moved to another person (``from_person, to_person``), for the plan: the
+    ``to_person`` compares against the ``from_person``'s baselines (the commit moves them in the store).
+
+    :param load: reads baselines of person ids (``StateStore.load_baselines`` with the plan's fields).
+    """
+    if moved is None or moved.empty:
+        return baseline
+    moved = moved[moved["from_person"].ne(moved["to_person"]).to_numpy()]
+    if moved.empty:
+        return baseline
+    carried = load(moved["from_person"].astype("int64").tolist())
+    to = pd.Series(moved["to_person"].astype("int64").to_numpy(), index=moved["from_person"].astype("int64").to_numpy())
+    carried.index = pd.Index(carried.index.map(to), dtype="int64", name=baseline.index.name)
+    return pd.concat([baseline[~baseline.index.isin(carried.index)], carried])
 
 
 # -- the propagate guard: did the surviving side change since the last sync? ------------------------------------

@@ -179,15 +179,22 @@ def _flag_rows(flags: pd.DataFrame | None, **columns) -> pd.DataFrame:
 
 def load_dynamics(config: SyncConfig, entity: EntityConfig, writes: pd.DataFrame, link_writes: pd.DataFrame,
                   max_length: dict[str, int], client, *, dry_run: bool = False,
-                  flag_writes: pd.DataFrame | None = None) -> pd.DataFrame:
+                  flag_writes: pd.DataFrame | None = None, link_clears: pd.DataFrame | None = None) -> pd.DataFrame:
     """Write one entity type's planned updates, link columns and deleted flags to Dataverse (one batched write).
 
     :param writes: the plan's Dynamics writes (canonical values, long).
     :param link_writes: ``dynamics_id, person_id`` rows whose Marketo-id column must be (re)set.
     :param flag_writes: ``dynamics_id, person_id`` rows whose ``dynamics.deleted_flag_column`` is set to true
         (their Marketo person was deleted; delete policy ``flag``).
+    :param link_clears: ``dynamics_id, person_id`` rows whose Marketo-id column is emptied first, in calls of their
+        own (merged subordinates whose person moved to their master: the column is an alternate key).
     :returns: one row per write: :data:`RESULT_COLUMNS`.
     """
+    if link_clears is not None and not link_clears.empty:
+        cleared = clear_link_columns(config, entity, link_clears, client, dry_run=dry_run)
+        rest = load_dynamics(config, entity, writes, link_writes, max_length, client, dry_run=dry_run,
+                             flag_writes=flag_writes)
+        return pd.concat([cleared, rest], ignore_index=True)
     rows = writes[["person_id", "dynamics_id", "field", "value"]].copy()
     if not link_writes.empty:
         rows = pd.concat([rows, link_writes.assign(field=LINK_FIELD, value=link_writes["person_id"].astype(str))],
@@ -214,6 +221,27 @@ def load_dynamics(config: SyncConfig, entity: EntityConfig, writes: pd.DataFrame
     result = write_records(ok_rows, api, "dynamics_id", {"dynamics_id": entity.id_column}, send, progress)
     progress.finish()
     return _with_refused(result, rows, refused)
+
+
+def clear_link_columns(config: SyncConfig, entity: EntityConfig, clears: pd.DataFrame, client, *,
+                       dry_run: bool = False) -> pd.DataFrame:
+    """Empty the Marketo-id column of ``clears`` (``dynamics_id, person_id``), 1000 records an UpdateMultiple call.
+
+    :returns: one row per record: :data:`RESULT_COLUMNS` (field :data:`LINK_FIELD`, value None).
+    """
+    rows = clears[["person_id", "dynamics_id"]].assign(field=LINK_FIELD, value=None).reset_index(drop=True)
+    rows["dynamics_id"] = rows["dynamics_id"].astype(str)
+    if dry_run:
+        return _dry(rows, pd.Series(None, index=rows.index, dtype=object), dry_run)
+    api = rows.assign(api_field=config.dynamics.marketo_id_column, api_value=None, row=rows.index)
+    log.info("dynamics: %s: emptying %s on %d merged records first (their persons moved to the master)",
+             entity.entity_set, config.dynamics.marketo_id_column, len(rows))
+
+    def send(records: list[dict]):
+        res = client.update_multiple(entity.entity_set, records)
+        return list(zip(res["ok"].astype(bool), res["error_code"], res["error_message"]))
+
+    return write_records(rows, api, "dynamics_id", {"dynamics_id": entity.id_column}, send)
 
 
 def load_marketo(config: SyncConfig, entities: dict[str, EntityConfig], writes: pd.DataFrame, link_writes: pd.DataFrame,
@@ -582,6 +610,50 @@ def delete_in_marketo(deletes: pd.DataFrame, client, *, dry_run: bool = False) -
     out.done = int(ok.sum())
     out.activity, out.errors = _refused_deletes(work, ok, res["reason_code"].to_numpy(), res["reason_message"].to_numpy(),
                                                 "Marketo", "delete the person", "the person is kept, unlinked")
+    return out
+
+
+# -- merges in Marketo (a Dynamics merge or a lead qualified into an existing contact left two persons) ------
+
+#: the pseudo-field of a refused Merge Leads call in sync errors
+MERGE_PERSONS = "(merge)"
+
+
+@dataclass
+class MergeOutcome(DeleteOutcome):
+    """What the Marketo merges of one load did: the error lines and sync errors of those refused, and every merge's
+    outcome (``winner_id, loser_id, ok``), so the commit remembers the persons merged away."""
+
+    results: pd.DataFrame = None
+
+
+def merge_in_marketo(merges: pd.DataFrame, client, *, dry_run: bool = False) -> MergeOutcome:
+    """Merge the persons identity decided to merge (``winner_id, loser_id, entity_type, dynamics_id, detail``): one
+    Merge Leads call per winner and 25 losers (:meth:`~mdsync.marketo.MarketoClient.merge_persons`). A refused
+    merge is an ``error`` line and a sync error naming both persons and what Marketo said; the persons stay apart.
+    """
+    out = MergeOutcome(activity_frame([]), pd.DataFrame(),
+                       results=pd.DataFrame(columns=["winner_id", "loser_id", "ok"]))
+    if merges.empty or dry_run:
+        return out
+    log.info("marketo: merging %d persons into %d (Merge Leads)", len(merges), merges["winner_id"].nunique())
+    res = client.merge_persons(merges[["winner_id", "loser_id"]])
+    ok = res["ok"].fillna(False).astype(bool).to_numpy()
+    out.done, out.results = int(ok.sum()), res[["winner_id", "loser_id"]].assign(ok=ok)
+    bad = merges.reset_index(drop=True)[~ok]
+    message = ("Marketo refused to merge person " + bad["loser_id"].astype(str) + " into " + bad["winner_id"].astype(str)
+               + ": " + (res["error_code"][~ok].fillna("").astype(str) + " " + res["error_message"][~ok].fillna("")
+                         .astype(str)).str.strip().to_numpy() + "; both persons are kept")
+    out.activity = activity_frame(pd.DataFrame({
+        "person_id": bad["winner_id"].to_numpy(), "entity_type": bad["entity_type"].to_numpy(),
+        "dynamics_type": bad["entity_type"].to_numpy(), "dynamics_id": bad["dynamics_id"].to_numpy(),
+        "action": "error", "detail": message.to_numpy()}))
+    out.errors = pd.DataFrame({"person_id": bad["loser_id"].to_numpy(), "dynamics_type": bad["entity_type"].to_numpy(),
+                               "dynamics_id": bad["dynamics_id"].to_numpy(), "target": "marketo",
+                               "field": MERGE_PERSONS, "value": bad["winner_id"].astype(str).to_numpy(),
+                               "code": res["error_code"][~ok].to_numpy(), "message": message.to_numpy()})
+    if not bad.empty:
+        log.warning("marketo: %d of %d merges refused: %s", len(bad), len(merges), message.head(3).tolist())
     return out
 
 

@@ -129,6 +129,9 @@ class Identified(StageResult):
     marketo_merges: str | None = None
     #: pairs a merge handed to another person or record (from_person, to_person): baselines follow them
     moved: str | None = None
+    #: Dynamics records whose Marketo-id column is emptied before the link writes (entity_type, dynamics_id,
+    #: person_id: merged subordinates whose person moved to their master)
+    link_clears: str | None = None
     #: persons merged away in Marketo to remember (loser_id, winner_id), recorded at commit
     merges: str | None = None
 

@@ -1,4 +1,4 @@
-"""Lead changes, deleted leads and custom activities (activities.md, paging-tokens.md)."""
+"""Lead changes, deleted and merged leads, and custom activities (activities.md, paging-tokens.md)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,16 @@ CHANGE_COLUMNS = ["id", "marketo_guid", "lead_id", "activity_date", "activity_ty
 DELETED_COLUMNS = ["id", "marketo_guid", "lead_id", "activity_date", "activity_type_id", "primary_attribute_value"]
 ACTIVITY_TYPES = {"id": "integer", "lead_id": "integer", "activity_type_id": "integer", "field_id": "integer",
                   "activity_date": "datetime"}
+#: Marketo activity types: Merge Leads (the winner's), Delete Lead (each deleted or merged-away lead's)
+MERGE_LEADS, DELETE_LEAD = 32, 37
+MERGE_COLUMNS = ["id", "marketo_guid", "winner_id", "loser_id", "activity_date"]
+MERGE_TYPES = {"id": "integer", "winner_id": "integer", "loser_id": "integer", "activity_date": "datetime"}
+
+
+def merge_ids(value) -> list[int]:
+    """The losers a Merge Leads activity names in its ``Merge IDs`` attribute (``"[12,34]"``, or one id)."""
+    text = str(value if value is not None else "").strip().strip("[]")
+    return [int(part) for part in (p.strip() for p in text.split(",")) if part.isdigit()]
 
 
 def _attr(activity: dict, *names: str):
@@ -81,6 +91,30 @@ class ActivitiesMixin:
                  "activity_date": a.get("activityDate"), "activity_type_id": a.get("activityTypeId"),
                  "primary_attribute_value": a.get("primaryAttributeValue")} for a in activities]
         return typed_frame(rows, DELETED_COLUMNS, ACTIVITY_TYPES), token
+
+    def get_merges_and_deletions(self, paging_token: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+        """Merge Leads (32) and Delete Lead (37) activities from the token to the end, in one series of Get Lead
+        Activities calls (one call a page, as Get Deleted Leads would cost alone).
+
+        A merge deletes its losers, so each loser also has a Delete Lead activity: callers tell merged-away
+        persons from deleted ones with the merges frame.
+
+        :returns: ``(deleted, merges, next token)``: the Delete Lead activities as :meth:`get_deleted_leads`
+            returns them; one row per merged-away lead (``id``, ``marketo_guid`` of the activity, ``winner_id``,
+            ``loser_id``, ``activity_date``), in activity order.
+        """
+        activities, token, _ = self._activity_pages("/rest/v1/activities.json", paging_token,
+                                                    {"activityTypeIds": f"{MERGE_LEADS},{DELETE_LEAD}"})
+        deleted = [{"id": a.get("id"), "marketo_guid": a.get("marketoGUID"), "lead_id": a.get("leadId"),
+                    "activity_date": a.get("activityDate"), "activity_type_id": a.get("activityTypeId"),
+                    "primary_attribute_value": a.get("primaryAttributeValue")}
+                   for a in activities if a.get("activityTypeId") == DELETE_LEAD]
+        merges = [{"id": a.get("id"), "marketo_guid": a.get("marketoGUID"), "winner_id": a.get("leadId"),
+                   "loser_id": loser, "activity_date": a.get("activityDate")}
+                  for a in activities if a.get("activityTypeId") == MERGE_LEADS
+                  for loser in merge_ids(_attr(a, "Merge IDs", "Merge Ids"))]
+        return (typed_frame(deleted, DELETED_COLUMNS, ACTIVITY_TYPES), typed_frame(merges, MERGE_COLUMNS, MERGE_TYPES),
+                token)
 
     def get_activities(self, paging_token: str, activity_type_ids: Iterable[int],
                        lead_ids: Iterable[int] | None = None) -> tuple[list[dict], str]:

@@ -40,6 +40,8 @@ from .limits import shared_limits
 log = logging.getLogger("mdsync.marketo")
 
 BATCH = 300
+#: losers per Merge Leads call (leads.md: more than 25 ids are refused with 1080)
+MERGE_BATCH = 25
 MAX_URI = 8000  # Marketo's limit is 8 KB; keep a little room for the host part
 MAX_BODY = 1_000_000  # Marketo's limit is 1 MB per request body
 # Response-level codes worth retrying: rate (606), concurrency (615), time-out (604), temporarily unavailable
@@ -437,9 +439,42 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
     def merge_leads(self, winner_id: int, loser_ids: Iterable[int]) -> None:
         """Merge losers into the winner (Merge Leads; at most 25 losers per call, so larger sets are split)."""
         losers = [int(i) for i in loser_ids]
-        for chunk in _chunks(losers, 25):
+        for chunk in _chunks(losers, MERGE_BATCH):
             self._call("POST", f"/rest/v1/leads/{int(winner_id)}/merge.json?" +
                        urlencode({"leadIds": ",".join(map(str, chunk))}))
+
+    def merge_persons(self, merges) -> pd.DataFrame:
+        """Merge each winner's losers into it (Merge Leads, up to 25 losers a call), one outcome per loser.
+
+        A call is all or nothing: when Marketo refuses one (a lead not found, 1004; a loser that is also the
+        winner, 1003), its losers are sent again one at a time, so one bad id does not hold back the others.
+        Outages (retried, then :class:`~mdsync.errors.ServiceUnavailable`) and quota stops are raised, not
+        recorded: nothing about the record is known then.
+
+        :param merges: a frame (or mappings) with ``winner_id`` and ``loser_id``.
+        :returns: ``winner_id``, ``loser_id``, ``ok``, ``error_code``, ``error_message`` per input row, in order.
+        """
+        frame = pd.DataFrame(records_of(merges), columns=["winner_id", "loser_id"]).astype("int64")
+        rows = []
+        for winner, part in frame.drop_duplicates().groupby("winner_id", sort=False):
+            for chunk in _chunks(part["loser_id"].tolist(), MERGE_BATCH):
+                rows += self._merge_chunk(int(winner), chunk, alone=len(chunk) == 1)
+        out = pd.DataFrame(rows, columns=["winner_id", "loser_id", "ok", "error_code", "error_message"])
+        key = pd.MultiIndex.from_frame(frame)
+        return out.set_index(["winner_id", "loser_id"]).reindex(key).reset_index()
+
+    def _merge_chunk(self, winner: int, losers: list[int], alone: bool) -> list[tuple]:
+        try:
+            self.merge_leads(winner, losers)
+        except (ServiceUnavailable, QuotaExhausted, AuthError, AccessDenied):
+            raise
+        except ServiceError as exc:
+            if not alone:
+                log.info("Marketo refused merging %d leads into %s (%s %s); merging them one at a time",
+                         len(losers), winner, exc.code, exc.service_message)
+                return [r for loser in losers for r in self._merge_chunk(winner, [loser], alone=True)]
+            return [(winner, losers[0], False, exc.code, exc.service_message)]
+        return [(winner, loser, True, None, None) for loser in losers]
 
 
 def _json_bytes(body) -> bytes:

@@ -8,6 +8,7 @@
 - ``cycle_lease``: one row: which run may run a cycle against this store now (:mod:`mdsync.lease`).
 - ``deletions``: linked pairs ended by a delete on one side (tombstones: the deleted record is not created again
   from its surviving partner); ``links.out_of_filter_since`` marks links whose record left the sync filter.
+- ``merges``: Marketo persons merged away (``loser_id``) and the person that survived them (``winner_id``).
 """
 
 from __future__ import annotations
@@ -127,4 +128,15 @@ deletions = sa.Table(
     sa.UniqueConstraint("deleted_in", "person_id", "dynamics_type", "dynamics_id", name="uq_deletions_pair"),
     sa.Index("ix_deletions_person", "person_id"),
     sa.Index("ix_deletions_dynamics", "dynamics_id"),
+)
+
+merges = sa.Table(
+    "merges",
+    metadata,
+    sa.Column("loser_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    # the surviving person (a chain of merges is followed to its end before it is stored)
+    sa.Column("winner_id", sa.BigInteger, nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("run_id", sa.String(250)),
+    sa.Index("ix_merges_winner", "winner_id"),
 )

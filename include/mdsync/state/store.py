@@ -1,4 +1,4 @@
-"""The state store: links, baselines, watermarks, the activity log, open sync errors and deletions.
+"""The state store: links, baselines, watermarks, the activity log, open sync errors, deletions and merges.
 
 SQLite file by default, PostgreSQL through a URL (``postgresql+psycopg://user:pass@host/db``). The schema
 is created and upgraded by Alembic migrations on :meth:`StateStore.upgrade` (run by :func:`open_store`).
@@ -265,6 +265,48 @@ class StateStore:
             return frame.astype({"person_id": "int64"})
         return frame.drop_duplicates(["deleted_in", "person_id", "dynamics_type", "dynamics_id"]).astype(
             {"person_id": "int64"}).reset_index(drop=True)
+
+    # -- merges ---------------------------------------------------------------------------------------
+
+    def save_merges(self, rows: pd.DataFrame, run_id: str | None, conn: Connection | None = None) -> int:
+        """Remember Marketo persons merged away: ``loser_id, winner_id`` rows (a loser seen again is refreshed)."""
+        if rows.empty:
+            return 0
+        now = utcnow()
+        frame = rows[["loser_id", "winner_id"]].dropna().astype("int64").drop_duplicates("loser_id", keep="last")
+        records = [{"loser_id": int(lo), "winner_id": int(w), "at": now, "run_id": run_id}
+                   for lo, w in frame.itertuples(index=False, name=None)]
+        with self._tx(conn) as c:
+            self._upsert(c, schema.merges, records, ["loser_id"], ["winner_id", "at", "run_id"])
+        return len(records)
+
+    def load_merges(self, loser_ids: Iterable[int]) -> pd.DataFrame:
+        """The remembered merges of these persons: ``loser_id, winner_id`` (one row per loser found)."""
+        t = schema.merges
+        ids = sorted({int(i) for i in loser_ids})
+        with self.engine.connect() as c:
+            rows = [r for chunk in _chunks(ids) for r in c.execute(
+                sa.select(t.c.loser_id, t.c.winner_id).where(t.c.loser_id.in_(chunk))).all()]
+        frame = _frame(rows, ["loser_id", "winner_id"])
+        return frame.astype({"loser_id": "int64", "winner_id": "int64"}).reset_index(drop=True)
+
+    def baseline_rows(self, person_ids: Iterable[int], conn: Connection | None = None) -> pd.DataFrame:
+        """The stored baselines of these persons as long rows (``person_id, field, value``, nulls kept), e.g. to
+        carry them to the person that now holds the pair (:meth:`save_baselines` takes them back)."""
+        t = schema.baselines
+        ids = sorted({int(i) for i in person_ids})
+
+        def read(c: Connection) -> list:
+            return [r for chunk in _chunks(ids) for r in c.execute(
+                sa.select(t.c.person_id, t.c.field, t.c.value).where(t.c.person_id.in_(chunk))).all()]
+
+        if conn is not None:  # inside the caller's transaction (it sees that transaction's writes)
+            rows = read(conn)
+        else:
+            with self.engine.connect() as c:
+                rows = read(c)
+        frame = _frame(rows, ["person_id", "field", "value"]).astype({"person_id": "int64", "value": object})
+        return frame.assign(value=frame["value"].where(frame["value"].notna(), None)).reset_index(drop=True)
 
     # -- baselines ------------------------------------------------------------------------------------
 

@@ -39,9 +39,11 @@ class FakeMarketo:
     """Persons by id with ``createdAt``; lead changes; deleted leads. Records the calls made."""
 
     def __init__(self, persons: dict[int, datetime | None] = None, changes: list[tuple[int, str]] = (),
-                 more_result: bool = False, deleted: list[int] = (), activities: list[tuple[int, int, str]] = ()):
+                 more_result: bool = False, deleted: list[int] = (), activities: list[tuple[int, int, str]] = (),
+                 merges: list[tuple[int, int]] = ()):
         self.persons = persons or {}
         self.changes, self.more_result, self.deleted = list(changes), more_result, list(deleted)
+        self.merges = list(merges)  # (winner, loser); each loser also deleted, as Marketo records it
         self.activities = list(activities)
         self.calls: list[tuple] = []
 
@@ -58,9 +60,12 @@ class FakeMarketo:
         self.calls.append(("get_paging_token", since))
         return "token-1"
 
-    def get_deleted_leads(self, token):
-        self.calls.append(("get_deleted_leads", token))
-        return pd.DataFrame({"lead_id": pd.array(self.deleted, dtype="Int64")}), "token-2"
+    def get_merges_and_deletions(self, token):
+        self.calls.append(("get_merges_and_deletions", token))
+        gone = self.deleted + [loser for _, loser in self.merges]
+        return (pd.DataFrame({"lead_id": pd.array(gone, dtype="Int64")}),
+                pd.DataFrame({"winner_id": [w for w, _ in self.merges], "loser_id": [lo for _, lo in self.merges]},
+                             dtype="int64"), "token-2")
 
     def get_lead_changes(self, token, fields, max_pages=None):
         self.calls.append(("get_lead_changes", token, list(fields), max_pages))

@@ -117,6 +117,33 @@ def test_deleted_leads_and_merge(marketo, marketo_client):
     assert left["id"].tolist() == [a] and left["company"].iloc[0] == "B Corp"
 
 
+def test_merges_and_deletions_come_from_one_activities_call_a_page(marketo, marketo_client):
+    w, a, b, c = marketo.seed_leads([{"email": f"m{i}@example.com"} for i in range(4)])
+    token = marketo_client.get_paging_token(datetime.now(timezone.utc) - timedelta(seconds=5))
+    marketo_client.delete_leads([c])
+    marketo_client.merge_leads(w, [a, b])
+    deleted, merges, _ = marketo_client.get_merges_and_deletions(token)
+    assert calls(marketo, "GET /rest/v1/activities.json") == 1
+    assert sorted(deleted["lead_id"]) == sorted([a, b, c])  # a merge deletes its losers too
+    assert merges[["winner_id", "loser_id"]].values.tolist() == [[w, a], [w, b]]
+    assert str(merges["activity_date"].dt.tz) == "UTC"
+
+
+def test_merge_persons_splits_by_winner_and_25_losers_and_isolates_a_refused_id(marketo, marketo_client):
+    ids = marketo.seed_leads([{"email": f"p{i}@example.com"} for i in range(30)])
+    winner, other, losers = ids[0], ids[1], ids[2:29]
+    plan = pd.DataFrame({"winner_id": [winner] * 27 + [other, other],
+                         "loser_id": losers + [ids[29], 424242]})
+    out = marketo_client.merge_persons(plan)
+    assert out[["winner_id", "loser_id"]].values.tolist() == plan.values.tolist()  # one row per input, in order
+    assert out["ok"].tolist() == [True] * 28 + [False]
+    assert out["error_code"].iloc[-1] == "1004" and "424242" in out["error_message"].iloc[-1]
+    # the winner's 27 losers in two calls (25 + 2); the other winner's call refused, then each loser alone
+    assert calls(marketo, "POST /rest/v1/leads/{id}/merge.json") == 2 + 3
+    left = marketo_client.get_leads("id", ids, fields=["email"])
+    assert left["id"].tolist() == [winner, other]
+
+
 def test_export_leads_runs_one_job_per_31_days_and_types_the_csv(marketo, marketo_client):
     marketo.seed_leads([{"email": f"x{i}@example.com", "firstName": None if i == 1 else f"Name, {i}",
                          "leadScore": i, "unsubscribed": i == 2, "createdAt": f"2026-0{1 + i % 3}-15T08:00:00Z"}
