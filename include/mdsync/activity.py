@@ -2,8 +2,9 @@
 
 Actions: ``create``, ``update``, ``consent``, ``link``, ``unlink``, ``collision``, ``skip``, ``error``, ``ambiguous``,
 ``flag`` and ``delete`` (what a delete policy did to a deleted pair's survivor: flagged it, or deleted/deactivated
-it), and an undo run's ``undo`` (a value restored) and ``undo_skipped`` (not restored, or listed: see
-:mod:`mdsync.undo`).
+it), ``merge`` (a merge on either side: a link moved to the surviving record or person, a loser's link dropped, two
+persons to merge in Marketo), and an undo run's ``undo`` (a value restored) and ``undo_skipped`` (not restored, or
+listed: see :mod:`mdsync.undo`).
 ``consent`` is a change of a consent flag (``opt_out_wins``): an opt-out written to the other side
 (:func:`write_activity`), or a re-opt-in held back because the other side still says opted out
 (:func:`consent_held_activity`); ``winner`` names the side whose opt-out holds.

@@ -14,6 +14,11 @@ them, then calls :func:`decide`. Creates and link-field writes are done by the l
 - The sync filter: a Dynamics record outside its entity type's filter is neither linked (by email or a push) nor
   created in Marketo; a linked record that leaves it pauses its pair (link kept, one line logged) and is synced in
   full the cycle it enters it again (its person is read for that).
+- Merges: a Marketo merge's winner takes over its loser's link when it has none (both link fields rewritten, the
+  pair's baselines follow), else keeps its own and the loser's is dropped (its record held, a Dynamics merge may
+  be wanted); a loser id in a Dataverse link column stands for its winner. A Dataverse merge's subordinate hands
+  its person to the master, or, when the master has a person already, the two persons are merged in Marketo (the
+  master's wins), as for a lead qualified into an existing contact. Merged-away persons are never deletes.
 - Links lost from the state store are rebuilt from the link fields on the records: the Dataverse
   ``mdsync_marketopersonid`` column, the Marketo ``dynamicsRecordId`` / ``dynamicsRecordType`` fields.
 - An unlinked Dynamics record links by email to exactly one Marketo person (case-insensitive), or becomes a
@@ -354,7 +359,7 @@ class IdentityDecisions:
     #: every link after this stage: index person_id; dynamics_type, dynamics_id, method, new, paused (outside the
     #: sync filter: not synced)
     links: pd.DataFrame
-    #: person ids whose link was dropped (deleted on a side)
+    #: person ids whose link was dropped (deleted on a side, or merged away)
     unlinked: list[int]
     #: Dynamics rows to create as Marketo persons: entity_type, dynamics_id, email
     marketo_creates: pd.DataFrame

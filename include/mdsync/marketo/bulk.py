@@ -16,6 +16,7 @@ import pandas as pd
 
 from mdsync.errors import ServiceError
 
+from .activities import DELETE_LEAD
 from .frames import json_value, typed_frame
 
 log = logging.getLogger("mdsync.marketo")
@@ -25,7 +26,6 @@ DONE = {"Completed", "Failed", "Cancelled", "Canceled"}
 EXPORT_QUEUE = 10  # jobs queued or processing at once, shared by lead and activity exports (bulk-extract.md)
 LEAD_EXPORT = "/bulk/v1/leads/export"
 ACTIVITY_EXPORT = "/bulk/v1/activities/export"
-DELETE_LEAD = 37
 ACTIVITY_FILE_COLUMNS = ("marketoGUID", "leadId", "activityDate", "activityTypeId", "primaryAttributeValueId",
                          "primaryAttributeValue", "attributes")
 ACTIVITY_COLUMNS = ["marketo_guid", "lead_id", "activity_date", "activity_type_id", "primary_attribute_value_id",
@@ -96,7 +96,7 @@ class BulkExportMixin:
 
         :param activity_type_ids: activity type ids (e.g. 12 New Lead, 13 Change Data Value, custom types).
             Delete Lead (37) cannot be exported in bulk (bulk-activity-extract.md); use
-            :meth:`get_deleted_leads`.
+            :meth:`get_deleted_leads` or :meth:`get_merges_and_deletions`.
         :param created_at: ``(start, end)`` of the activities' dates; any length, split into 31-day jobs.
         :param poll_interval_s: seconds between status poll rounds.
         :param timeout_s: give up when the jobs have not all completed after this long.

@@ -267,6 +267,27 @@ def test_the_merge_ids_attribute_is_read_as_marketo_writes_it():
     assert merge_ids(None) == [] and merge_ids("[]") == []
 
 
+# -- the load stage merges persons in Marketo ---------------------------------------------------------------
+
+@pytest.mark.integration
+def test_a_refused_merge_is_a_record_level_error_and_the_others_go_through(marketo, marketo_client):
+    from mdsync.load import MERGE_PERSONS, merge_in_marketo
+
+    a, b, c = marketo.seed_leads([{"email": f"r{i}@example.com"} for i in range(3)])
+    plan = pd.DataFrame({"winner_id": [a, a], "loser_id": [b, 424242], "entity_type": "contact",
+                         "dynamics_id": ["C1", "C2"], "detail": "merged in Dynamics"})
+    dry = merge_in_marketo(plan, marketo_client, dry_run=True)
+    assert dry.done == 0 and dry.activity.empty and len(marketo_client.get_leads("id", [a, b, c], ["id"])) == 3
+    out = merge_in_marketo(plan, marketo_client)
+    assert out.done == 1 and out.results["ok"].tolist() == [True, False]
+    [line] = out.activity.to_dict("records")
+    assert (line["action"], line["person_id"], line["dynamics_id"]) == ("error", a, "C2")
+    assert line["detail"].startswith(f"Marketo refused to merge person 424242 into {a}: 1004 ")
+    [error] = out.errors.to_dict("records")
+    assert (error["person_id"], error["field"], error["value"], error["code"]) == (424242, MERGE_PERSONS, str(a), "1004")
+    assert marketo_client.get_leads("id", [a, b, c], ["id"])["id"].tolist() == [a, c]  # b merged into a
+
+
 # -- the state store remembers merged-away persons ---------------------------------------------------------
 
 @pytest.fixture

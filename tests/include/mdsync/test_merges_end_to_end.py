@@ -22,7 +22,7 @@ from tests.fixtures.module_world import ModuleWorld, module_world
 
 pytestmark = pytest.mark.integration
 
-FLAG_COLUMN, FLAG_FIELD = "mdsync_deletedinmarketo", "deletedInDynamics"
+FLAG_COLUMN = "mdsync_deletedinmarketo"
 
 
 def email(name: str) -> str:
@@ -80,8 +80,17 @@ def lines(world: ModuleWorld, run_id: str, action: str | None = None) -> pd.Data
     return act if action is None else act[act["action"] == action]
 
 
-def gone(world: ModuleWorld, person_id: int) -> bool:
-    return world.marketo().get_leads("id", [person_id], ["id"]).empty
+def survivor(world: ModuleWorld, linked: dict, winner: str, loser: str, entity_set: str, record: str):
+    """The winner linked to ``record`` (both link fields and the state store), the loser gone from Marketo and
+    unlinked, with no tombstone (a merge is not a delete); returns the snapshot, both ids and the winner's line."""
+    pid, rid = linked["pid"], linked["rid"]
+    snap = world.read([email(winner), email(loser)])
+    snap.pair(pid[winner], entity_set, rid[record])
+    assert world.marketo().get_leads("id", [pid[loser]], ["id"]).empty and pid[loser] not in snap.links.index
+    assert world.store().load_deletions(person_ids=[pid[loser]]).empty
+    line = lines(world, "merge", "merge").query(f"person_id == {pid[winner]}")["detail"]
+    assert len(line) == 1, line.tolist()
+    return snap, pid[winner], pid[loser], line.iloc[0]
 
 
 def test_a_dry_run_shows_every_merge_and_does_none(world, linked, merged):
@@ -105,32 +114,20 @@ def test_a_dry_run_shows_every_merge_and_does_none(world, linked, merged):
 
 
 def test_a_winner_takes_over_the_link_of_its_only_linked_loser(world, linked, merged):
-    pid, rid = linked["pid"], linked["rid"]
-    winner, loser = pid["m-loser-winner"], pid["m-loser"]
-    snap = world.read([email("m-loser"), email("m-loser-winner")])
-    snap.pair(winner, "contacts", rid["m-loser"])  # both link fields and the state store name the winner
-    assert gone(world, loser) and loser not in snap.links.index
-    # a merge is not a delete: no tombstone, no "deleted in Marketo" flag on the contact
-    assert world.store().load_deletions(person_ids=[loser]).empty
-    assert not bool(snap.row_by_id("contacts", rid["m-loser"]).get(FLAG_COLUMN) or False)
+    rid = linked["rid"]
+    snap, winner, loser, line = survivor(world, linked, "m-loser-winner", "m-loser", "contacts", "m-loser")
+    assert not bool(snap.row_by_id("contacts", rid["m-loser"]).get(FLAG_COLUMN) or False)  # no "deleted" flag
     # the pair's baselines followed the winner
     assert not world.store().load_baselines(person_ids=[winner]).empty
     assert world.store().load_baselines(person_ids=[loser]).empty
-    [line] = lines(world, "merge", "merge").query(f"person_id == {winner}")["detail"].tolist()
     assert line == (f"merged in Marketo: person {loser} into {winner}; link moved: the contact {rid['m-loser']} now "
                     f"follows person {winner}")
 
 
 def test_a_linked_winner_keeps_its_record_and_the_losers_link_is_dropped(world, linked, merged):
-    pid, rid = linked["pid"], linked["rid"]
-    winner, loser = pid["m-both-winner"], pid["m-both-loser"]
-    snap = world.read([email("m-both-winner"), email("m-both-loser")])
-    snap.pair(winner, "leads", rid["m-both-winner"])
-    assert gone(world, loser) and loser not in snap.links.index
-    assert world.store().load_deletions(person_ids=[loser]).empty
-    row = snap.row_by_id("contacts", rid["m-both-loser"])
-    assert not bool(row.get(FLAG_COLUMN) or False)
-    detail = lines(world, "merge", "merge").query(f"person_id == {winner}")["detail"].iloc[0]
+    rid = linked["rid"]
+    snap, winner, loser, detail = survivor(world, linked, "m-both-winner", "m-both-loser", "leads", "m-both-winner")
+    assert not bool(snap.row_by_id("contacts", rid["m-both-loser"]).get(FLAG_COLUMN) or False)
     assert f"keeps its link to the lead {rid['m-both-winner']}" in detail
     assert f"the link of person {loser} to the contact {rid['m-both-loser']} is dropped" in detail
     assert "a Dynamics merge of those two records may be wanted" in detail
@@ -150,25 +147,16 @@ def test_the_person_of_a_merged_contact_follows_a_master_without_one(world, link
 
 
 def test_a_master_with_its_own_person_gets_the_two_persons_merged_in_marketo(world, linked, merged):
-    pid, rid = linked["pid"], linked["rid"]
-    winner, loser = pid["d-both-master"], pid["d-both-sub"]
-    snap = world.read([email("d-both-master"), email("d-both-sub")])
-    snap.pair(winner, "contacts", rid["d-both-master"])
-    assert gone(world, loser) and loser not in snap.links.index
+    rid = linked["rid"]
+    _, winner, loser, detail = survivor(world, linked, "d-both-master", "d-both-sub", "contacts", "d-both-master")
     assert merged["real"]["lifecycle"]["merged_by_sync"] == 2 and merged["real"]["lifecycle"]["merge_errors"] == 0
-    detail = lines(world, "merge", "merge").query(f"person_id == {winner}")["detail"].iloc[0]
     assert detail == (f"merged in Dynamics: contact {rid['d-both-sub']} into {rid['d-both-master']}; persons {loser} "
                       f"and {winner} merged in Marketo ({winner}, who follows {rid['d-both-master']}, wins)")
 
 
 def test_a_lead_qualified_into_an_existing_contact_merges_its_person_into_the_contacts(world, linked, merged):
-    pid, rid = linked["pid"], linked["rid"]
-    winner, loser = pid["qualify-contact"], pid["qualify-lead"]
-    snap = world.read([email("qualify-contact"), email("qualify-lead")])
-    snap.pair(winner, "contacts", rid["qualify-contact"])
-    assert gone(world, loser) and loser not in snap.links.index
+    snap, winner, loser, detail = survivor(world, linked, "qualify-contact", "qualify-lead", "contacts", "qualify-contact")
     assert snap.rows_with("contacts", email("qualify-lead")).empty  # no contact was created from the lead
-    detail = lines(world, "merge", "merge").query(f"person_id == {winner}")["detail"].iloc[0]
     assert detail.startswith(f"persons {loser} and {winner} merged in Marketo (lead qualified into an existing contact")
 
 
