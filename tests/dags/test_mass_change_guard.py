@@ -207,7 +207,7 @@ def test_a_mass_change_waits_for_approval_rejected_or_unanswered_it_writes_nothi
     assert request["options"] == ["Approve", "Reject"] and request["defaults"] == ["Reject"]
     assert request["subject"].startswith("Mass change held: 4 records to Marketo")
     body = request["body"]
-    assert "| Marketo | **4** | 4 | 0 | 10 | 3 | **over** |" in body
+    assert "| Marketo | **4** | 4 | 0 | 0 | 10 | 3 | **over** |" in body
     assert "| Marketo | contact | job\\_title | 4 |" in body
     assert f"| contact | {pairs.person_ids[0]} | {pairs.contact_ids[0]} | job\\_title | Engineer | " \
            "Intern \\| \\*\\*all\\*\\* {{ 7 \\* 7 }} |" in body
