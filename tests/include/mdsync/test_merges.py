@@ -170,6 +170,17 @@ def test_a_master_with_its_own_person_merges_the_two_persons_in_marketo():
     assert d.marketo_creates.empty and d.moved.empty
 
 
+def test_a_merge_marketo_refused_is_asked_again_when_the_loser_and_the_master_are_read_again():
+    # the link of 7 was dropped when its merge was decided; Marketo refused, so 7 still names the subordinate
+    contacts = [{"contactid": "S1", "mdsync_marketopersonid": "7", "statecode": 1, "merged": True,
+                 "_masterid_value": "M1"},
+                {"contactid": "M1", "mdsync_marketopersonid": "8"}]
+    people = [{"id": 7, "email": "ann@x.com", "dynamicsRecordId": "S1", "dynamicsRecordType": "contact"}]
+    d = decide(store=[(8, "contact", "M1")], people=people, contacts=contacts)
+    assert d.marketo_merges[["winner_id", "loser_id"]].to_dict("records") == [{"winner_id": 8, "loser_id": 7}]
+    assert link_map(d) == {8: ("contact", "M1", "email")} and not acts(d, "link")
+
+
 def test_a_master_merged_in_turn_is_followed_to_the_surviving_record():
     leads = [{"leadid": "S1", "mdsync_marketopersonid": "7", "statecode": 2, "merged": True, "_masterid_value": "S2"},
              {"leadid": "S2", "statecode": 2, "merged": True, "_masterid_value": "M1"},

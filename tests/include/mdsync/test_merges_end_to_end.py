@@ -171,8 +171,9 @@ def test_nothing_is_created_again_for_the_losers_in_later_cycles(world, linked, 
     world.set_person(pid["m-loser-winner"], title="Winner edited")
     after = world.run("after")
     assert echo["created"] == 0 and after["created"] == 0
-    # the sync's own merges come back as Merge Leads activities: nothing to decide, nothing written
-    assert echo["lifecycle"]["merged_in_marketo"] == 2 and echo["written"] == {"dynamics": 0, "marketo": 0}
+    # the sync's own merges come back as Merge Leads activities (the test's own too, when they fall within the
+    # overlap): nothing to decide, nothing written
+    assert echo["lifecycle"]["merged_in_marketo"] >= 2 and echo["written"] == {"dynamics": 0, "marketo": 0}
     assert world.activity(run_id="echo").empty
     snap = world.read([email(n) for n in pid] + [email("d-free-master")])
     for loser in ("m-loser", "m-both-loser", "d-both-sub", "qualify-lead"):
