@@ -3,8 +3,8 @@
 A botched import or a wrong mapping upstream shows up as a plan that writes to a large part of the other
 side at once. Before the loads, :func:`check_run` counts, per side, the distinct records the run's plans
 would write (mapped fields, link fields, creates, and what the delete policies do: flags set, records deleted
-or deactivated — a mass delete on one side must not empty the other unasked) and compares them with a
-threshold:
+or deactivated, and persons the sync would merge away in Marketo after a Dynamics merge — a mass delete or
+dedupe on one side must not empty the other unasked) and compares them with a threshold:
 
     threshold = max(max_records, max_percent % of the side's linked records before this cycle)
 
@@ -182,6 +182,14 @@ def check_run(manifest: RunManifest, staging, limits: Limits, *, dry_run: bool =
     m_links = _by_entity(s.read_frame(identity.marketo_link_writes), "dynamics_type")
     creates = (_counts(s.read_frame(identity.dynamics_creates)), _counts(s.read_frame(identity.marketo_creates)))
     deletes = s.read_frame(identity.deletes) if identity.deletes else None
+    if identity.marketo_merges:  # persons the load would merge away in Marketo: removals too
+        merges = s.read_frame(identity.marketo_merges)
+        if not merges.empty:
+            merged = pd.DataFrame({"target": "marketo", "action": "delete",
+                                   "person_id": merges["loser_id"].astype("int64"),
+                                   "entity_type": merges["entity_type"].astype(str),
+                                   "dynamics_id": merges["dynamics_id"].astype(object)})
+            deletes = merged if deletes is None or deletes.empty else pd.concat([deletes, merged], ignore_index=True)
     args = (d_writes, m_writes, d_links, m_links, *creates)
     kw = dict(dry_run=dry_run, allowed=allowed, sample_size=sample_size, deletes=deletes)
     decision = decide(*args, None, limits, **kw)

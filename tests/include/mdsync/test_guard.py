@@ -212,3 +212,26 @@ def test_a_mass_delete_in_dynamics_asks_before_the_persons_are_flagged(sync_worl
     # the default policy flags the four persons: updates of the Marketo side, counted against the threshold
     assert (marketo.records, marketo.linked, marketo.tripped) == (4, 10, True)
     assert marketo.fields == {"contact": {guard.DELETED_FLAG: 4}} and decision.outcome == "awaiting_approval"
+
+
+def test_check_run_counts_the_persons_a_dynamics_dedupe_would_merge_away_in_marketo(tmp_path):
+    from pathlib import Path
+
+    from mdsync.results import Identified, RunManifest
+    from mdsync.staging import Staging
+
+    s = Staging(Path(tmp_path), "dedupe")
+    empty = pd.DataFrame({"person_id": pd.Series([], dtype="int64")})
+    creates = pd.DataFrame({"entity_type": pd.Series([], dtype="string")})
+    # a Dataverse dedupe merged 12 contacts whose masters had persons: 12 persons to merge away in Marketo
+    merges = pd.DataFrame({"winner_id": pd.Series(range(101, 113), dtype="int64"),
+                           "loser_id": pd.Series(range(1, 13), dtype="int64"), "entity_type": "contact",
+                           "dynamics_id": [f"rec-{i}" for i in range(12)], "detail": "merged in Dynamics"})
+    identity = Identified(links=s.write_frame("links", pd.DataFrame({"new": pd.Series([False] * 40)})),
+                          persons=s.write_frame("persons", empty), records={}, unlinked=s.write_frame("u", empty),
+                          activity=s.write_frame("a", empty), marketo_creates=s.write_frame("mc", creates),
+                          dynamics_creates=s.write_frame("dc", creates), marketo_link_writes=s.write_frame("ml", empty),
+                          dynamics_link_writes={}, marketo_merges=s.write_frame("merges", merges))
+    decision = guard.check_run(RunManifest(run_id="dedupe", identity=identity), s, Limits(max_records=10, max_percent=20))
+    marketo = decision.sides["marketo"]
+    assert marketo.deleted == {"contact": 12} and marketo.tripped and decision.outcome == "awaiting_approval"
