@@ -407,9 +407,12 @@ class WebApi:
             values["_parentcustomerid_value"] = account_id
             contact_id = self.store.create(contacts, {}, conn, values=values)
             created.append({"@odata.type": "#Microsoft.Dynamics.CRM.contact", "contactid": contact_id})
+        # the lead's parents point at what was created; without a create they stay as they were (a lead qualified
+        # into an existing contact keeps its parentcontactid)
         self.store.update(leads, lead, {}, conn, values={
-            "statecode": 1, "statuscode": status, "_parentcontactid_value": contact_id,
-            "_parentaccountid_value": account_id})
+            "statecode": 1, "statuscode": status,
+            "_parentcontactid_value": contact_id or lead["_parentcontactid_value"],
+            "_parentaccountid_value": account_id or lead["_parentaccountid_value"]})
         return Reply(200, {"@odata.context": f"{self.org_url}{API}$metadata#Collection(Microsoft.Dynamics.CRM."
                                              "crmbaseentity)", "value": created})
 

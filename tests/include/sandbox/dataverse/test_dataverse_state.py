@@ -94,3 +94,14 @@ def test_update_multiple_checks_each_pair_and_fails_as_a_whole(dataverse, api):
         {"@odata.type": kind, "contactid": second, "statecode": 1, "statuscode": 2}]})
     assert done.status_code == 204
     assert (state(api, "contacts", first), state(api, "contacts", second)) == ((1, 2), (1, 2))
+
+
+def test_a_lead_qualified_into_an_existing_contact_keeps_its_parent_contact(dataverse, api):
+    contact = dataverse.seed("contacts", [{"lastname": "Existing", "emailaddress1": "same@x.org"}])[0]
+    lead = dataverse.seed("leads", [{"lastname": "Lead", "emailaddress1": "same@x.org"}])[0]
+    assert api("PATCH", f"leads({lead})", json={"parentcontactid@odata.bind": f"/contacts({contact})"}).status_code == 204
+    qualified = api("POST", f"leads({lead})/Microsoft.Dynamics.CRM.QualifyLead",
+                    json={"CreateContact": False, "CreateAccount": False, "Status": 3})
+    assert qualified.status_code == 200 and qualified.json()["value"] == []  # nothing created
+    row = api("GET", f"leads({lead})", params={"$select": "statecode,_parentcontactid_value"}).json()
+    assert (row["statecode"], row["_parentcontactid_value"]) == (1, contact)
