@@ -34,7 +34,7 @@ from mdsync.canonical import canonical_frame
 from mdsync.commit import commit_cycle, error_rows, resolved_keys, succeeded_baselines
 from mdsync.config import Side, SyncConfig, load_config
 from mdsync.extract import (account_columns, dynamics_columns, empty_merges, extract_accounts, extract_dynamics,
-                            extract_marketo, final_winners, marketo_fields, query_any)
+                            extract_marketo, final_winners, marketo_fields, query_any, query_chunked)
 from mdsync.load import (DeleteOutcome, create_in_dynamics, create_in_marketo, delete_in_dynamics, delete_in_marketo,
                          load_dynamics, load_marketo, merge_in_marketo, record_rejections_in_marketo)
 from mdsync.plan import REQUIRES_NOTHING, plan_entity, suppress_known_rejections
@@ -438,10 +438,8 @@ class Cycle:
         """Dataverse rows of ``entity`` whose ``column`` is one of ``values`` (escaped, in URL-sized chunks)."""
         from mdsync.dynamics import isin
 
-        entity_set = self.config.entity(entity).entity_set
-        parts = [self.dynamics.query(entity_set, columns, filter=isin(column, values[i: i + VALUES_PER_QUERY]))
-                 for i in range(0, len(values), VALUES_PER_QUERY)]
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+        return query_chunked(self.dynamics, self.config.entity(entity).entity_set, columns, list(values),
+                             VALUES_PER_QUERY, lambda chunk: isin(column, chunk))
 
     # -- 4. diff, resolve, plan -----------------------------------------------------------------------
 

@@ -339,16 +339,23 @@ def account_columns(config: SyncConfig, access: FieldAccess) -> list[str]:
                                *(f.dynamics for f in accounts.fields if f.name in usable)]))
 
 
+def query_chunked(client, entity_set: str, columns: list[str], values: list, per_query: int, condition
+                  ) -> pd.DataFrame:
+    """Rows of ``entity_set`` matching ``condition(chunk)`` for each chunk of ``per_query`` values (all pages of
+    each), so a long list of values never makes a URL too long."""
+    parts = [client.query(entity_set, columns, filter=condition(values[i:i + per_query]))
+             for i in range(0, len(values), per_query)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
 def query_any(client, entity_set: str, columns: list[str], column: str, values, per_query: int = VALUES_PER_FILTER
               ) -> pd.DataFrame:
     """Rows of ``entity_set`` whose ``column`` is one of ``values``: ``$filter=column eq 'a' or column eq 'b' ...``,
     each literal escaped, :data:`VALUES_PER_FILTER` values a query (all pages of each)."""
     from mdsync.dynamics import eq, or_
 
-    values = list(dict.fromkeys(str(v) for v in values))
-    parts = [client.query(entity_set, columns, filter=or_(*(eq(column, v) for v in values[i:i + per_query])))
-             for i in range(0, len(values), per_query)]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    return query_chunked(client, entity_set, columns, list(dict.fromkeys(str(v) for v in values)), per_query,
+                         lambda chunk: or_(*(eq(column, v) for v in chunk)))
 
 
 def extract_accounts(client, config: SyncConfig, access: FieldAccess, *, delta_link: str | None, full: bool,

@@ -241,10 +241,10 @@ class StateStore:
             return 0
         now = utcnow()
         frame = rows[self.DELETION_COLUMNS].astype(object)
+        frame["person_id"] = rows["person_id"].astype("int64").astype(object)  # plain ints for the driver
+        frame["dynamics_id"] = rows["dynamics_id"].astype(str).str.lower()
         records = [{**dict(zip(self.DELETION_COLUMNS, values)), "at": now, "run_id": run_id}
                    for values in frame.itertuples(index=False, name=None)]
-        for r in records:
-            r["person_id"], r["dynamics_id"] = int(r["person_id"]), str(r["dynamics_id"]).lower()
         with self._tx(conn) as c:
             self._upsert(c, schema.deletions, records, ["deleted_in", "person_id", "dynamics_type", "dynamics_id"],
                          ["policy", "action", "at", "run_id"])
