@@ -34,6 +34,7 @@ TEST_WORKERS ?= 2
 
 test: venv
 	@bash scripts/ensure-postgres.sh
+	@bash scripts/ensure-chromium.sh
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: venv
