@@ -27,7 +27,8 @@ ways. Each run is one cycle:
    Lead Import); rejected values are kept per field, logged, and also written to the person's Marketo
    activity log.
 6. **commit** — baselines, activity, errors and watermarks in one transaction.
-7. **report** — a per-entity summary with API calls used.
+7. **report** — a per-entity summary with API calls used (kept in the state store's `runs` table for the
+   **Sync console**).
 8. **release_lease** — a teardown: gives the lease back whether the run succeeded or failed.
 
 Every decision is one line in the task logs and one row in the state store's `activity` table
@@ -193,6 +194,7 @@ def marketo_dynamics_sync():
 
         with leased_cycle(context) as cycle:
             summary = cycle.report(manifest_of(context, **{**run, "guard": guard_outcome(context, run["guard"])}))
+            cycle.record_run(summary)
             cycle.finish()
             return summary
 

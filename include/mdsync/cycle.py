@@ -781,9 +781,10 @@ class Cycle:
         new_links = pd.concat([links[links["new"].astype(bool)].reset_index(), *created_links], ignore_index=True)
         if self.run.dry_run:
             n_base = sum(len(b) for b in baseline_parts())
-            n_act = sum(len(a) for a in with_emails(activity_parts()))
+            n_act = self.store.replace_preview(with_emails(activity_parts()), self.run.run_id)
             log.info("dry run: nothing committed (%d links, %d baseline updates, %d activity rows, %d errors would be "
-                     "recorded)", len(new_links), n_base, n_act, len(errors))
+                     "recorded; the planned lines are kept as this run's preview)", len(new_links), n_base, n_act,
+                     len(errors))
             return Committed(dry_run=True, baselines=n_base, activity=n_act, errors=len(errors), links=len(new_links))
         marketo, dynamics = manifest.marketo, manifest.dynamics
         watermarks = [("marketo", "persons", marketo.high_water, None)]
@@ -847,8 +848,15 @@ class Cycle:
         for name in STAGES:
             manifest = self.run_stage(name, manifest)
         summary = self.report(manifest)
+        self.record_run(summary)
         self.finish()
         return summary
+
+    def record_run(self, summary: dict) -> None:
+        """Keep the run's report in the state store's ``runs`` table (the console's health page reads it)."""
+        self.store.record_run(self.run.run_id, run_counts(summary), summary=summary, run_type=self.run.run_type,
+                              dry_run=self.run.dry_run, undo_of=self.run.undo_run,
+                              mass_change=(summary.get("mass_change") or {}).get("outcome"))
 
     def finish(self) -> None:
         """After a successful run: drop its staged frames unless ``MDSYNC_KEEP_STAGING`` is set."""
@@ -925,6 +933,22 @@ class Cycle:
         lines.append("  tasks: " + ", ".join(f"{n} {r.elapsed_s:.1f} s" for n, r in m.stage_results()))
         log.info("\n".join(lines))
         return summary
+
+
+def run_counts(summary: dict) -> dict:
+    """A report's figures as the ``runs`` table's counts (:data:`mdsync.state.schema.RUN_COUNTS`)."""
+    entities = (summary.get("entities") or {}).values()
+    created, written = summary.get("created_in") or {}, summary.get("written") or {}
+    errors, calls = summary.get("errors") or {}, summary.get("api_calls") or {}
+    return {
+        "created_dynamics": created.get("dynamics", 0), "created_marketo": created.get("marketo", 0),
+        "written_dynamics": written.get("dynamics", 0), "written_marketo": written.get("marketo", 0),
+        "linked": summary.get("new_links", 0), "collisions": sum(e.get("collisions", 0) for e in entities),
+        "errors_dynamics": errors.get("dynamics", 0), "errors_marketo": errors.get("marketo", 0),
+        "held": sum(e.get("held_back", 0) for e in entities), "read_marketo": summary.get("extracted_marketo_persons", 0),
+        "read_dynamics": sum(e.get("extracted_dynamics", 0) for e in entities),
+        "calls_marketo": calls.get("marketo", 0), "calls_dynamics": calls.get("dynamics", 0),
+    }
 
 
 def _accounts_summary(m: RunManifest) -> dict:

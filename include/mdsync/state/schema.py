@@ -9,6 +9,8 @@
 - ``deletions``: linked pairs ended by a delete on one side (tombstones: the deleted record is not created again
   from its surviving partner); ``links.out_of_filter_since`` marks links whose record left the sync filter.
 - ``merges``: Marketo persons merged away (``loser_id``) and the person that survived them (``winner_id``).
+- ``runs``: one summary row per run (counts per side, API calls, the mass-change outcome, the report as JSON).
+- ``previews``: a dry run's planned activity lines (a dry run records nothing in ``activity``).
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ activity = sa.Table(
     sa.Index("ix_activity_email", "email"),
     sa.Index("ix_activity_run", "run_id"),
     sa.Index("ix_activity_dynamics", "dynamics_id"),
+    # the console's collision/error tables (newest first, paged) and time filters
+    sa.Index("ix_activity_action_id", "action", "id"),
+    sa.Index("ix_activity_at", "at"),
 )
 
 sync_errors = sa.Table(
@@ -139,4 +144,44 @@ merges = sa.Table(
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("run_id", sa.String(250)),
     sa.Index("ix_merges_winner", "winner_id"),
+)
+
+#: the per-run counts of ``runs`` (the console's charts and run table)
+RUN_COUNTS = ("created_dynamics", "created_marketo", "written_dynamics", "written_marketo", "linked", "collisions",
+              "errors_dynamics", "errors_marketo", "held", "read_marketo", "read_dynamics", "calls_marketo",
+              "calls_dynamics")
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("run_id", sa.String(250), primary_key=True),
+    sa.Column("run_type", sa.String(32)),
+    sa.Column("dry_run", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("undo_of", sa.String(250)),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
+    # the mass-change guard's outcome (under_threshold, approved, rejected, timed_out, allowed, dry_run)
+    sa.Column("mass_change", sa.String(32)),
+    *[sa.Column(name, sa.Integer, nullable=False, server_default="0") for name in RUN_COUNTS],
+    sa.Column("summary", sa.Text),
+    sa.Index("ix_runs_finished", "finished_at"),
+)
+
+previews = sa.Table(
+    "previews",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("entity_type", sa.String(16)),
+    sa.Column("person_id", sa.BigInteger),
+    sa.Column("email", sa.String(254)),
+    sa.Column("dynamics_type", sa.String(16)),
+    sa.Column("dynamics_id", sa.String(36)),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("field", sa.String(64)),
+    sa.Column("old_value", sa.Text),
+    sa.Column("new_value", sa.Text),
+    sa.Column("winner", sa.String(16)),
+    sa.Column("detail", sa.Text),
+    sa.Index("ix_previews_run", "run_id", "id"),
 )

@@ -379,8 +379,12 @@ class StateStore:
         "old_value", "new_value", "winner", "detail",
     ]
 
-    def record_activity(self, rows: pd.DataFrame, run_id: str | None, conn: Connection | None = None) -> int:
-        """Append activity rows (any subset of :attr:`ACTIVITY_COLUMNS`; ``action`` is required)."""
+    def record_activity(self, rows: pd.DataFrame, run_id: str | None, conn: Connection | None = None,
+                        table: sa.Table = schema.activity) -> int:
+        """Append activity rows (any subset of :attr:`ACTIVITY_COLUMNS`; ``action`` is required).
+
+        :param table: ``activity``, or ``previews`` for a dry run's planned lines (:meth:`record_preview`).
+        """
         if rows.empty:
             return 0
         if "action" not in rows.columns or rows["action"].isna().any():
@@ -393,8 +397,8 @@ class StateStore:
             frame[c] = frame[c].where(frame[c].isna(), frame[c].astype(str)).where(frame[c].notna(), None)
         columns = list(self.ACTIVITY_COLUMNS)
         with self._tx(conn) as c:
-            now = self._bind(c, schema.activity.c.at, utcnow())
-            self._bulk_insert(c, schema.activity, columns + ["run_id", "at"],
+            now = self._bind(c, table.c.at, utcnow())
+            self._bulk_insert(c, table, columns + ["run_id", "at"],
                               (tuple(values) + (run_id, now) for values in frame.itertuples(index=False, name=None)))
         return len(frame)
 
@@ -424,6 +428,64 @@ class StateStore:
         frame = self._read(query)
         frame["at"] = pd.to_datetime(frame["at"], utc=True)
         return frame
+
+    def replace_preview(self, parts: Iterable[pd.DataFrame], run_id: str) -> int:
+        """Keep a dry run's planned activity lines (the console shows them as its planned writes; they never go to
+        ``activity``). A retried commit replaces the run's earlier lines. Returns the number of lines."""
+        t = schema.previews
+        with self.transaction() as tx:
+            tx.execute(sa.delete(t).where(t.c.run_id == run_id))
+            return sum(self.record_activity(part, run_id, conn=tx, table=t) for part in parts)
+
+    def previews(self, run_id: str, *, limit: int = 100, offset: int = 0) -> pd.DataFrame:
+        """A dry run's planned lines, in the order it planned them (paged)."""
+        t = schema.previews
+        frame = self._read(sa.select(t).where(t.c.run_id == run_id).order_by(t.c.id).limit(limit).offset(offset))
+        frame["at"] = pd.to_datetime(frame["at"], utc=True)
+        return frame
+
+    # -- runs -----------------------------------------------------------------------------------------
+
+    def record_run(self, run_id: str, counts: dict, *, summary: dict, run_type: str | None = None,
+                   dry_run: bool = False, undo_of: str | None = None, mass_change: str | None = None,
+                   conn: Connection | None = None) -> None:
+        """Keep a run's summary (one row per run; a task tried again replaces its row).
+
+        :param counts: the numbers of :data:`~mdsync.state.schema.RUN_COUNTS` (missing ones are 0).
+        :param summary: the run's whole report (stored as JSON).
+        """
+        import json
+
+        unknown = set(counts) - set(schema.RUN_COUNTS)
+        if unknown:
+            raise ValueError(f"unknown run counts {sorted(unknown)}; the counts are {', '.join(schema.RUN_COUNTS)}")
+        row = {"run_id": run_id, "run_type": run_type, "dry_run": bool(dry_run), "undo_of": undo_of,
+               "finished_at": utcnow(), "mass_change": mass_change,
+               **{k: int(counts.get(k) or 0) for k in schema.RUN_COUNTS},
+               "summary": json.dumps(summary, default=str, sort_keys=True)}
+        with self._tx(conn) as c:
+            self._upsert(c, schema.runs, [row], ["run_id"], [k for k in row if k != "run_id"])
+
+    def runs(self, *, since: datetime | None = None, limit: int = 50, offset: int = 0,
+             run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+        """Run summaries, newest first (without the JSON report: :meth:`run_summary` has it)."""
+        t = schema.runs
+        query = sa.select(*[c for c in t.c if c.name != "summary"]).order_by(t.c.finished_at.desc())
+        if since is not None:
+            query = query.where(t.c.finished_at >= since)
+        if run_ids is not None:
+            query = query.where(t.c.run_id.in_(list(run_ids)))
+        frame = self._read(query.limit(limit).offset(offset))
+        frame["finished_at"] = pd.to_datetime(frame["finished_at"], utc=True)
+        return frame
+
+    def run_summary(self, run_id: str) -> dict | None:
+        """A run's whole report (as the report task returned it), or None when the run recorded none."""
+        import json
+
+        with self.engine.connect() as c:
+            text = c.execute(sa.select(schema.runs.c.summary).where(schema.runs.c.run_id == run_id)).scalar()
+        return None if text is None else json.loads(text)
 
     def recent_runs(self, limit: int = 5) -> pd.DataFrame:
         """The runs that recorded activity, newest first: ``run_id, last_at, lines`` (e.g. to name an undo's run)."""

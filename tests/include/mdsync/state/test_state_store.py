@@ -20,9 +20,9 @@ def store(state_url):
 
 
 def test_schema_is_migrated_and_upgrade_is_idempotent(store):
-    assert store.revision() == "0004"
+    assert store.revision() == "0005"
     store.upgrade()
-    assert store.revision() == "0004"
+    assert store.revision() == "0005"
     tables = set(sa.inspect(store.engine).get_table_names())
     assert {"links", "baselines", "watermarks", "activity", "sync_errors", "cycle_lease", "deletions", "merges",
             "mdsync_alembic_version"} <= tables
