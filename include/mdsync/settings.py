@@ -20,6 +20,8 @@
 | ``MDSYNC_LEASE_TTL_SECONDS`` | ``900`` | the cycle lease lapses this long after its holder last renewed it (:mod:`mdsync.lease`) |
 | ``MDSYNC_LEASE_WAIT_SECONDS`` | ``300`` | how long a run waits for a lease another run holds before it defers |
 | ``MDSYNC_LEASE_POLL_SECONDS`` | ``5`` | how often a waiting run tries to take the lease |
+| ``MDSYNC_MARKETO_DAILY_QUOTA`` | ``50000`` | the subscription's daily API calls (the console's health page; Marketo's default) |
+| ``MDSYNC_DYNAMICS_DAILY_REQUESTS`` | ``40000`` | the sync user's Power Platform requests per 24 h (the console's health page) |
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class Settings:
     lease_ttl_seconds: float = 900.0
     lease_wait_seconds: float = 300.0
     lease_poll_seconds: float = 5.0
+    marketo_daily_quota: int = 50000
+    dynamics_daily_requests: int = 40000
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -78,6 +82,8 @@ class Settings:
             lease_ttl_seconds=float(os.environ.get("MDSYNC_LEASE_TTL_SECONDS", "900")),
             lease_wait_seconds=float(os.environ.get("MDSYNC_LEASE_WAIT_SECONDS", "300")),
             lease_poll_seconds=float(os.environ.get("MDSYNC_LEASE_POLL_SECONDS", "5")),
+            marketo_daily_quota=int(os.environ.get("MDSYNC_MARKETO_DAILY_QUOTA", "50000")),
+            dynamics_daily_requests=int(os.environ.get("MDSYNC_DYNAMICS_DAILY_REQUESTS", "40000")),
         )
 
 
