@@ -308,6 +308,40 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
         d = self.describe_leads()
         return dict(zip(d["rest_name"], d["data_type"]))
 
+    # ------------------------------------------------------------------ usage
+    def usage(self, days: int = 1) -> pd.DataFrame:
+        """The subscription's API calls per day as Marketo counts them against the daily quota (Usage API).
+
+        ``days=1`` asks Get Daily Usage (``stats/usage.json``, today), ``days=7`` Get Weekly Usage
+        (``stats/usage/last7days.json``); days are Marketo's quota days, which start at midnight US Central time.
+        The call goes through the client's limits and retries and costs one call of the quota itself.
+
+        :param days: 1 (today) or 7 (today and the six days before).
+        :returns: one row per day and API user, oldest day first: ``date`` (the quota day, a naive
+            ``datetime64``), ``total`` (the subscription's calls that day, every API user's), ``user_id`` and
+            ``user_calls`` (that user's calls); a day without calls has one row with ``user_id`` missing and
+            ``user_calls`` 0.
+        :raises ValueError: for ``days`` other than 1 or 7 (Marketo has no other period).
+        :raises mdsync.errors.AccessDenied: when Marketo answers 603 "Access denied" (the Swagger spec lists no
+            permission for the Usage API, but a subscription can still refuse it, e.g. by IP restriction or a
+            role without API access). Not retried: a caller that only wants a figure to compare falls back to
+            its own counts (e.g. ``calls_made``, which counts identity calls too).
+        :raises mdsync.errors.QuotaExhausted: on 607 (the quota is used up, so usage cannot be asked either).
+        :raises mdsync.errors.ServiceUnavailable: when transient failures outlast the retries.
+        """
+        paths = {1: "/rest/v1/stats/usage.json", 7: "/rest/v1/stats/usage/last7days.json"}
+        if days not in paths:
+            raise ValueError(f"Marketo usage covers 1 day (today) or 7 days, not days={days!r}")
+        body = self._get(paths[days])
+        rows = [{"date": str(day.get("date"))[:10], "total": day.get("total") or 0, "user_id": user.get("userId"),
+                 "user_calls": user.get("count") or 0}
+                for day in body.get("result") or []
+                for user in (day.get("users") or [{"userId": None, "count": 0}])]
+        frame = typed_frame(rows, ["date", "total", "user_id", "user_calls"],
+                            {"date": "date", "total": "integer", "user_calls": "integer"})
+        # Marketo does not document the order of the days; callers get them oldest first.
+        return frame.sort_values(["date", "user_id"], kind="stable", na_position="first").reset_index(drop=True)
+
     # ------------------------------------------------------------------ leads
     def get_leads(self, filter_type: str, values: Iterable, fields: list[str] | None = None) -> pd.DataFrame:
         """Leads whose ``filter_type`` field matches any of ``values`` (batches of 300, every page).

@@ -9,9 +9,9 @@ Bulk jobs run in background threads, two at a time per kind: lead and activity e
 limit (HTTP 413).
 
 The app is assembled from one router per API area (:mod:`sandbox.marketo.routes`: identity, leads,
-activities, custom activities, bulk export, bulk import, admin), the front middleware (:mod:`.front`: limits,
-tokens, faults) and the bulk job worker (:mod:`.jobs`); they share one :class:`~sandbox.marketo.context.Sandbox`
-on ``app.state.sandbox``.
+activities, custom activities, bulk export, bulk import, usage, admin), the front middleware (:mod:`.front`:
+limits, tokens, faults), the error counter behind the Usage endpoints (:mod:`.routes.stats`) and the bulk job
+worker (:mod:`.jobs`); they share one :class:`~sandbox.marketo.context.Sandbox` on ``app.state.sandbox``.
 
 Admin calls (not part of Marketo; never under ``/rest``, ``/bulk`` or ``/identity``):
 
@@ -46,7 +46,7 @@ from .credentials import load_or_create_credentials
 from .guard import Guard
 from .imports import ImportJobs
 from .jobs import BulkRunner
-from .routes import ROUTERS
+from .routes import ROUTERS, stats
 from .routes.activities import render_activity
 from .routes.bulk_export import file_range
 from .routes.common import (MAX_BATCH, MAX_BODY_BULK, MAX_BODY_REST, MAX_URI, endpoint_name, envelope, failure,
@@ -81,6 +81,7 @@ def create_app(data_dir: Path, *, client_id: str | None = None, client_secret: s
     app.state.store = store
     app.state.guard = guard
     front.install(app)
+    stats.install(app)  # after front: the error counter wraps it, so it sees the errors front answers too
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from . import activities, admin, bulk_export, bulk_import, custom_activities, identity, leads
+from . import activities, admin, bulk_export, bulk_import, custom_activities, identity, leads, stats
 
-#: identity, Lead Database (leads, activities, custom activities), bulk export, bulk import, admin
+#: identity, Lead Database (leads, activities, custom activities), bulk export, bulk import, usage, admin
 ROUTERS = (identity.router, leads.router, activities.router, custom_activities.router, bulk_export.router,
-           bulk_import.router, admin.router)
+           bulk_import.router, stats.router, admin.router)
 
 __all__ = ["ROUTERS"]
