@@ -807,6 +807,9 @@ class Facts:
     held_runs: list[HeldRun] = dc_field(default_factory=list)
     #: newer activity per (field, collision id) -> whether a later run touched the field after the collision
     superseded: dict = dc_field(default_factory=dict)
+    #: per one-way field (``to_dynamics`` / ``to_marketo``) of the pair: its newest write line when that write
+    #: went to the field's target side (the activity row, or absent)
+    one_way_writes: dict = dc_field(default_factory=dict)
     #: live records sharing the person's email (an unlinked person marked for sync): entity -> rows
     email_records: dict[str, pd.DataFrame] = dc_field(default_factory=dict)
     #: live Marketo persons sharing an unlinked record's email
@@ -1085,12 +1088,12 @@ def _fields(config, facts: Facts, field) -> list[Reason]:
         for side in changed:
             target = Side.DYNAMICS if side is Side.MARKETO else Side.MARKETO
             if not f.flows_to(target):
-                out.append(_reason("direction", f"{f.name} does not flow to {target.value.capitalize()}",
-                                   f"{f.name} is mapped {f.direction.value}: its change in {side.value.capitalize()} "
+                here, there = side.value.capitalize(), target.value.capitalize()
+                out.append(_reason("direction", f"{f.name} does not flow to {there}",
+                                   f"{f.name} is mapped {f.direction.value}: its change in {here} "
                                    f"({_show(row.marketo if side is Side.MARKETO else row.dynamics)}, last synced "
-                                   f"{_show(row.baseline)}) is not written to {target.value.capitalize()}",
-                                   f"change it in {target.value.capitalize()} instead, or set the field's direction to "
-                                   f"both (entities.{entity.name}.fields)", field=f.name))
+                                   f"{_show(row.baseline)}) is not written to {there}; the next cycle writes {there}'s "
+                                   f"value over it", _direction_action(f, there, entity), field=f.name))
         if row is not None and row.problem:
             out.append(_reason("value_unreadable", f"{f.name}: a value cannot be read", f"{f.name}: {row.problem}; the "
                                "sync leaves this field alone on that side",
@@ -1099,6 +1102,35 @@ def _fields(config, facts: Facts, field) -> list[Reason]:
         out += _rejected(facts, f)
         out += _collision(facts, f)
         out += _consent(facts, f)
+    pending = {r.field for r in out if r.code == "direction"}
+    return out + [r for r in _overwritten(facts, field) if r.field not in pending]
+
+
+def _direction_action(f: FieldMap, source: str, entity: EntityConfig) -> str:
+    return (f"change it in {source} (the field's source) instead, or set its direction to both "
+            f"(entities.{entity.name}.fields, {f.name})")
+
+
+def _overwritten(facts: Facts, field: str | None) -> list[Reason]:
+    """The asked one-way field, when its last write overwrote a value on its target side: an edit made there does
+    not flow back. (Only when asked: a write line does not say whether the target's old value was an edit there or
+    the value before the source changed, so the direction is stated, with the write, as the likely answer.)"""
+    out = []
+    asked = _field_of(facts.entity, field) if field is not None else None
+    for f in ([asked] if asked is not None else []):
+        row = facts.one_way_writes.get(f.name)
+        if row is None:
+            continue
+        source = "Marketo" if f.direction is Direction.TO_DYNAMICS else "Dynamics"
+        target = "Dynamics" if source == "Marketo" else "Marketo"
+        if _none(row["old_value"]) is None:
+            continue  # a first fill of an empty field, not an edit that was overwritten
+        out.append(_reason("direction", f"{f.name} flows only to {target}",
+                           f"{f.name} is mapped {f.direction.value}: {target}'s {_show(_none(row['old_value']))} was "
+                           f"overwritten with {source}'s {_show(_none(row['new_value']))} at {_at(row['at'])} in run "
+                           f"{row['run_id']}; a change made in {target} never flows to {source}",
+                           _direction_action(f, source, facts.entity), run_id=_text(row["run_id"]), field=f.name,
+                           at=row["at"]))
     return out
 
 
@@ -1411,6 +1443,7 @@ def _explain_subject(config: SyncConfig, store, settings, subject: Subject, mark
         last, _ = _last_commit(facts)
         facts.held_runs = held + [r for r in _held_runs_in_store(conn, last) if r.run_id not in {h.run_id for h in held}]
         facts.superseded = _superseded(conn, facts)
+        facts.one_way_writes = _one_way_writes(conn, facts) if link is not None else {}
         baselines = _baselines(conn, subject.person_id) if link is not None else pd.DataFrame()
     if values is not None and link is None and subject.person_id is not None and values.email and values.marked_for_sync \
             and dynamics_client is not None:
@@ -1432,6 +1465,25 @@ def _superseded(conn, facts: Facts) -> dict:
         later = _activity(conn, person_id=facts.subject.person_id, field=row["field"], after_id=int(row["id"]), limit=20)
         out[(row["field"], int(row["id"]))] = bool((later["run_id"].astype(object) != row["run_id"]).any()) \
             if not later.empty else False
+    return out
+
+
+def _one_way_writes(conn, facts: Facts) -> dict:
+    """The newest write line of each one-way field of the pair, when it wrote the field's target side."""
+    from mdsync.activity import written_side
+
+    out = {}
+    if facts.subject.person_id is None or facts.entity is None:
+        return out
+    for f in facts.entity.fields:
+        if f.direction is Direction.BOTH:
+            continue
+        rows = _activity(conn, person_id=facts.subject.person_id, field=f.name, actions=["update"], limit=1)
+        if rows.empty:
+            continue
+        target = "dynamics" if f.direction is Direction.TO_DYNAMICS else "marketo"
+        if written_side(rows["detail"]).iloc[0] == target:
+            out[f.name] = {**rows.iloc[0].to_dict(), "at": _when(rows.iloc[0]["at"])}
     return out
 
 
