@@ -23,4 +23,5 @@ pytest_plugins = [
     "tests.fixtures.marketo_sandbox",
     "tests.fixtures.dataverse_sandbox",
     "tests.fixtures.sync_env",
+    "tests.fixtures.airflow_server",
 ]
