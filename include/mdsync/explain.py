@@ -92,7 +92,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from mdsync import access as access_stage
 from mdsync.canonical import canonical_frame, compare_key
-from mdsync.config import Direction, EntityConfig, FieldMap, Side, SyncConfig
+from mdsync.config import ENTITY_TYPES, Direction, EntityConfig, FieldMap, Side, SyncConfig
 from mdsync.extract import MASTER_ID, MERGED, lifecycle_columns, marketo_fields
 from mdsync.identity import in_filter
 from mdsync.state import schema
@@ -303,6 +303,10 @@ def _frame(conn, query: sa.Select) -> pd.DataFrame:
         pd.DataFrame(columns=columns, dtype=object)
 
 
+def _empty(table: sa.Table) -> pd.DataFrame:
+    return pd.DataFrame(columns=[c.name for c in table.columns], dtype=object)
+
+
 def _email_ranges(email: str, width: int = EMAIL_PREFIX) -> list[tuple[str, str]]:
     """Index ranges ``[low, high)`` covering every spelling of ``email`` that differs only in letter case: one
     range per case variant of its first ``width`` characters (at most ``2 ** width``)."""
@@ -360,13 +364,15 @@ def _activity(conn, *, person_id: int | None = None, dynamics_id: str | None = N
               limit: int = ACTIVITY_LIMIT) -> pd.DataFrame:
     """Activity rows of one key, newest first (an email: case-insensitive, through index ranges)."""
     t = schema.activity
+    # The key's index must serve the query: ``action || ''`` and ``id + 0`` keep the planner off the action index
+    # and the primary key (on a million rows, all collisions, or every row after an old one, are far more).
     conditions = []
     if actions:
-        conditions.append(t.c.action.in_(list(actions)))
+        conditions.append(t.c.action.concat("").in_(list(actions)))
     if field is not None:
-        conditions.append(t.c.field == field)
+        conditions.append(t.c.field.concat("") == field)
     if after_id is not None:
-        conditions.append(t.c.id > int(after_id))
+        conditions.append((t.c.id + 0) > int(after_id))
     if person_id is not None:
         keys = [t.c.person_id == int(person_id)]
     elif dynamics_id is not None:
@@ -374,11 +380,11 @@ def _activity(conn, *, person_id: int | None = None, dynamics_id: str | None = N
     elif email:
         keys = [_email_clause(t.c.email, email, low, high) for low, high in _email_ranges(email)]
     else:
-        return _frame(conn, sa.select(t).where(sa.false()))
+        return _empty(t)
     parts = [_frame(conn, sa.select(t).where(key, *conditions).order_by(t.c.id.desc()).limit(limit)) for key in keys]
     parts = [p for p in parts if not p.empty]
     if not parts:
-        return _frame(conn, sa.select(t).where(sa.false()))
+        return _empty(t)
     out = pd.concat(parts, ignore_index=True).drop_duplicates("id")
     return out.sort_values("id", ascending=False).head(limit).reset_index(drop=True)
 
@@ -412,7 +418,7 @@ def _open_errors(conn, person_id: int | None, dynamics_id: str | None) -> pd.Dat
     elif dynamics_id:  # a refused create of a Dynamics-only record: no person yet (few open rows have none)
         query = query.where(t.c.person_id.is_(None), t.c.dynamics_id.in_(_id_variants(dynamics_id)))
     else:
-        return _frame(conn, query.where(sa.false()))
+        return _empty(t)
     return _frame(conn, query.order_by(t.c.id.desc()).limit(ROW_LIMIT))
 
 
@@ -482,12 +488,11 @@ def find_subject(store, query: str) -> list[Subject]:
     text = (query or "").strip()
     if not text:
         raise ValueError("empty search: give an email, a Marketo person id (digits) or a Dynamics id (GUID)")
-    config_types = None
     with store.engine.connect() as conn:
         if text.isdigit():
             return _subjects_of_person(conn, int(text))
         if is_guid(text):
-            return _subjects_of_record(conn, _guid(text), config_types)
+            return _subjects_of_record(conn, _guid(text))
         if "@" in text:
             return _subjects_of_email(conn, text)
     raise ValueError(f"{text!r} is not an email, a Marketo person id (digits) or a Dynamics id (GUID)")
@@ -515,10 +520,10 @@ def _subjects_of_person(conn, person_id: int) -> list[Subject]:
     return [Subject(person_id=person_id, email=email, linked=False, known=known)]
 
 
-def _subjects_of_record(conn, dynamics_id: str, _types=None) -> list[Subject]:
+def _subjects_of_record(conn, dynamics_id: str) -> list[Subject]:
     t = schema.links
-    # any entity type: the caller gave a bare GUID (the unique key's first column is the type, so list both)
-    found = _frame(conn, sa.select(t).where(t.c.dynamics_type.in_(["lead", "contact"]),
+    # any entity type: the caller gave a bare GUID (the unique key's first column is the type, so list them all)
+    found = _frame(conn, sa.select(t).where(t.c.dynamics_type.in_(list(ENTITY_TYPES)),
                                             t.c.dynamics_id.in_(_id_variants(dynamics_id))).limit(ROW_LIMIT))
     rows = _activity(conn, dynamics_id=dynamics_id, limit=ROW_LIMIT)
     if not found.empty:
@@ -871,10 +876,9 @@ def explain(config: SyncConfig, facts: Facts, field: str | None = None) -> list[
     for rule in (_missing, _merged, _deleted, _unlinked_person, _unlinked_record, _filter, _ambiguous, _fields,
                  _mass_change, _not_yet_reached):
         reasons += rule(config, facts, field)
-    if not reasons and facts.values is not None and facts.values.differing and facts.link is not None:
-        rows = facts.values.differing if field is None else [r for r in facts.values.differing if r.field ==
-                                                             (_field_of(facts.entity, field).name if _field_of(facts.entity, field) else field)]
-        for r in rows:
+    if not reasons and facts.values is not None and facts.link is not None:
+        asked = _field_of(facts.entity, field) if field is not None else None
+        for r in (r for r in facts.values.differing if asked is None or r.field == asked.name):
             reasons.append(_reason(
                 "unexplained_difference", f"{r.field} differs and no reason was found",
                 f"{r.field}: Marketo {_show(r.marketo)} vs Dynamics {_show(r.dynamics)} (last synced {_show(r.baseline)}"

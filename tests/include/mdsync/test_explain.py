@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from mdsync.config import load_config
@@ -255,6 +256,18 @@ def test_a_run_held_by_the_mass_change_guard(sync_world, monkeypatch):
     assert "approve_mass_change" in reason.action
     assert "not_yet_reached" in answer.codes  # the watermark did not move either
     assert "mass_change_held" not in _why(sync_world, person_id=ids["ann_pid"]).codes  # nothing held: not claimed
+    # a state store that keeps each run's mass-change outcome (a ``runs`` table) answers without Airflow's help
+    import sqlalchemy as sa
+    from mdsync.state import schema
+
+    store = sync_world.store()
+    runs = getattr(schema, "runs", None)
+    if runs is not None and sa.inspect(store.engine).has_table(runs.name):
+        with store.engine.begin() as c:
+            c.execute(sa.insert(runs).values(run_id="held-2", mass_change="timed_out",
+                                             finished_at=pd.Timestamp.now(tz="UTC").to_pydatetime()))
+        reason, = _only(_why(sync_world, person_id=ids["ann_pid"]), "mass_change_held")
+        assert reason.run_id == "held-2" and "timed out" in reason.detail
 
 
 def test_a_value_the_field_map_cannot_read(sync_world):
