@@ -467,14 +467,20 @@ class StateStore:
             self._upsert(c, schema.runs, [row], ["run_id"], [k for k in row if k != "run_id"])
 
     def runs(self, *, since: datetime | None = None, limit: int = 50, offset: int = 0,
-             run_ids: Iterable[str] | None = None) -> pd.DataFrame:
-        """Run summaries, newest first (without the JSON report: :meth:`run_summary` has it)."""
+             run_ids: Iterable[str] | None = None, undo_of: str | None = None,
+             dry_run: bool | None = None) -> pd.DataFrame:
+        """Run summaries, newest first (without the JSON report: :meth:`run_summary` has it), optionally only
+        those since a time, with these ids, undoing a run, or (not) dry runs."""
         t = schema.runs
         query = sa.select(*[c for c in t.c if c.name != "summary"]).order_by(t.c.finished_at.desc())
         if since is not None:
             query = query.where(t.c.finished_at >= since)
         if run_ids is not None:
             query = query.where(t.c.run_id.in_(list(run_ids)))
+        if undo_of is not None:
+            query = query.where(t.c.undo_of == undo_of)
+        if dry_run is not None:
+            query = query.where(t.c.dry_run.is_(bool(dry_run)))
         frame = self._read(query.limit(limit).offset(offset))
         frame["finished_at"] = pd.to_datetime(frame["finished_at"], utc=True)
         return frame

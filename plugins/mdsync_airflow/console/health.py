@@ -29,9 +29,9 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def recent_runs(limit: int = 20) -> list[dict]:
+def recent_runs(limit: int = 20, offset: int = 0) -> list[dict]:
     """The latest runs: Airflow's state and times, with the sync's counts where the run reported them."""
-    runs = sources.dag_runs(limit=limit)
+    runs = sources.dag_runs(limit=limit, offset=offset)
     stored = sources.store().runs(run_ids=[r["run_id"] for r in runs], limit=limit) if runs else pd.DataFrame()
     by_id = {row["run_id"]: row for row in stored.to_dict("records")} if not stored.empty else {}
     out = []

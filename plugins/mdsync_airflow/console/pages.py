@@ -80,3 +80,54 @@ def health_page(request: Request):
         "calls_week": charts.bars(week, ["calls_marketo", "calls_dynamics"], labels, "API calls per hour, last 7 days"),
     }
     return render(request, "health.html", "health", data=data, charts=charts_html)
+
+
+# -- runs ------------------------------------------------------------------------------------------------
+
+@router.get("/runs", response_class=HTMLResponse, dependencies=[can_read])
+def runs_page(request: Request, page: int = 1):
+    page = max(page, 1)
+    rows = health_data.recent_runs(limit=50, offset=(page - 1) * 50)
+    return render(request, "runs.html", "runs", runs=rows, page=page, more=len(rows) == 50)
+
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse, dependencies=[can_read])
+def run_page(request: Request, run_id: str, action: str | None = None, page: int = 1):
+    from mdsync_airflow.console import runs as runs_data
+
+    found = runs_data.run(run_id)
+    if not found:
+        return render(request, "run.html", "runs", run=None, run_id=run_id)
+    rows = (runs_data.preview if found["dry_run"] else runs_data.decisions)(run_id, action or None, page, 100)
+    return render(request, "run.html", "runs", run=found, run_id=run_id, rows=rows, action=action or "",
+                  quoted=quote(run_id, safe=""))
+
+
+# -- collisions and errors ---------------------------------------------------------------------------------
+
+def _page_size(value: int) -> int:
+    from mdsync_airflow.console.collisions import MAX_PAGE_SIZE
+
+    return min(max(value, 1), MAX_PAGE_SIZE)
+
+
+@router.get("/collisions", response_class=HTMLResponse, dependencies=[can_read])
+def collisions_page(request: Request, entity: str | None = None, field: str | None = None, winner: str | None = None,
+                    run: str | None = None, since: str | None = None, until: str | None = None, q: str | None = None,
+                    page: int = 1, page_size: int = 50):
+    from mdsync_airflow.console import collisions as collisions_data
+
+    f = collisions_data.filters_from(entity, field, winner, run, since, until, q)
+    data = collisions_data.page(f, max(page, 1), _page_size(page_size))
+    return render(request, "collisions.html", "collisions", data=data, filters=f,
+                  choices=collisions_data.filter_choices())
+
+
+@router.get("/errors", response_class=HTMLResponse, dependencies=[can_read])
+def errors_page(request: Request, target: str | None = None, field: str | None = None, entity: str | None = None,
+                q: str | None = None, page: int = 1, page_size: int = 50):
+    from mdsync_airflow.console import errors as errors_data
+
+    f = errors_data.filters_from(target, field, entity, q)
+    data = errors_data.page(f, max(page, 1), _page_size(page_size))
+    return render(request, "errors.html", "errors", data=data, filters=f, choices=errors_data.filter_choices())

@@ -115,7 +115,7 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat()
 
 
-def dag_runs(limit: int = 20, run_ids: list[str] | None = None) -> list[dict]:
+def dag_runs(limit: int = 20, run_ids: list[str] | None = None, offset: int = 0) -> list[dict]:
     """The sync's latest DAG runs from Airflow (state, type, times, conf), newest first."""
     from airflow.models import DagRun
     from airflow.utils.session import create_session
@@ -124,7 +124,7 @@ def dag_runs(limit: int = 20, run_ids: list[str] | None = None) -> list[dict]:
     query = select(DagRun).where(DagRun.dag_id == DAG_ID)
     if run_ids is not None:
         query = query.where(DagRun.run_id.in_(run_ids))
-    query = query.order_by(DagRun.id.desc()).limit(limit)
+    query = query.order_by(DagRun.id.desc()).limit(limit).offset(offset)
     with create_session() as session:
         return [{"run_id": r.run_id, "state": str(getattr(r.state, "value", r.state)),
                  "run_type": str(getattr(r.run_type, "value", r.run_type)), "queued_at": _iso(r.queued_at),

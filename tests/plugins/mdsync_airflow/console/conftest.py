@@ -62,3 +62,31 @@ def console(console_env):
     with TestClient(create_app()) as client:
         yield Console(client)
     purge_cached_app()
+
+
+@pytest.fixture(scope="module")
+def console_world(console, marketo_sandbox, dataverse_sandbox, tmp_path_factory):
+    """A sync world for the whole module (reset sandboxes, connections in the environment), whose cycles write the
+    state store the console reads; a module builds its runs once and its tests read them."""
+    from tests.fixtures.sync_env import SyncWorld
+
+    mp = pytest.MonkeyPatch()
+    marketo_sandbox.reset()
+    dataverse_sandbox.reset()
+    tmp = tmp_path_factory.mktemp("console-world")
+    mp.setenv("AIRFLOW_CONN_MARKETO_DEFAULT", marketo_sandbox.connection_json())
+    mp.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", dataverse_sandbox.connection_json())
+    mp.setenv("MDSYNC_STAGING_URL", f"file://{tmp / 'staging'}")
+    mp.setenv("MDSYNC_OVERLAP_SECONDS", "2")
+    mp.setenv("MDSYNC_BULK_POLL_SECONDS", "0.1")
+    mp.delenv("MDSYNC_CONFIG", raising=False)
+    from mdsync_airflow.console import sources
+
+    sources.reset_clients()
+    try:
+        yield SyncWorld(marketo_sandbox, dataverse_sandbox, tmp)
+    finally:
+        marketo_sandbox.clear_faults()
+        dataverse_sandbox.admin("DELETE", "faults")
+        sources.reset_clients()
+        mp.undo()
