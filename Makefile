@@ -43,6 +43,7 @@ demo: venv
 bench: venv
 	$(PY) bench/engine_bench.py
 	$(PY) bench/e2e_bench.py --persons $(or $(PERSONS),100000)
+	$(PY) bench/console_bench.py
 
 sandbox: venv
 	$(PY) -m sandbox --dir .sandbox

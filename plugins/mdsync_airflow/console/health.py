@@ -30,18 +30,33 @@ def _now() -> datetime:
 
 
 def recent_runs(limit: int = 20, offset: int = 0) -> list[dict]:
-    """The latest runs: Airflow's state and times, with the sync's counts where the run reported them."""
-    runs = sources.dag_runs(limit=limit, offset=offset)
-    stored = sources.store().runs(run_ids=[r["run_id"] for r in runs], limit=limit) if runs else pd.DataFrame()
+    """The latest runs, newest first: Airflow's runs (state, times, conf) and the runs the state store recorded
+    (counts per side), joined by run id; a run only one of them knows (a cycle run outside Airflow, a run still
+    going) is listed too."""
+    wanted = limit + offset
+    airflow = {r["run_id"]: r for r in sources.dag_runs(limit=wanted)}
+    stored = sources.store().runs(limit=wanted)
+    stored = stored.assign(finished_at=stored["finished_at"].map(lambda t: t.isoformat())) if not stored.empty else stored
     by_id = {row["run_id"]: row for row in stored.to_dict("records")} if not stored.empty else {}
+    missing = [rid for rid in airflow if rid not in by_id]
+    if missing:  # reported runs older than the store's latest page
+        extra = sources.store().runs(run_ids=missing, limit=len(missing))
+        for row in extra.to_dict("records"):
+            by_id[row["run_id"]] = {**row, "finished_at": row["finished_at"].isoformat()}
     out = []
-    for run in runs:
-        row = by_id.get(run["run_id"])
-        counts = {k: (int(row[k]) if row else None) for k in RUN_COLUMNS}
-        out.append({**run, "reported": row is not None, "dry_run": bool(row["dry_run"]) if row else
-                    bool(run["conf"].get("dry_run")), "undo_of": (row or {}).get("undo_of") or run["conf"].get("undo_run"),
-                    "mass_change": (row or {}).get("mass_change"), **counts})
-    return out
+    for run_id in dict.fromkeys([*airflow, *by_id]):
+        run, row = airflow.get(run_id), by_id.get(run_id)
+        conf = (run or {}).get("conf") or {}
+        base = run or {"run_id": run_id, "state": "success", "run_type": (row or {}).get("run_type"), "conf": {},
+                       "queued_at": None, "start_date": None, "end_date": row["finished_at"], "triggered_by": None,
+                       "in_airflow": False}
+        out.append({"in_airflow": run is not None, **base, "reported": row is not None,
+                    "dry_run": bool(row["dry_run"]) if row else bool(conf.get("dry_run")),
+                    "undo_of": (row or {}).get("undo_of") or conf.get("undo_run"),
+                    "mass_change": (row or {}).get("mass_change"),
+                    **{k: (int(row[k]) if row else None) for k in RUN_COLUMNS}})
+    out.sort(key=lambda r: r.get("end_date") or r.get("start_date") or r.get("queued_at") or "", reverse=True)
+    return out[offset:offset + limit]
 
 
 def _own_calls(runs: pd.DataFrame, since: datetime, column: str) -> int:
