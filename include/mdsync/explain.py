@@ -48,7 +48,10 @@ Reason codes (stable: the console and scripts match on them; the title and detai
     number or date): the sync leaves that cell alone.
 ``value_rejected``
     An open rejection (table ``sync_errors``): the value is not re-sent until it changes or a run asks
-    ``retry_failed``.
+    ``retry_failed``. Also a refused write of the link fields, the deleted flag, a delete or a Marketo merge.
+``create_refused``
+    The service refused to create the record on the other side (an open ``sync_errors`` row without a field, or
+    an ``error`` line of a refused Marketo create): retried every cycle.
 ``collision_lost``
     The field changed on both sides and the other side won (the latest ``collision`` line of the field, not
     superseded by a later run).
@@ -61,9 +64,9 @@ Reason codes (stable: the console and scripts match on them; the title and detai
 ``not_yet_reached``
     The change is newer than what the last cycle read (the live ``updatedAt`` / ``modifiedon`` is after the
     watermark), or no cycle has committed yet; the detail says when the last cycle committed.
-``unexplained_difference``
-    The two sides differ and nothing above explains it: a full reconcile (``full_resync``) or a manual run naming
-    the person compares it again.
+``unexplained``
+    The two sides differ (or a record in scope has no partner) and nothing above explains it: a full reconcile
+    (``full_resync``) or a manual run naming the person compares it again.
 ``several_matches``
     (:func:`why` by email only) the email names several pairs: choose one by its person id or Dynamics id.
 
@@ -161,6 +164,8 @@ class FieldRow(_Model):
     baseline_run_id: str | None = None
     #: a live value that cannot be read as the field's type (then shown as null): which side and why
     problem: str | None = None
+    #: the last schema refresh dropped the field on a side (the sync user cannot read or update it): why
+    dropped: str | None = None
 
 
 class PairValues(_Model):
@@ -657,7 +662,8 @@ def _pair_rows(entity: EntityConfig, marketo: dict, dynamics: dict, problems: di
 
 
 def side_by_side(config: SyncConfig, marketo_client, dynamics_client, store, *, person_id: int | None = None,
-                 dynamics_type: str | None = None, dynamics_id: str | None = None) -> PairValues:
+                 dynamics_type: str | None = None, dynamics_id: str | None = None,
+                 access: access_stage.FieldAccess | None = None) -> PairValues:
     """A live read of one pair: the Marketo person and the Dataverse lead or contact, canonicalised with the
     engine's functions, and the stored baseline per mapped field.
 
@@ -667,6 +673,8 @@ def side_by_side(config: SyncConfig, marketo_client, dynamics_client, store, *, 
     is marked missing (``marketo_missing`` / ``dynamics_missing``), never raised.
 
     :param dynamics_type: ``lead`` or ``contact``; without it a bare Dynamics id is looked up in both tables.
+    :param access: the field access of the last schema refresh (:func:`field_access`): its metadata spares the
+        clients their describe and metadata calls, and the rows say which fields it dropped.
     :raises ValueError: nothing to read, an unconfigured entity type, or a Dynamics id that is not a GUID.
     """
     if person_id is None and not dynamics_id:
@@ -687,6 +695,11 @@ def side_by_side(config: SyncConfig, marketo_client, dynamics_client, store, *, 
         if not dynamics_id and link is not None:
             dynamics_type, dynamics_id = str(link["dynamics_type"]), str(link["dynamics_id"])
         baselines = _baselines(conn, person_id) if link is not None else _baselines(conn, None)
+    if access is not None:  # as the cycle's tasks do: no describe or metadata call for what the refresh read
+        for entity_set, meta in access.dynamics_metadata.items():
+            dynamics_client.preload_metadata(entity_set, meta["logical_name"], pd.DataFrame(meta["attributes"]))
+        if access.marketo_describe:
+            marketo_client.use_describe(pd.DataFrame(access.marketo_describe))
     person = read_person(config, marketo_client, person_id) if person_id is not None else pd.DataFrame()
     record, entity = pd.DataFrame(), _entity_of(config, dynamics_type)
     if dynamics_id:
@@ -709,6 +722,10 @@ def side_by_side(config: SyncConfig, marketo_client, dynamics_client, store, *, 
     for name in set(m_problems) & set(d_problems):
         problems[name] = f"{m_problems[name]}; {d_problems[name]}"
     rows = _pair_rows(entity, m_values, d_values, problems, baselines, not person.empty, not record.empty)
+    dropped = access.entities.get(entity.name) if access is not None else None
+    for r in rows:
+        why_dropped = [d["reason"] for d in (dropped.dropped if dropped else []) if d["field"] == r.field]
+        r.dropped = "; ".join(why_dropped) or None
     link_fields = config.marketo.link_fields
     out = PairValues(
         person_id=person_id, dynamics_type=dynamics_type, dynamics_id=dynamics_id,
@@ -873,14 +890,16 @@ def _changed_sides(row: FieldRow | None, f: FieldMap) -> list[Side]:
 def explain(config: SyncConfig, facts: Facts, field: str | None = None) -> list[Reason]:
     """Every reason that applies, from the gathered facts alone (pure: no service or database calls)."""
     reasons: list[Reason] = []
-    for rule in (_missing, _merged, _deleted, _unlinked_person, _unlinked_record, _filter, _ambiguous, _fields,
-                 _mass_change, _not_yet_reached):
+    for rule in (_missing, _merged, _deleted, _unlinked_person, _unlinked_record, _filter, _ambiguous, _refused,
+                 _fields, _mass_change, _not_yet_reached):
         reasons += rule(config, facts, field)
+    if not reasons and facts.values is not None and facts.link is None:
+        reasons += _unexplained_unlinked(config, facts)
     if not reasons and facts.values is not None and facts.link is not None:
         asked = _field_of(facts.entity, field) if field is not None else None
         for r in (r for r in facts.values.differing if asked is None or r.field == asked.name):
             reasons.append(_reason(
-                "unexplained_difference", f"{r.field} differs and no reason was found",
+                "unexplained", f"{r.field} differs and no reason was found",
                 f"{r.field}: Marketo {_show(r.marketo)} vs Dynamics {_show(r.dynamics)} (last synced {_show(r.baseline)}"
                 f"{' at ' + _at(r.baseline_synced_at) if r.baseline_synced_at else ''}); both changes are older than "
                 "what the last cycle read, and no rejection, collision or filter applies",
@@ -1167,12 +1186,78 @@ def _rejected(facts: Facts, f: FieldMap) -> list[Reason]:
         out.append(_reason(
             "value_rejected", f"{target} rejected the value of {f.name}",
             f"{target} rejected {f.name} = {_show(_none(row['value']))} for {_who(facts.subject)}: "
-            f"{row.get('code') or ''} {row['message']}".replace(": None ", ": ").strip()
-            + f" (first {_at(_when(row['first_seen_at']))}, last {_at(_when(row['last_seen_at']))}, "
+            + _message(row) + f" (first {_at(_when(row['first_seen_at']))}, last {_at(_when(row['last_seen_at']))}, "
               f"{row['occurrences']} time(s), run {row['run_id']}); not re-sent while the value stays the same",
             f"fix the value on the source side (or the rule in {target} that refuses it); or trigger a run with "
             "retry_failed to send it again", run_id=_text(row["run_id"]), field=f.name, at=_when(row["last_seen_at"])))
     return out
+
+
+def _message(row: dict) -> str:
+    """A sync error's code and message, without repeating the code the message already carries."""
+    code, message = _text(row.get("code")), str(row.get("message") or "rejected without a message")
+    return message if not code or code in message else f"{code} {message}"
+
+
+#: what a sync error on a pseudo-field refused (:mod:`mdsync.constants`, :mod:`mdsync.load`)
+_PSEUDO = {"(link)": "the link fields", "(deleted flag)": "the deleted flag", "(delete)": "the delete (policy "
+           "propagate)", "(merge)": "the merge of two persons"}
+
+
+def _refused(config, facts: Facts, field) -> list[Reason]:
+    """Rejections not of a mapped field: a refused create (no field), a refused write of a pseudo-field or of an
+    account field; and, for a record without a person, a refused Marketo create (an ``error`` line only)."""
+    out, s = [], facts.subject
+    mapped = set(facts.entity.field_names) if facts.entity is not None else set()
+    e = facts.errors
+    for row in (e.to_dict("records") if not e.empty else []):
+        name, target = _text(row["field"]), str(row["target"]).capitalize()
+        when = (f"first {_at(_when(row['first_seen_at']))}, last {_at(_when(row['last_seen_at']))}, "
+                f"{row['occurrences']} time(s), run {row['run_id']}")
+        if name in mapped:
+            continue
+        if name is None:
+            if facts.link is not None:
+                continue  # a create refused before the pair was linked some other way
+            out.append(_reason("create_refused", f"{target} refused to create the {row['dynamics_type'] or 'record'}",
+                               f"{_who(s)}: {_message(row)} ({when}); tried again every cycle",
+                               f"fix what {target} refuses on the record (the message names the field or rule), or the "
+                               f"rule in {target}; the next cycle creates it", run_id=_text(row["run_id"]),
+                               at=_when(row["last_seen_at"])))
+            continue
+        what = _PSEUDO.get(name, f"the account field {name.split('.', 1)[-1]}" if name.startswith("account.") else name)
+        out.append(_reason("value_rejected", f"{target} refused {what}",
+                           f"{target} refused {what} for {_who(s)}" + (f" (value {_show(_none(row['value']))})"
+                                                                        if _none(row["value"]) is not None else "")
+                           + f": {_message(row)} ({when})",
+                           f"fix what {target} refuses (the message says what), then trigger a run with retry_failed",
+                           run_id=_text(row["run_id"]), field=name, at=_when(row["last_seen_at"])))
+    h = facts.history
+    if facts.link is None and s.person_id is None and s.dynamics_id and not h.empty:
+        errors = h[h["action"].eq("error").to_numpy() & h["detail"].fillna("").str.startswith("Marketo refused to create")
+                   .to_numpy()]
+        if not errors.empty:
+            row = errors.iloc[0]
+            out.append(_reason("create_refused", "Marketo refused to create the person",
+                               f"Dynamics {s.dynamics_type} {s.dynamics_id}: {row['detail']} ({_at(row['at'])}, run "
+                               f"{row['run_id']})", "fix the record's values Marketo refuses (the message says which); "
+                               "the next cycle tries again", run_id=_text(row["run_id"]), at=row["at"]))
+    return out
+
+
+def _unexplained_unlinked(config, facts: Facts) -> list[Reason]:
+    """A person marked for sync, or a record in scope, with no partner and no reason found."""
+    s, v = facts.subject, facts.values
+    if v is None or v.marketo_missing or v.dynamics_missing:
+        return []
+    if s.person_id is not None and not (v.marked_for_sync or v.marketo_link_field):
+        return []
+    if s.person_id is None and not (s.dynamics_id and v.dynamics_in_filter and v.email):
+        return []
+    return [_reason("unexplained", "not linked, and no reason was found",
+                    f"{_who(s)} is in scope (marked for sync, or inside the sync filter with an email) and older than "
+                    "what the last cycle read, but has no partner and the state store records no decision about it",
+                    "trigger a run with full_resync (or a manual run with its person_ids) to decide it again")]
 
 
 def _collision(facts: Facts, f: FieldMap) -> list[Reason]:
@@ -1222,7 +1307,10 @@ def _pending(config, facts: Facts, field) -> tuple[list[str], list[str]]:
     if facts.link is not None and facts.entity is not None:
         fields = [f for f in facts.entity.fields if field is None or f is _field_of(facts.entity, field)]
         for f in fields:
-            changed |= set(_changed_sides(_row(facts, f.name), f))
+            row = _row(facts, f.name)
+            for side in _changed_sides(row, f):
+                if not _read_and_rejected(facts, f, row.marketo if side is Side.MARKETO else row.dynamics):
+                    changed.add(side)
     elif facts.link is None and s.person_id is not None and (v.marked_for_sync or v.marketo_link_field):
         changed.add(Side.MARKETO)  # a marked person waiting for its record
     elif facts.link is None and s.dynamics_id and s.person_id is None and v.dynamics_in_filter:
@@ -1238,6 +1326,15 @@ def _pending(config, facts: Facts, field) -> tuple[list[str], list[str]]:
                          f"({_at(high) if high else 'never read'})")
             sides.append(side.value)
     return lines, sides
+
+
+def _read_and_rejected(facts: Facts, f: FieldMap, value) -> bool:
+    """Whether the sync read this value already: the other side rejected exactly it (an open sync error)."""
+    e = facts.errors
+    if e.empty:
+        return False
+    mine = e[e["field"].astype(object).eq(f.name).to_numpy()]
+    return bool((mine["value"].map(_text) == _text(value)).any())
 
 
 def _last_commit(facts: Facts) -> tuple[datetime | None, str | None]:
@@ -1420,15 +1517,15 @@ def _several(store, email: str, subjects: list[Subject]) -> Explanation:
 def _explain_subject(config: SyncConfig, store, settings, subject: Subject, marketo_client, dynamics_client,
                      field: str | None, held: list[HeldRun], staging_root) -> Explanation:
     values = None
+    acc, source = field_access(config, settings, marketo_client, dynamics_client, staging_root=staging_root)
     if marketo_client is not None and dynamics_client is not None:
         values = side_by_side(config, marketo_client, dynamics_client, store, person_id=subject.person_id,
-                              dynamics_type=subject.dynamics_type, dynamics_id=subject.dynamics_id)
+                              dynamics_type=subject.dynamics_type, dynamics_id=subject.dynamics_id, access=acc)
         subject = subject.model_copy(update={
             "person_id": values.person_id, "dynamics_type": values.dynamics_type, "dynamics_id": values.dynamics_id,
             "email": values.email or subject.email, "linked": values.link is not None})
     entity = _entity_of(config, subject.dynamics_type) or (_entity_of(config, values.sync_as) if values else None) \
         or config.entity(config.marketo.sync_marker.default_type)
-    acc, source = field_access(config, settings, marketo_client, dynamics_client, staging_root=staging_root)
     emails = [e for e in (subject.email, values.email if values else None) if e]
     if values is not None and values._dynamics_raw is not None and not values._dynamics_raw.empty:
         d_email = _text(values._dynamics_raw[entity.email_field.dynamics].iloc[0])

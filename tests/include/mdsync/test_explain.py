@@ -102,6 +102,7 @@ def test_a_field_the_sync_user_cannot_read_and_a_field_that_is_not_mapped(sync_w
     assert answer.field_access.startswith("cache ")  # the cycle's own schema refresh, read outside the run
     row = next(r for r in answer.values.rows if r.field == "job_title")
     assert row.marketo == "Unwritable" and row.dynamics is None and row.differs
+    assert "cannot read Dataverse column 'jobtitle'" in row.dropped  # the side-by-side says why the cell is empty
     answer = _why(sync_world, person_id=ids["ann_pid"], field="nickname")
     reason, = _only(answer, "field_not_mapped")
     assert "'nickname'" in reason.detail and "entities.contact.fields" in reason.action
@@ -286,3 +287,32 @@ def test_a_dynamics_record_without_an_email(sync_world):
     answer = _why(sync_world, dynamics_id=rid, dynamics_type="contact")
     reason, = _only(answer, "no_email")
     assert rid in reason.detail and "emailaddress1" in reason.detail
+
+
+def test_a_create_the_other_side_refused(sync_world):
+    sync_world.dataverse_sandbox.admin("PUT", "rules", [{"entity": "contact", "column": "jobtitle", "op": "forbid",
+                                                          "values": ["Intern"], "message": "Interns are not contacts."}])
+    sync_world.cycle("run-1").run_all()
+    res = sync_world.marketo().sync_leads([{"email": "intern@example.com", "lastName": "Intern", "title": "Intern",
+                                            "syncToDynamics": True, "dynamicsSyncAs": "contact"}], action="createOnly")
+    pid = int(res["id"].iloc[0])
+    sync_world.cycle("run-2").run_all()
+    answer = _why(sync_world, person_id=pid)
+    reason, = _only(answer, "create_refused")
+    assert "Dynamics refused to create the contact" in reason.detail and "Interns are not contacts." in reason.detail
+    assert reason.run_id == "run-2" and "not_marked_for_sync" not in answer.codes
+
+
+def test_a_re_opt_in_held_by_an_opt_out_on_the_other_side(sync_world):
+    ids = sync_world.seed_people()
+    sync_world.cycle("run-1").run_all()
+    sync_world.update_record("contacts", ids["ann"], donotbulkemail=True)
+    sync_world.cycle("run-2").run_all()  # the opt-out reaches Marketo
+    sync_world.update_person(ids["ann_pid"], unsubscribed=False)  # a re-opt-in in Marketo alone
+    sync_world.cycle("run-3").run_all()
+    answer = _why(sync_world, person_id=ids["ann_pid"], field="email_opt_out")
+    reason, = _only(answer, "consent_held")
+    assert reason.run_id == "run-3" and "re-opt-in in Marketo not propagated" in reason.detail
+    assert "both sides" in reason.action
+    row = next(r for r in answer.values.rows if r.field == "email_opt_out")
+    assert (row.marketo, row.dynamics) == ("false", "true") and row.differs

@@ -152,7 +152,7 @@ def test_a_difference_nothing_explains_is_said_plainly():
     now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
     values = _pair(city=("Madrid", "Berlin", "Berlin"))
     reason, = explain(CONFIG, _facts(values, watermark_at=now, committed_at=now, now=now))
-    assert reason.code == "unexplained_difference" and "Marketo 'Madrid' vs Dynamics 'Berlin'" in reason.detail
+    assert reason.code == "unexplained" and "Marketo 'Madrid' vs Dynamics 'Berlin'" in reason.detail
     assert "person_ids=[7]" in reason.action
 
 
