@@ -64,6 +64,10 @@ Reason codes (stable: the console and scripts match on them; the title and detai
 ``not_yet_reached``
     The change is newer than what the last cycle read (the live ``updatedAt`` / ``modifiedon`` is after the
     watermark), or no cycle has committed yet; the detail says when the last cycle committed.
+``skipped``
+    The last cycle that read an unlinked record or person skipped it for a reason none of the codes above covers
+    (e.g. a lead whose email a contact took: "the contact ... with the same email is linked instead", or a link
+    field naming a record that does not exist): its ``skip`` line, quoted.
 ``unexplained``
     The two sides differ (or a record in scope has no partner) and nothing above explains it: a full reconcile
     (``full_resync``) or a manual run naming the person compares it again.
@@ -636,6 +640,12 @@ def _canonical_one(raw: pd.DataFrame, entity: EntityConfig, side: Side) -> tuple
     return values, notes
 
 
+def _same(a: str | None, b: str | None, f: FieldMap) -> bool:
+    """Whether two canonical values are the same to the diff (null = null; emails case-insensitively)."""
+    x, y = compare_key(pd.Series([a, b], dtype="string"), f)
+    return (pd.isna(x) and pd.isna(y)) or (not pd.isna(x) and not pd.isna(y) and x == y)
+
+
 def _pair_rows(entity: EntityConfig, marketo: dict, dynamics: dict, problems: dict, baselines: pd.DataFrame,
                have_marketo: bool, have_dynamics: bool) -> list[FieldRow]:
     """Field rows for one pair (vectorised over the entity type's fields)."""
@@ -645,11 +655,8 @@ def _pair_rows(entity: EntityConfig, marketo: dict, dynamics: dict, problems: di
     m = pd.Series([marketo.get(n) for n in names], index=names, dtype=object)
     d = pd.Series([dynamics.get(n) for n in names], index=names, dtype=object)
     differs = np.zeros(len(names), dtype=bool)
-    if have_marketo and have_dynamics:
-        for i, f in enumerate(entity.fields):  # one pair: a dozen fields, each compared as the diff compares it
-            a, b = compare_key(pd.Series([m[f.name]], dtype="string"), f), compare_key(pd.Series([d[f.name]], dtype="string"), f)
-            differs[i] = not (a.isna().iloc[0] and b.isna().iloc[0]) and not (a.notna().iloc[0] and b.notna().iloc[0]
-                                                                                and a.iloc[0] == b.iloc[0])
+    if have_marketo and have_dynamics:  # one pair: a dozen fields, each compared as the diff compares it
+        differs = np.array([not _same(m[f.name], d[f.name], f) for f in entity.fields], dtype=bool)
     rows = []
     for i, f in enumerate(entity.fields):
         b = base.loc[f.name] if f.name in base.index else None
@@ -820,9 +827,9 @@ class Facts:
     entity: EntityConfig | None
     link: dict | None = None
     values: PairValues | None = None
-    history: pd.DataFrame = dc_field(default_factory=lambda: pd.DataFrame(columns=[c.name for c in schema.activity.columns]))
-    errors: pd.DataFrame = dc_field(default_factory=lambda: pd.DataFrame(columns=[c.name for c in schema.sync_errors.columns]))
-    deletions: pd.DataFrame = dc_field(default_factory=lambda: pd.DataFrame(columns=[c.name for c in schema.deletions.columns]))
+    history: pd.DataFrame = dc_field(default_factory=lambda: _empty(schema.activity))
+    errors: pd.DataFrame = dc_field(default_factory=lambda: _empty(schema.sync_errors))
+    deletions: pd.DataFrame = dc_field(default_factory=lambda: _empty(schema.deletions))
     merged_away: dict | None = None
     watermarks: dict = dc_field(default_factory=dict)
     access: access_stage.FieldAccess | None = None
@@ -853,6 +860,12 @@ def _who(s: Subject) -> str:
     return f"{text} <{s.email}>" if s.email else text
 
 
+def _row_who(row: dict) -> str:
+    """Who an activity line is about."""
+    return _who(Subject(person_id=_none(row["person_id"]), dynamics_type=_text(row["dynamics_type"]),
+                        dynamics_id=_text(row["dynamics_id"]), email=_text(row["email"])))
+
+
 def _fields_in_question(facts: Facts, field: str | None) -> list[FieldMap]:
     """The fields to explain: the asked one, else those whose two sides differ now (or have an open error)."""
     entity = facts.entity
@@ -879,10 +892,7 @@ def _changed_sides(row: FieldRow | None, f: FieldMap) -> list[Side]:
         return []
     sides = []
     for side, value in ((Side.MARKETO, row.marketo), (Side.DYNAMICS, row.dynamics)):
-        a = compare_key(pd.Series([value], dtype="string"), f).iloc[0]
-        b = compare_key(pd.Series([row.baseline], dtype="string"), f).iloc[0]
-        same = (pd.isna(a) and pd.isna(b)) or (not pd.isna(a) and not pd.isna(b) and a == b)
-        if not same and (row.baseline is not None or value is not None):
+        if not _same(value, row.baseline, f):
             sides.append(side)
     return sides
 
@@ -1078,8 +1088,7 @@ def _ambiguous(config, facts: Facts, field) -> list[Reason]:
         rows = rows[[_after_link(r, facts) for r in rows.to_dict("records")]]
     out = []
     for row in rows.drop_duplicates("detail").head(3).to_dict("records"):
-        who = _who(Subject(person_id=_none(row["person_id"]), dynamics_type=_text(row["dynamics_type"]),
-                           dynamics_id=_text(row["dynamics_id"]), email=_text(row["email"])))
+        who = _row_who(row)
         out.append(_reason("ambiguous_match", "several candidates: the sync did nothing",
                            f"{who}: {row['detail']} ({_at(row['at'])}, run {row['run_id']})",
                            "make the match unique: merge or fix the duplicate records (emails, or the link fields "
@@ -1169,7 +1178,8 @@ def _dropped(facts: Facts, f: FieldMap, changed: list[Side]) -> list[Reason]:
         else:
             effect = f"nothing is written to it in {side.capitalize()}"
         out.append(_reason("field_dropped", f"{f.name} is dropped on the {side.capitalize()} side",
-                           f"{f.name}: {d['reason']}; {effect} (schema refresh of {facts.access.refreshed_at or 'unknown time'})",
+                           f"{f.name}: {d['reason']}; {effect} (schema refresh of "
+                           f"{facts.access.refreshed_at or 'unknown time'})",
                            "give the sync user read and update access to the field (Dataverse: a field security "
                            "profile with read/update on the column; Marketo: an API-updateable field); the next schema "
                            "refresh picks it up", field=f.name))
@@ -1254,6 +1264,15 @@ def _unexplained_unlinked(config, facts: Facts) -> list[Reason]:
         return []
     if s.person_id is None and not (s.dynamics_id and v.dynamics_in_filter and v.email):
         return []
+    h = facts.history
+    if not h.empty:  # identity's last word on it, when it said something no rule above reads
+        said = h[h["action"].isin(["skip", "error"]).to_numpy()]
+        if not said.empty:
+            row = said.iloc[0]
+            return [_reason("skipped", "the last cycle that read it skipped it",
+                            f"{_who(s)}: {row['detail']} ({_at(row['at'])}, run {row['run_id']})",
+                            "fix what the line names (the record it names, its email or link fields); the next cycle "
+                            "that reads the record decides again", run_id=_text(row["run_id"]), at=row["at"])]
     return [_reason("unexplained", "not linked, and no reason was found",
                     f"{_who(s)} is in scope (marked for sync, or inside the sync filter with an email) and older than "
                     "what the last cycle read, but has no partner and the state store records no decision about it",
@@ -1506,7 +1525,7 @@ def _several(store, email: str, subjects: list[Subject]) -> Explanation:
                        "choose one by its Marketo person id or Dynamics id to see why it did not sync")]
     for row in h.drop_duplicates("detail").head(3).to_dict("records"):
         reasons.append(_reason("ambiguous_match", "several candidates: the sync did nothing",
-                               f"{_who(Subject(person_id=_none(row['person_id']), dynamics_type=_text(row['dynamics_type']), dynamics_id=_text(row['dynamics_id']), email=_text(row['email'])))}: "
+                               f"{_row_who(row)}: "
                                f"{row['detail']} ({_at(_when(row['at']))}, run {row['run_id']})",
                                "make the match unique (merge or fix the duplicates); the next cycle links them",
                                run_id=_text(row["run_id"]), at=_when(row["at"])))

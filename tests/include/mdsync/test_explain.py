@@ -316,3 +316,14 @@ def test_a_re_opt_in_held_by_an_opt_out_on_the_other_side(sync_world):
     assert "both sides" in reason.action
     row = next(r for r in answer.values.rows if r.field == "email_opt_out")
     assert (row.marketo, row.dynamics) == ("false", "true") and row.differs
+
+
+def test_a_lead_whose_email_a_contact_took_is_skipped_with_the_reason(sync_world):
+    lead, = sync_world.dataverse_sandbox.seed("leads", [{"emailaddress1": "both@example.com", "lastname": "Lead",
+                                                         "companyname": "Acme"}])
+    contact, = sync_world.dataverse_sandbox.seed("contacts", [{"emailaddress1": "both@example.com", "lastname": "Contact"}])
+    sync_world.cycle("run-1").run_all()
+    answer = _why(sync_world, dynamics_id=lead)
+    reason, = _only(answer, "skipped")
+    assert f"the contact {contact} with the same email is linked instead" in reason.detail and reason.run_id == "run-1"
+    assert "unexplained" not in answer.codes

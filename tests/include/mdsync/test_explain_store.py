@@ -13,7 +13,7 @@ from mdsync.config import load_config
 from mdsync.explain import (Facts, FieldRow, PairValues, Subject, _email_ranges, explain, find_subject, is_guid,
                             why)
 from mdsync.settings import Settings
-from mdsync.state import open_store, schema
+from mdsync.state import open_store
 
 CONFIG = load_config()
 ANN, LEAD, LOST = "0b6c2a5e-1d11-4c5e-9a43-000000000001", "0b6c2a5e-1d11-4c5e-9a43-000000000002", \
