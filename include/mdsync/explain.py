@@ -1328,7 +1328,7 @@ def _pending(config, facts: Facts, field) -> tuple[list[str], list[str]]:
         for f in fields:
             row = _row(facts, f.name)
             for side in _changed_sides(row, f):
-                if not _read_and_rejected(facts, f, row.marketo if side is Side.MARKETO else row.dynamics):
+                if not _cannot_flow(facts, f, side, row):
                     changed.add(side)
     elif facts.link is None and s.person_id is not None and (v.marked_for_sync or v.marketo_link_field):
         changed.add(Side.MARKETO)  # a marked person waiting for its record
@@ -1345,6 +1345,16 @@ def _pending(config, facts: Facts, field) -> tuple[list[str], list[str]]:
                          f"({_at(high) if high else 'never read'})")
             sides.append(side.value)
     return lines, sides
+
+
+def _cannot_flow(facts: Facts, f: FieldMap, side: Side, row: FieldRow) -> bool:
+    """Whether a change of ``f`` on ``side`` is explained as one that does not flow (rejected, dropped for access, a
+    one-way field's target, an unreadable value), so waiting for a cycle would not bring it across."""
+    target = Side.DYNAMICS if side is Side.MARKETO else Side.MARKETO
+    acc = facts.access.entities.get(facts.entity.name) if facts.access is not None else None
+    dropped = acc is not None and any(d["field"] == f.name for d in acc.dropped)
+    value = row.marketo if side is Side.MARKETO else row.dynamics
+    return dropped or not f.flows_to(target) or bool(row.problem) or _read_and_rejected(facts, f, value)
 
 
 def _read_and_rejected(facts: Facts, f: FieldMap, value) -> bool:

@@ -103,6 +103,7 @@ def test_a_field_the_sync_user_cannot_read_and_a_field_that_is_not_mapped(sync_w
     row = next(r for r in answer.values.rows if r.field == "job_title")
     assert row.marketo == "Unwritable" and row.dynamics is None and row.differs
     assert "cannot read Dataverse column 'jobtitle'" in row.dropped  # the side-by-side says why the cell is empty
+    assert set(answer.codes) == {"field_dropped"}
     answer = _why(sync_world, person_id=ids["ann_pid"], field="nickname")
     reason, = _only(answer, "field_not_mapped")
     assert "'nickname'" in reason.detail and "entities.contact.fields" in reason.action
@@ -148,6 +149,7 @@ def test_a_rejected_value_is_held_with_the_services_message(sync_world):
     reason, = _only(answer, "value_rejected")
     assert reason.field == "job_title" and "'Intern'" in reason.detail and "Interns are not contacts." in reason.detail
     assert reason.run_id == "run-2" and "retry_failed" in reason.action and "1 time(s)" in reason.detail
+    assert answer.codes == ["value_rejected"]  # read already: not "not yet reached", however recent the edit
 
 
 def test_an_ambiguous_email_match_and_a_search_by_that_email(sync_world):
