@@ -159,3 +159,36 @@ def errors_retry(request: Request, body: dict = Body(default_factory=dict), user
     return {"run_id": run_id, "run_url": links.run(run_id), "conf": conf,
             "message": f"It re-sends the rejected values of person{'s' if len(person_ids) > 1 else ''} "
                        f"{', '.join(map(str, person_ids))}; values still refused stay on this page."}
+
+
+# -- a person, and why it did not sync --------------------------------------------------------------------
+
+def _query(q: str) -> str:
+    if not (q or "").strip():
+        raise HTTPException(422, "give an email, a Marketo person id (digits) or a Dynamics id (GUID) as q")
+    return q.strip()
+
+
+@router.get("/person", dependencies=[can_read])
+def person(q: str = "", live: bool = True, page: int = 1, page_size: int = 100, pick: int = 0) -> dict:
+    """A person by email, Marketo id or Dynamics id: the matching pairs; for the first (or ``pick``) both sides'
+    current values side by side with differences marked (a live read; ``live=false`` skips it), the link, and the
+    timeline of every decision (paged, newest first; each row names the task whose log has its line)."""
+    from mdsync_airflow.console import person as person_data
+
+    try:
+        return person_data.story(_query(q), live=live, page=page, page_size=page_size, pick=pick)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+@router.get("/why", dependencies=[can_read])
+def why(q: str = "", field: str | None = None, live: bool = True, pick: int = 0) -> dict:
+    """Why didn't this sync? Every reason that applies to the person or Dynamics record ``q`` names (and ``field``),
+    each with what to do about it; computed from the state store, the config and a live read."""
+    from mdsync_airflow.console import person as person_data
+
+    try:
+        return person_data.explain(_query(q), field, live=live, pick=pick)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None

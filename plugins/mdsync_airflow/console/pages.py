@@ -8,7 +8,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from mdsync_airflow.console import charts
+from mdsync_airflow.console import charts, sources
 from mdsync_airflow.console import health as health_data
 from mdsync_airflow.console.app import HERE, PREFIX
 from mdsync_airflow.console.auth import can_read
@@ -131,3 +131,32 @@ def errors_page(request: Request, target: str | None = None, field: str | None =
     f = errors_data.filters_from(target, field, entity, q)
     data = errors_data.page(f, max(page, 1), _page_size(page_size))
     return render(request, "errors.html", "errors", data=data, filters=f, choices=errors_data.filter_choices())
+
+
+# -- a person, and why it did not sync --------------------------------------------------------------------
+
+@router.get("/person", response_class=HTMLResponse, dependencies=[can_read])
+def person_page(request: Request, q: str = "", page: int = 1, pick: int = 0):
+    from mdsync_airflow.console import person as person_data
+
+    data, problem = None, None
+    if q.strip():
+        try:
+            data = person_data.story(q.strip(), page=page, pick=pick)
+        except ValueError as exc:
+            problem = str(exc)
+    return render(request, "person.html", "person", q=q, data=data, problem=problem, page=page, pick=pick)
+
+
+@router.get("/why", response_class=HTMLResponse, dependencies=[can_read])
+def why_page(request: Request, q: str = "", field: str = "", pick: int = 0):
+    from mdsync_airflow.console import person as person_data
+
+    data, problem = None, None
+    if q.strip():
+        try:
+            data = person_data.explain(q.strip(), field.strip() or None, pick=pick)
+        except ValueError as exc:
+            problem = str(exc)
+    fields = sorted({f.name for e in sources.config().entities.values() for f in e.fields})
+    return render(request, "why.html", "why", q=q, field=field, data=data, problem=problem, fields=fields)
