@@ -8,10 +8,11 @@ MARKETO_PORT ?= 8710
 DATAVERSE_PORT ?= 8711
 export MARKETO_PORT DATAVERSE_PORT
 
-.PHONY: help venv test demo bench sandbox sync activity clean
+.PHONY: help venv test demo console bench sandbox sync activity clean
 
 help:
 	@echo "make demo      run the sync demo end to end (sets everything up)"
+	@echo "make console   the operator console on the demo's runs, under airflow standalone (after make demo)"
 	@echo "make test      run the whole test suite (sets everything up, PostgreSQL included)"
 	@echo "make bench     time the plan stage at 100k/1M and a first sync end to end at 100k (PERSONS=1000000)"
 	@echo "make sandbox   run the Marketo and Dataverse emulators in the foreground"
@@ -39,6 +40,9 @@ test: venv
 
 demo: venv
 	$(PY) -m sandbox.demo
+
+console: venv
+	$(PY) -m sandbox.console
 
 bench: venv
 	$(PY) bench/engine_bench.py
