@@ -7,8 +7,8 @@ there is a constraint at its installed version), and copies of only ``dags/``, `
 the image's ``/usr/local/airflow``). The project is not installed (no ``pip install -e .``) and no ``PYTHONPATH``
 is set: the engine must import through ``plugins/mdsync_airflow`` alone, from any working directory.
 
-Packages come from uv's cache (filled by ``make venv``), so building the environment takes seconds, not a
-download. Docker is not used: the Runtime image cannot be pulled here, so the Dockerfile's build itself is not
+Packages come from uv's cache (filled by ``make venv``; the index only for what it lacks), so building the
+environment takes seconds, not a download. Docker is not used: the Runtime image cannot be pulled here, so the Dockerfile's build itself is not
 run.
 """
 
@@ -95,6 +95,13 @@ def _uv(*args: str) -> None:
     assert done.returncode == 0, f"uv {' '.join(args)} failed:\n{done.stderr[-3000:]}"
 
 
+def _uv_install(python: str, *args: str) -> None:
+    """``uv pip install`` from uv's cache alone when it has every package (seconds), else from the index."""
+    command = [str(UV), "pip", "install", "--quiet", "--python", python, *args]
+    if subprocess.run([*command, "--offline"], capture_output=True, timeout=600).returncode != 0:
+        _uv("pip", "install", "--quiet", "--python", python, *args)
+
+
 def _freeze(venv: Path) -> dict[str, str]:
     done = subprocess.run([str(UV), "pip", "freeze", "--python", str(venv / "bin" / "python")], capture_output=True,
                           text=True, check=True)
@@ -115,7 +122,7 @@ def deployment(tmp_path_factory) -> Deployment:
     _uv("venv", "--quiet", "--python", sys.executable, str(venv))
     python = str(venv / "bin" / "python")
     # the Runtime image's part: Airflow and its own dependencies, at the versions the local lock has
-    _uv("pip", "install", "--quiet", "--python", python, airflow_pin(), "-c", str(REPO / "requirements.txt"))
+    _uv_install(python, airflow_pin(), "-c", str(REPO / "requirements.txt"))
     airflow_only = _freeze(venv)
     seconds["airflow"] = time.monotonic() - started
     # the Dockerfile's part: what is installed stays as it is, except the packages the lock pins itself
@@ -123,8 +130,7 @@ def deployment(tmp_path_factory) -> Deployment:
     constraints = root / "image-packages.txt"
     constraints.write_text("".join(f"{name}=={version}\n" for name, version in airflow_only.items()
                                    if name not in pins(lock)))
-    _uv("pip", "install", "--quiet", "--python", python, "-r", str(REPO / "requirements-deploy.txt"),
-        "-c", str(constraints))
+    _uv_install(python, "-r", str(REPO / "requirements-deploy.txt"), "-c", str(constraints))
     seconds["environment"] = time.monotonic() - started
     return Deployment(root, project, venv, airflow_only, _freeze(venv), seconds)
 
@@ -264,7 +270,8 @@ def test_one_cycle_runs_in_the_deployment_with_the_astro_settings_connections(de
     # image's Airflow migrates its own; what is under test here is the product's installation)
     shutil.copy(Path(airflow_db) / "airflow.db", home / "airflow.db")
     started = time.monotonic()
-    done = deployment.run(["airflow", "dags", "test", "marketo_dynamics_sync"], home, timeout=600,
+    done = deployment.run([str(deployment.venv / "bin" / "airflow"), "dags", "test", "marketo_dynamics_sync"], home,
+                          timeout=600,
                           AIRFLOW_CONN_MARKETO_DEFAULT=json.dumps(marketo_conn),
                           AIRFLOW_CONN_DYNAMICS_DEFAULT=json.dumps(dynamics_conn),
                           MDSYNC_STATE_URL=f"sqlite:///{tmp_path / 'state.sqlite'}",
