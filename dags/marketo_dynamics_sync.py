@@ -89,7 +89,8 @@ RETRY_DELAY = timedelta(seconds=float(os.environ.get("MDSYNC_RETRY_DELAY_SECONDS
         "sync_as": Param("lead", type="string", enum=["lead", "contact"], title="Create as",
                          description="Dynamics record type for unlinked person_ids."),
         "retry_failed": Param(False, type="boolean", title="Retry failed",
-                              description="Re-send values that Dynamics or Marketo rejected before."),
+                              description="Re-send values that Dynamics or Marketo rejected before (with Marketo "
+                                          "person ids: only those persons' values)."),
         "undo_run": Param(None, type=["null", "string"], title="Undo a run",
                           description="The id of an earlier run: restore the values it wrote, on both sides, where "
                                       "nobody changed them since (with Dry run: show what it would restore)."),

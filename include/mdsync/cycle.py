@@ -484,8 +484,8 @@ class Cycle:
         m_writes, m_blocked = _split(plan.marketo_writes, acc.marketo_write)
         skipped += [blocked_activity(entity_name, d_blocked, "dynamics"), blocked_activity(entity_name, m_blocked, "marketo")]
         held = []
-        if not self.run.retry_failed:
-            errors = self.store.open_errors(person_ids=keys.tolist())
+        errors = self._rejections_to_hold(keys.tolist())
+        if errors is not None:
             d_writes, d_held = suppress_known_rejections(d_writes, errors, Side.DYNAMICS)
             m_writes, m_held = suppress_known_rejections(m_writes, errors, Side.MARKETO)
             held = [held_activity(entity_name, d_held, "dynamics"), held_activity(entity_name, m_held, "marketo")]
@@ -576,8 +576,8 @@ class Cycle:
         persons = s.read_frame(identity.persons)
         plan = accounts_stage.plan_accounts(settings, fields, accounts, pairs, baseline, persons)
         writes, held = plan.writes, plan.writes.iloc[0:0]
-        if not self.run.retry_failed:
-            errors = self.store.open_errors(target="marketo", person_ids=pairs["person_id"].tolist())
+        errors = self._rejections_to_hold(pairs["person_id"].tolist(), target="marketo")
+        if errors is not None:
             writes, held = suppress_known_rejections(writes, errors, Side.MARKETO)
         notes = pd.concat([plan.activity, held_activity(contact.name, held, "marketo")], ignore_index=True)
         notes["email"] = notes["person_id"].map(_emails(persons))
@@ -593,9 +593,20 @@ class Cycle:
                  "%d held back", plan.accounts, identity.accounts.extracted, plan.persons, len(writes), len(held))
         return AccountsPlanned(accounts=plan.accounts, persons=plan.persons, to_marketo=len(writes), held=len(held))
 
+    def _rejections_to_hold(self, person_ids: list[int], target: str | None = None) -> pd.DataFrame | None:
+        """Open rejections whose values this run does not send again: all of them; with ``retry_failed`` none, or,
+        when the run also names ``person_ids`` (the console's *retry selected*), those of the other persons."""
+        if self.run.retry_failed and not self.run.person_ids:
+            return None
+        errors = self.store.open_errors(target=target, person_ids=person_ids)
+        if self.run.retry_failed:
+            errors = errors[~errors["person_id"].isin(self.run.person_ids)].reset_index(drop=True)
+        return errors
+
     def _account_retries(self, links: pd.DataFrame) -> list[int]:
-        """Persons linked to contacts with rejected account values still open (a run that retries failed records)."""
-        errors = self.store.open_errors(target="marketo")
+        """Persons linked to contacts with rejected account values still open (a run that retries failed records;
+        only the run's ``person_ids`` when it names some)."""
+        errors = self.store.open_errors(target="marketo", person_ids=self.run.person_ids or None)
         mine = errors["field"].astype(str).str.startswith(accounts_stage.PREFIX).to_numpy() if not errors.empty else []
         pids = pd.Index(errors.loc[mine, "person_id"].astype("int64").unique()) if len(mine) else pd.Index([])
         contacts = links.index[links["dynamics_type"].eq(accounts_stage.CONTACT).to_numpy()]

@@ -54,8 +54,7 @@ def rejected(world, console):
     world.set_row("contacts", eve_id, emailaddress1="not an email")
     second = world.run("err-2")
     assert second["errors"] == {"dynamics": 3, "marketo": 1}, second["errors"]
-    # Cat's title is sent again and refused again (so are the other persons this run reads again: person_ids add
-    # persons to a run, and retry_failed re-sends every rejected value of the persons it compares)
+    # Cat's title is sent again and refused again; with person_ids, retry_failed re-sends only their values
     world.run("err-3", person_ids=[cat], retry_failed=True)
     open_errors = world.store().open_errors()
     assert len(open_errors) == 4, open_errors.to_dict("records")
@@ -87,6 +86,9 @@ def test_rows_hold_the_record_field_value_message_since_when_and_attempts(consol
     assert pd.Timestamp(cat["first_seen_at"]) < pd.Timestamp(cat["last_seen_at"])
     lena = rows[rejected["lena_pid"]]
     assert (lena["dynamics_type"], lena["target"], lena["field"]) == ("lead", "dynamics", "job_title")
+    # the retry named Cat alone: the other rejections were held back, not sent again
+    assert (lena["occurrences"], lena["run_id"]) == (1, "err-2")
+    assert (rows[rejected["dan_pid"]]["occurrences"], rows[rejected["dan_pid"]]["run_id"]) == (1, "err-2")
     eve = rows[rejected["eve_pid"]]
     assert (eve["target"], eve["field"], eve["value"], eve["code"]) == ("marketo", "email", "not an email", "1001")
     # err-3 read no change of Eve's contact (Dataverse's delta), so her rejection was not tried again
