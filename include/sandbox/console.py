@@ -39,7 +39,9 @@ def main() -> int:
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
            "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__BASE_URL": f"http://localhost:{port}",
            "MDSYNC_STATE_URL": f"sqlite:///{DEMO / 'state.sqlite'}", "MDSYNC_STAGING_URL": f"file://{DEMO / 'staging'}",
-           "MDSYNC_OVERLAP_SECONDS": "2"}
+           "MDSYNC_OVERLAP_SECONDS": "2",
+           # standalone starts its parts as `airflow ...` subprocesses
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with MarketoSandbox(DEMO / "marketo") as marketo, DataverseSandbox(DEMO / "dataverse") as dataverse:
         env["AIRFLOW_CONN_MARKETO_DEFAULT"] = marketo.connection_json()
         env["AIRFLOW_CONN_DYNAMICS_DEFAULT"] = dataverse.connection_json()

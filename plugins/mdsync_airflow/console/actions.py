@@ -57,3 +57,12 @@ def trigger_run(request: Request, airflow_root: str, conf: dict, note: str) -> d
     run = response.json()
     log.info("console started run %s of %s with %s", run.get("dag_run_id"), DAG_ID, conf)
     return run
+
+
+def paused_note() -> str:
+    """A sentence for a run just started while the DAG is paused (Airflow keeps it queued until it is unpaused)."""
+    from mdsync_airflow.console import sources
+
+    if sources.next_run().get("paused"):
+        return f" The DAG {DAG_ID} is paused: the run stays queued until you unpause it."
+    return ""

@@ -83,7 +83,7 @@ def run_undo(run_id: str, request: Request, body: dict = Body(default_factory=di
     new_id = started.get("dag_run_id")
     return {"run_id": new_id, "run_url": links.page(f"/runs/{quote(new_id, safe='')}"), "conf": conf,
             "message": ("When it has finished, its page shows what the undo would restore."
-                        if dry else "It restores the values; its page shows what it did.")}
+                        if dry else "It restores the values; its page shows what it did.") + actions.paused_note()}
 
 
 # -- collisions and errors ---------------------------------------------------------------------------------
@@ -158,7 +158,8 @@ def errors_retry(request: Request, body: dict = Body(default_factory=dict), user
     run_id = started.get("dag_run_id")
     return {"run_id": run_id, "run_url": links.run(run_id), "conf": conf,
             "message": f"It re-sends the rejected values of person{'s' if len(person_ids) > 1 else ''} "
-                       f"{', '.join(map(str, person_ids))}; values still refused stay on this page."}
+                       f"{', '.join(map(str, person_ids))}; values still refused stay on this page."
+                       + actions.paused_note()}
 
 
 # -- a person, and why it did not sync --------------------------------------------------------------------
