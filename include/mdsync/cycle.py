@@ -864,10 +864,14 @@ class Cycle:
         return summary
 
     def record_run(self, summary: dict) -> None:
-        """Keep the run's report in the state store's ``runs`` table (the console's health page reads it)."""
+        """Keep the run's report in the state store's ``runs`` table (the console's health page reads it), then
+        send its figures through Airflow's metrics (:mod:`mdsync.metrics`; a failure there is only a warning)."""
         self.store.record_run(self.run.run_id, run_counts(summary), summary=summary, run_type=self.run.run_type,
                               dry_run=self.run.dry_run, undo_of=self.run.undo_run,
                               mass_change=(summary.get("mass_change") or {}).get("outcome"))
+        from mdsync.metrics import emit_run  # never raises
+
+        emit_run(summary, config=self.config)
 
     def finish(self) -> None:
         """After a successful run: drop its staged frames unless ``MDSYNC_KEEP_STAGING`` is set."""
