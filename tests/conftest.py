@@ -24,4 +24,5 @@ pytest_plugins = [
     "tests.fixtures.dataverse_sandbox",
     "tests.fixtures.sync_env",
     "tests.fixtures.airflow_server",
+    "tests.fixtures.redis_server",
 ]

@@ -22,6 +22,11 @@
 | ``MDSYNC_LEASE_POLL_SECONDS`` | ``5`` | how often a waiting run tries to take the lease |
 | ``MDSYNC_MARKETO_DAILY_QUOTA`` | ``50000`` | the subscription's daily API calls (the console's health page; Marketo's default) |
 | ``MDSYNC_DYNAMICS_DAILY_REQUESTS`` | ``40000`` | the sync user's Power Platform requests per 24 h (the console's health page) |
+| ``MDSYNC_LIMITS_URL`` | unset | ``redis://host:port/db``: the services' call limits are shared by every process using that Redis (:mod:`mdsync.limits`); unset: per process |
+| ``MDSYNC_LIMITS_LEASE_SECONDS`` | ``30`` | with shared limits: a concurrency slot of a process that died frees itself this long after its last renewal |
+| ``MDSYNC_DYNAMICS_REQUESTS_PER_WINDOW`` | ``5000`` | with shared limits: Dataverse requests per window per user for the deployment (service: 6,000 per 300 s) |
+| ``MDSYNC_DYNAMICS_WINDOW_SECONDS`` | ``300`` | … that window (the service's sliding window is 300 s) |
+| ``MDSYNC_DYNAMICS_MAX_CONCURRENT`` | ``40`` | with shared limits: Dataverse requests in flight per user for the deployment (service: 52) |
 """
 
 from __future__ import annotations
@@ -60,6 +65,11 @@ class Settings:
     lease_poll_seconds: float = 5.0
     marketo_daily_quota: int = 50000
     dynamics_daily_requests: int = 40000
+    limits_url: str | None = None
+    limits_lease_seconds: float = 30.0
+    dynamics_requests_per_window: int = 5000
+    dynamics_window_seconds: float = 300.0
+    dynamics_max_concurrent: int = 40
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -84,6 +94,11 @@ class Settings:
             lease_poll_seconds=float(os.environ.get("MDSYNC_LEASE_POLL_SECONDS", "5")),
             marketo_daily_quota=int(os.environ.get("MDSYNC_MARKETO_DAILY_QUOTA", "50000")),
             dynamics_daily_requests=int(os.environ.get("MDSYNC_DYNAMICS_DAILY_REQUESTS", "40000")),
+            limits_url=os.environ.get("MDSYNC_LIMITS_URL") or None,
+            limits_lease_seconds=float(os.environ.get("MDSYNC_LIMITS_LEASE_SECONDS", "30")),
+            dynamics_requests_per_window=int(os.environ.get("MDSYNC_DYNAMICS_REQUESTS_PER_WINDOW", "5000")),
+            dynamics_window_seconds=float(os.environ.get("MDSYNC_DYNAMICS_WINDOW_SECONDS", "300")),
+            dynamics_max_concurrent=int(os.environ.get("MDSYNC_DYNAMICS_MAX_CONCURRENT", "40")),
         )
 
 

@@ -20,9 +20,11 @@ import requests
 import tenacity
 
 from mdsync.errors import AccessDenied, AuthError, ServiceError, ServiceUnavailable, connection_label, transport_problem
+from mdsync.limits import FROM_SETTINGS, LimitsUnavailable
 
 from . import odata
 from .auth import TokenProvider
+from .limits import client_limits
 from .writes import WritesMixin
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,9 @@ class DynamicsClient(WritesMixin):
     :param username: with ``password``, authenticate with the username/password grant.
     :param session: a ``requests.Session`` to reuse (its ``verify`` is not relied upon).
     :param max_concurrent: cap of requests in flight from this client (service protection allows 52/user).
+    :param limits_url: ``redis://host:port/db`` to also keep the deployment under a shared request window and
+        concurrency cap per org and user (:mod:`.limits`), None for this client's cap alone; by default
+        ``MDSYNC_LIMITS_URL``.
     :param timeout: (connect, read) seconds per request.
     :param token_listener: called with every new access token (e.g. Airflow's ``mask_secret``).
     :param max_attempts: attempts per request on 429 / 5xx / transport errors before giving up.
@@ -87,7 +92,7 @@ class DynamicsClient(WritesMixin):
                  verify=True, username=None, password=None, session: requests.Session | None = None,
                  max_concurrent: int = 8, timeout=(10, 120), token_listener=None, max_attempts: int = 8,
                  backoff_s: float = 1.0, connection_id: str | None = None,
-                 max_parallel_requests: int | None = None) -> None:
+                 max_parallel_requests: int | None = None, limits_url=FROM_SETTINGS) -> None:
         self.org_url = org_url.rstrip("/")
         self.base = self.org_url + API
         self.verify = verify
@@ -99,7 +104,8 @@ class DynamicsClient(WritesMixin):
         self.tokens = TokenProvider(self.org_url, client_id, client_secret, tenant_id, authority=authority,
                                     verify=verify, username=username, password=password,
                                     token_listener=token_listener, timeout=timeout, where=self.where)
-        self._slots = threading.BoundedSemaphore(max_concurrent)
+        #: the pacing (:mod:`.limits`); ``waited_s``: seconds spent waiting for it, over every request
+        self.limits = client_limits(self.org_url, client_id, username, max_concurrent, limits_url)
         self.max_parallel_requests = max_parallel_requests
         self._count_lock = threading.Lock()
         self.calls_made = 0
@@ -168,7 +174,8 @@ class DynamicsClient(WritesMixin):
             token = self._token()
             hdrs = {"Accept": "application/json", "OData-Version": "4.0", "OData-MaxVersion": "4.0", **headers,
                     "Authorization": f"Bearer {token}"}
-            with self._slots:
+            held = self._acquire_limits(label)
+            try:
                 with self._count_lock:
                     self.calls_made += 1
                 log.debug("dynamics: %s", label)
@@ -185,6 +192,8 @@ class DynamicsClient(WritesMixin):
                                              next_step="check the connection's host (the organisation URL) and "
                                                        "that this machine can reach it")
                     raise _Retryable(reason, error=err) from None
+            finally:
+                self.limits.release(held)
             if resp.status_code == 401 and not renewed:
                 # The token expired or was revoked mid-run: renew once and send again.
                 log.info("dynamics: %s answered 401; renewing the access token", label)
@@ -193,6 +202,7 @@ class DynamicsClient(WritesMixin):
                 continue
             if resp.status_code == 429:
                 retry_after = _retry_after(resp)
+                self._pause(retry_after, label)
                 raise _Retryable(f"HTTP 429 {_error_of(resp)[1]}", retry_after, resp)
             if resp.status_code >= 500:
                 raise _Retryable(f"HTTP {resp.status_code}", None, resp)
@@ -207,6 +217,23 @@ class DynamicsClient(WritesMixin):
     def _error(self, code: str | None, message: str, **kw) -> ServiceError:
         """A :class:`ServiceError` naming this client's connection."""
         return ServiceError("dynamics", code, message, where=self.where, **kw)
+
+    def _acquire_limits(self, label: str):
+        """Wait for the pacing (a slot, room in the window, the end of a pause); shared limits whose Redis is
+        away fail closed: the request is not sent, and is retried like a transport failure."""
+        try:
+            return self.limits.acquire()
+        except LimitsUnavailable as exc:
+            err = ServiceUnavailable("dynamics", "limits", str(exc), request=label, where=self.where,
+                                     next_step=f"check that the Redis of {exc.url} runs and this machine reaches it")
+            raise _Retryable(str(exc), error=err) from None
+
+    def _pause(self, seconds: float, label: str) -> None:
+        """The service refuses this user's requests for ``seconds``: hold back the others too."""
+        try:
+            self.limits.pause(seconds)
+        except LimitsUnavailable as exc:  # the next acquire fails closed anyway
+            log.warning("dynamics: %s answered 429; could not pause the shared limits: %s", label, exc)
 
     # metadata -------------------------------------------------------------------------------------------
     def logical_name(self, entity_set: str) -> str:

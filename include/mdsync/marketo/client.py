@@ -29,6 +29,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_a
 
 from mdsync.errors import (AccessDenied, AuthError, QuotaExhausted, ServiceError, ServiceUnavailable,
                            connection_label, transport_problem)
+from mdsync.limits import FROM_SETTINGS, LimitsUnavailable
 
 from .activities import ActivitiesMixin
 from .auth import TokenManager
@@ -117,6 +118,8 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
         ``REQUESTS_CA_BUNDLE`` cannot override it).
     :param max_calls_per_window: / :param window_s: client-side rate window (Marketo: 100 per 20 s).
     :param max_concurrent: client-side concurrency cap (Marketo: 10).
+    :param limits_url: ``redis://host:port/db`` to share the rate window and the concurrency cap with every
+        process using that Redis, None to keep them in this process; by default ``MDSYNC_LIMITS_URL``.
     :param timeout: (connect, read) timeout in seconds (one number for both).
     :param token_listener: called with every new access token (the Airflow hook passes ``mask_secret``).
     :param max_attempts: attempts per call for retryable failures.
@@ -129,7 +132,8 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
     def __init__(self, base_url: str, client_id: str, client_secret: str, *, session: requests.Session | None = None,
                  verify=True, max_calls_per_window: int = 100, window_s: float = 20, max_concurrent: int = 10,
                  timeout=(10, 120), token_listener: Callable[[str], None] | None = None, max_attempts: int = 8,
-                 retry_initial_s: float = 1.0, retry_max_s: float = 30.0, connection_id: str | None = None) -> None:
+                 retry_initial_s: float = 1.0, retry_max_s: float = 30.0, connection_id: str | None = None,
+                 limits_url=FROM_SETTINGS) -> None:
         if not base_url or "://" not in base_url:
             raise ValueError(f"Marketo base URL must include the scheme, e.g. https://123-ABC-456.mktorest.com: "
                              f"got {base_url!r}")
@@ -140,7 +144,8 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
         self.session = session or requests.Session()
         self.verify = verify
         self.timeout = timeout
-        self.limits = shared_limits(self.base_url, max_calls_per_window, window_s, max_concurrent)
+        #: the instance's call limits (``waited_s``: seconds spent waiting for them, over every call)
+        self.limits = shared_limits(self.base_url, max_calls_per_window, window_s, max_concurrent, limits_url)
         self.max_attempts = max_attempts
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
@@ -154,20 +159,25 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
     def _send(self, method: str, path: str, **kwargs) -> requests.Response:
         """One HTTP call within the shared limits; transport failures become :class:`TransientError`."""
         request = f"{method} {path}"
-        with self.limits.slot():
+        try:
+            held = self.limits.acquire()
+        except LimitsUnavailable as exc:  # shared limits fail closed: no call without them; backed off and retried
+            raise TransientError("limits", str(exc), request) from None
+        try:
             started = time.monotonic()
-            try:
-                resp = self.session.request(method, self.base_url + path, timeout=self.timeout, verify=self.verify,
-                                            **kwargs)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                self.calls_made += 1
-                reason, retryable = transport_problem(exc, self.base_url, self.timeout)
-                if not retryable:  # a host name that does not resolve, an untrusted certificate: setup, not luck
-                    raise ServiceError(self.service, "transport", reason, request=request, where=self.where,
-                                       next_step="check the connection's host (the REST base URL, Admin > Web "
-                                                 "Services) and extra.verify (True, False or a CA bundle path); "
-                                                 "not retried") from None
-                raise TransientError("transport", reason, request) from None
+            resp = self.session.request(method, self.base_url + path, timeout=self.timeout, verify=self.verify,
+                                        **kwargs)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            self.calls_made += 1
+            reason, retryable = transport_problem(exc, self.base_url, self.timeout)
+            if not retryable:  # a host name that does not resolve, an untrusted certificate: setup, not luck
+                raise ServiceError(self.service, "transport", reason, request=request, where=self.where,
+                                   next_step="check the connection's host (the REST base URL, Admin > Web "
+                                             "Services) and extra.verify (True, False or a CA bundle path); "
+                                             "not retried") from None
+            raise TransientError("transport", reason, request) from None
+        finally:
+            self.limits.release(held)
         self.calls_made += 1
         log.debug("Marketo %s -> HTTP %s in %.0f ms", request, resp.status_code, (time.monotonic() - started) * 1000)
         if resp.status_code >= 500:

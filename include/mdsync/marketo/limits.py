@@ -1,62 +1,69 @@
-"""Client-side call limits shared by everything a process does against one Marketo instance.
+"""Client-side call limits shared by everything that calls one Marketo instance.
 
-Marketo allows 100 calls per 20 s and 10 concurrent calls per instance (rest-api.md). Staying under both
-on our side means the service's own limiter (606/615) is never hit in normal operation.
+Marketo allows 100 calls per 20 s and 10 concurrent calls per instance (rest-api.md). Staying under both on
+our side means the service's own limiter (606/615) is never hit in normal operation. The limits are kept per
+process, or, with ``MDSYNC_LIMITS_URL`` set, shared by every process of the deployment through Redis
+(:mod:`mdsync.limits`), under ``mdsync:limits:marketo:<instance host>``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-import time
-from contextlib import contextmanager
+from urllib.parse import urlsplit
 
-from pyrate_limiter import InMemoryBucket, Limiter, Rate
-
-# The service counts a call when it arrives, we count it when it leaves: widen our window a little so
-# network jitter cannot squeeze more than the allowed number of arrivals into the service's window.
-WINDOW_MARGIN = 0.05
-WINDOW_MARGIN_S = 0.1
+from mdsync import limits as shared
+from mdsync.limits import WINDOW_MARGIN, WINDOW_MARGIN_S, widened_window_ms  # noqa: F401 (kept importable here)
 
 
-class CallLimits:
-    """A sliding rate window plus a concurrency cap.
+class CallLimits(shared.CallLimits):
+    """A sliding rate window plus a concurrency cap for one Marketo instance.
 
     :param max_calls_per_window: calls allowed per window (Marketo: 100).
-    :param window_s: window length in seconds (Marketo: 20).
+    :param window_s: window length in seconds (Marketo: 20; our side counts in a slightly longer one).
     :param max_concurrent: calls in flight at once (Marketo: 10).
+    :param instance: the instance's REST base URL (its host names the Redis keys).
+    :param url: ``redis://...`` to share the limits with every process using that Redis; None: this process.
+    :param lease_s: with ``url``: how long a slot of a process that died stays taken.
+
+    ``waited_s`` (seconds spent waiting for the limits, over all calls) is what progress lines and the
+    rate-limit waits metric read.
     """
 
-    def __init__(self, max_calls_per_window: int = 100, window_s: float = 20, max_concurrent: int = 10) -> None:
+    def __init__(self, max_calls_per_window: int = 100, window_s: float = 20, max_concurrent: int = 10, *,
+                 instance: str = "", url: str | None = None, lease_s: float = 30.0) -> None:
         if max_calls_per_window < 1 or window_s <= 0 or max_concurrent < 1:
             raise ValueError("Marketo call limits must be positive: "
                              f"{max_calls_per_window} calls / {window_s} s, {max_concurrent} concurrent")
-        window_ms = int((window_s * (1 + WINDOW_MARGIN) + WINDOW_MARGIN_S) * 1000)
-        self._rate = Limiter(InMemoryBucket([Rate(max_calls_per_window, window_ms)]))
-        self._slots = threading.BoundedSemaphore(max_concurrent)
-        #: seconds spent waiting for a slot or room in the window (progress lines report it)
-        self.waited_s = 0.0
+        super().__init__("marketo", instance_name(instance), max_calls_per_window=max_calls_per_window,
+                         window_ms=widened_window_ms(window_s), max_concurrent=max_concurrent, url=url,
+                         lease_s=lease_s)
 
-    @contextmanager
-    def slot(self):
-        """Block until a call may be sent (a concurrency slot and room in the window), for its duration."""
-        started = time.monotonic()
-        with self._slots:
-            self._rate.try_acquire("marketo", blocking=True)
-            self.waited_s += time.monotonic() - started
-            yield
+
+def instance_name(base_url: str) -> str:
+    """The instance's host (``123-abc-456.mktorest.com``, with a port when it has one): its key in Redis."""
+    parts = urlsplit(base_url if "://" in base_url else f"//{base_url}")
+    return (parts.netloc or base_url).lower().rsplit("@", 1)[-1] or "default"
 
 
 _shared: dict[tuple, CallLimits] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_limits(instance: str, max_calls_per_window: int, window_s: float, max_concurrent: int) -> CallLimits:
+def shared_limits(instance: str, max_calls_per_window: int, window_s: float, max_concurrent: int,
+                  url=shared.FROM_SETTINGS) -> CallLimits:
     """The process-wide :class:`CallLimits` for one Marketo instance and limit setting.
 
-    Clients built for the same instance (several tasks in one worker, several threads) share one budget.
+    Clients built for the same instance (several tasks in one worker, several threads) share one budget. With
+    a Redis URL (``url``; by default ``MDSYNC_LIMITS_URL``), every process that uses that Redis shares it too.
+
+    :param url: ``redis://host:port/db``, None for per-process limits, or :data:`mdsync.limits.FROM_SETTINGS`.
     """
-    key = (instance.rstrip("/").lower(), max_calls_per_window, window_s, max_concurrent)
+    url, lease_s = shared.configured(url)
+    key = (os.getpid(), instance_name(instance), max_calls_per_window, window_s, max_concurrent, url,
+           lease_s if url else None)
     with _shared_lock:
         if key not in _shared:
-            _shared[key] = CallLimits(max_calls_per_window, window_s, max_concurrent)
+            _shared[key] = CallLimits(max_calls_per_window, window_s, max_concurrent, instance=instance, url=url,
+                                      lease_s=lease_s)
         return _shared[key]
