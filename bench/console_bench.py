@@ -85,7 +85,12 @@ def main() -> int:
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "MDSYNC_STATE_URL": f"sqlite:///{home / 'state.sqlite'}",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",  # no access-log line per timed request
+        "PYTHONWARNINGS": "ignore",
     })
+    import warnings
+
+    warnings.filterwarnings("ignore")
     subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True, capture_output=True)
     filled = fill(os.environ["MDSYNC_STATE_URL"], args.rows)
     from airflow.api_fastapi.app import create_app
