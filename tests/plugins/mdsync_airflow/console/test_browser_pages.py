@@ -118,7 +118,6 @@ def cycles(airflow_api_server, marketo_sandbox, dataverse_sandbox, tmp_path_fact
         mp.undo()
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _patient_expect():
     """Auto-waiting assertions wait up to :data:`SHOWN_MS` (Playwright's 5 s is short on two busy cores)."""
