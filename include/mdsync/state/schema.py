@@ -54,23 +54,30 @@ watermarks = sa.Table(
     sa.Column("run_id", sa.String(250)),
 )
 
+def _decision_columns() -> list[sa.Column]:
+    """The columns of one recorded decision (``activity``) or planned one (a dry run's ``previews``)."""
+    return [
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("entity_type", sa.String(16)),
+        sa.Column("person_id", sa.BigInteger),
+        sa.Column("email", sa.String(254)),
+        sa.Column("dynamics_type", sa.String(16)),
+        sa.Column("dynamics_id", sa.String(36)),
+        sa.Column("action", sa.String(32), nullable=False),
+        sa.Column("field", sa.String(64)),
+        sa.Column("old_value", sa.Text),
+        sa.Column("new_value", sa.Text),
+        sa.Column("winner", sa.String(16)),
+        sa.Column("detail", sa.Text),
+    ]
+
+
 activity = sa.Table(
     "activity",
     metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.String(250)),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("entity_type", sa.String(16)),
-    sa.Column("person_id", sa.BigInteger),
-    sa.Column("email", sa.String(254)),
-    sa.Column("dynamics_type", sa.String(16)),
-    sa.Column("dynamics_id", sa.String(36)),
-    sa.Column("action", sa.String(32), nullable=False),
-    sa.Column("field", sa.String(64)),
-    sa.Column("old_value", sa.Text),
-    sa.Column("new_value", sa.Text),
-    sa.Column("winner", sa.String(16)),
-    sa.Column("detail", sa.Text),
+    *_decision_columns(),
     sa.Index("ix_activity_person", "person_id"),
     sa.Index("ix_activity_email", "email"),
     sa.Index("ix_activity_run", "run_id"),
@@ -171,17 +178,6 @@ previews = sa.Table(
     metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.String(250), nullable=False),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("entity_type", sa.String(16)),
-    sa.Column("person_id", sa.BigInteger),
-    sa.Column("email", sa.String(254)),
-    sa.Column("dynamics_type", sa.String(16)),
-    sa.Column("dynamics_id", sa.String(36)),
-    sa.Column("action", sa.String(32), nullable=False),
-    sa.Column("field", sa.String(64)),
-    sa.Column("old_value", sa.Text),
-    sa.Column("new_value", sa.Text),
-    sa.Column("winner", sa.String(16)),
-    sa.Column("detail", sa.Text),
+    *_decision_columns(),
     sa.Index("ix_previews_run", "run_id", "id"),
 )
