@@ -6,6 +6,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.fixtures.airflow_server import login, save_screenshot
 
@@ -31,7 +32,7 @@ def test_admin_signs_in_on_the_login_page_and_sees_the_home_page(browser, airflo
         login(page, airflow_api_server, "admin")
         page.get_by_role("heading", name="Welcome").wait_for()
         assert page.url == airflow_api_server.url("/")
-        assert page.get_by_role("link", name="Dags", exact=True).is_visible()
+        expect(page.get_by_role("link", name="Dags", exact=True)).to_be_visible()
         # the DAG serialized by the fixture is what the home page counts as active
         page.get_by_role("link", name="Dags", exact=True).click()
         page.get_by_role("link", name="marketo_dynamics_sync").first.wait_for()
