@@ -65,28 +65,23 @@ def console(console_env):
 
 
 @pytest.fixture(scope="module")
-def console_world(console, marketo_sandbox, dataverse_sandbox, tmp_path_factory):
-    """A sync world for the whole module (reset sandboxes, connections in the environment), whose cycles write the
-    state store the console reads; a module builds its runs once and its tests read them."""
+def console_module_world(console, console_env, marketo_sandbox, dataverse_sandbox, tmp_path_factory):
+    """A sync world for the whole module (reset sandboxes, connections in the environment) whose cycles write the
+    state store the console reads: a module builds its runs once and its tests read them."""
+    from mdsync_airflow.console import sources
+    from tests.fixtures.module_world import module_world
+
+    for world in module_world(marketo_sandbox, dataverse_sandbox, tmp_path_factory, "console"):
+        world.mp.setenv("MDSYNC_STATE_URL", console_env["MDSYNC_STATE_URL"])
+        sources.reset_clients()  # the console's live reads use this module's connections
+        yield world
+        sources.reset_clients()
+
+
+@pytest.fixture(scope="module")
+def console_world(console_module_world):
+    """The same world with :class:`~tests.fixtures.sync_env.SyncWorld`'s helpers (seed people, change a side)."""
     from tests.fixtures.sync_env import SyncWorld
 
-    mp = pytest.MonkeyPatch()
-    marketo_sandbox.reset()
-    dataverse_sandbox.reset()
-    tmp = tmp_path_factory.mktemp("console-world")
-    mp.setenv("AIRFLOW_CONN_MARKETO_DEFAULT", marketo_sandbox.connection_json())
-    mp.setenv("AIRFLOW_CONN_DYNAMICS_DEFAULT", dataverse_sandbox.connection_json())
-    mp.setenv("MDSYNC_STAGING_URL", f"file://{tmp / 'staging'}")
-    mp.setenv("MDSYNC_OVERLAP_SECONDS", "2")
-    mp.setenv("MDSYNC_BULK_POLL_SECONDS", "0.1")
-    mp.delenv("MDSYNC_CONFIG", raising=False)
-    from mdsync_airflow.console import sources
-
-    sources.reset_clients()
-    try:
-        yield SyncWorld(marketo_sandbox, dataverse_sandbox, tmp)
-    finally:
-        marketo_sandbox.clear_faults()
-        dataverse_sandbox.admin("DELETE", "faults")
-        sources.reset_clients()
-        mp.undo()
+    w = console_module_world
+    return SyncWorld(w.marketo_sandbox, w.dataverse_sandbox, w.tmp)

@@ -11,7 +11,6 @@ from datetime import datetime, timedelta, timezone
 import pandas as pd
 import pytest
 
-from tests.fixtures.module_world import module_world
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +21,8 @@ QUOTED_TITLE = 'Head of "Ops" O\'Neil \\ Co'
 
 
 @pytest.fixture(scope="module")
-def world(marketo_sandbox, dataverse_sandbox, tmp_path_factory, console_env):
-    """Both sandboxes, reset, with the cycles writing to the state store the console reads."""
-    for w in module_world(marketo_sandbox, dataverse_sandbox, tmp_path_factory, "console-collisions"):
-        w.mp.setenv("MDSYNC_STATE_URL", console_env["MDSYNC_STATE_URL"])
-        yield w
+def world(console_module_world):
+    return console_module_world
 
 
 @pytest.fixture(scope="module")

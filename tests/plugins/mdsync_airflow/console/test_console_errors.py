@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import requests
 
-from tests.fixtures.module_world import module_world
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +21,8 @@ RULE = "Interns are not synced to Dynamics (business rule)."
 
 
 @pytest.fixture(scope="module")
-def world(marketo_sandbox, dataverse_sandbox, tmp_path_factory, console_env):
-    """Both sandboxes, reset, with the cycles writing to the state store the console reads."""
-    for w in module_world(marketo_sandbox, dataverse_sandbox, tmp_path_factory, "console-errors"):
-        w.mp.setenv("MDSYNC_STATE_URL", console_env["MDSYNC_STATE_URL"])
-        yield w
+def world(console_module_world):
+    return console_module_world
 
 
 @pytest.fixture(scope="module")
