@@ -86,7 +86,9 @@ def run_metrics(summary: dict, *, collision_winners: dict[str, str] | None = Non
     """The metrics of one run, from its summary (:meth:`mdsync.cycle.Cycle.report`).
 
     :param summary: the run's report (``entities``, ``written``, ``created_in``, ``errors``, ``tasks``...);
-        figures it lacks count as 0 (a run whose loads were skipped, e.g. a rejected mass change).
+        figures it lacks count as 0 (a run whose loads were skipped, e.g. a rejected mass change). A task's
+        entry in ``tasks`` may carry ``waited_s`` (service -> seconds the task waited for that service's call
+        limits), which becomes the ``mdsync.rate_limit.wait.<service>`` timers.
     :param collision_winners: entity type -> the side its collisions go to (the config's ``collision_winner``);
         an entity type missing here has its collisions counted under ``unknown``.
     :returns: counters, timers and gauges, in a stable order.
