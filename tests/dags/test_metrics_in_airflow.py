@@ -124,14 +124,16 @@ def test_a_dag_run_sends_its_figures_to_statsd_as_its_report_has_them(sync_world
     pytest.importorskip("statsd", reason="Airflow's StatsD backend needs the statsd package (apache-airflow[statsd])")
     server = StatsdServer()
     sync_world.seed_people()
-
-    with airflow_metrics(AIRFLOW__METRICS__STATSD_ON="True", AIRFLOW__METRICS__STATSD_HOST="127.0.0.1",
-                         AIRFLOW__METRICS__STATSD_PORT=str(server.port)):
-        assert run_once() == "success"
-        gauges = wait_for(lambda: server.values("g").get("mdsync.run.duration"), "the run's duration gauge")
+    try:
+        with airflow_metrics(AIRFLOW__METRICS__STATSD_ON="True", AIRFLOW__METRICS__STATSD_HOST="127.0.0.1",
+                             AIRFLOW__METRICS__STATSD_PORT=str(server.port)):
+            assert run_once() == "success"
+            gauges = wait_for(lambda: server.values("g").get("mdsync.run.duration"), "the run's duration gauge")
+        counters = {name: sum(values) for name, values in server.values("c").items()}
+    finally:
+        server.sock.close()
 
     summary = _last_run(sync_world)
-    counters = {name: sum(values) for name, values in server.values("c").items()}
     expected = _expected(summary)
     assert {name: counters.get(name) for name in expected} == expected
     # a first sync creates, links and so writes on both sides: the figures compared are not all zeros
