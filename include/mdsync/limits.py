@@ -39,9 +39,8 @@ from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from pyrate_limiter import InMemoryBucket, Limiter, Rate
+from pyrate_limiter import InMemoryBucket, Limiter, Rate, RateItem
 from pyrate_limiter.buckets.redis_bucket import LuaScript, RedisBucket
-from pyrate_limiter.limiter import SingleBucketFactory
 
 from mdsync.errors import SyncError
 
@@ -177,7 +176,7 @@ def backend(url: str) -> RedisBackend:
 
 class _ServerTimeBucket(RedisBucket):
     """pyrate-limiter's RedisBucket timed by the Redis server (its docs' "RedisTimeBucket": workers on machines
-    with different clocks agree on what is in the window) and reloading its script after a Redis restart."""
+    whose clocks disagree still agree on what is in the window), reloading its script after a Redis restart."""
 
     def now(self) -> int:
         seconds, micros = self.redis.time()
@@ -194,39 +193,55 @@ class _ServerTimeBucket(RedisBucket):
 
 
 class RedisWindow:
-    """A sliding window of ``limit`` calls per ``window_ms`` shared through Redis (pyrate-limiter's
-    :class:`~pyrate_limiter.RedisBucket` under a blocking :class:`~pyrate_limiter.Limiter`)."""
+    """A sliding window of ``limit`` calls per ``window_ms`` shared through Redis (a pyrate-limiter
+    :class:`~pyrate_limiter.RedisBucket`: its Lua script counts the window and adds the call atomically).
+
+    Every attempt takes a fresh timestamp from the Redis server. (pyrate-limiter's blocking ``Limiter``
+    advances a waiting item's timestamp by the time it meant to sleep; a process that overslept would then
+    count an older window than the present one and miss the calls other processes made meanwhile.)
+    """
 
     def __init__(self, backend: RedisBackend, key: str, limit: int, window_ms: int) -> None:
         self.backend, self.key, self.limit, self.window_ms = backend, key, limit, window_ms
-        self._limiter: Limiter | None = None
-        self._init_lock = threading.Lock()
+        self._bucket: _ServerTimeBucket | None = None
+        # the bucket keeps its last verdict on itself: one attempt and its verdict at a time per process
+        self._lock = threading.Lock()
         self._last_leak = 0.0
 
-    def _ready(self) -> Limiter:
+    def _ready(self) -> _ServerTimeBucket:
         # Built on first use, not with the client: a client can be made while Redis is away.
-        with self._init_lock:
-            if self._limiter is None:
-                bucket = self.backend.run("loading the rate window's script", _ServerTimeBucket.init,
-                                          [Rate(self.limit, self.window_ms)], self.backend.redis, self.key)
-                # The leak runs here, after acquiring, not in pyrate-limiter's background thread: that thread
-                # would die on the first Redis error and never trim the window again.
-                self._limiter = Limiter(SingleBucketFactory(bucket, schedule_leak=False))
-            return self._limiter
+        if self._bucket is None:
+            self._bucket = self.backend.run("loading the rate window's script", _ServerTimeBucket.init,
+                                            [Rate(self.limit, self.window_ms)], self.backend.redis, self.key)
+        return self._bucket
 
     def acquire(self) -> None:
         """Block until the window has room for one more call, and count it."""
-        limiter = self._ready()
-        self.backend.run("taking a place in the rate window", limiter.try_acquire, "call", blocking=True)
+        while True:
+            with self._lock:
+                bucket = self._ready()
+                item = RateItem("call", self.backend.time_ms())
+                decision = self.backend.run("taking a place in the rate window", bucket.put_decision, item)
+            if decision.allowed:
+                break
+            wait_ms = decision.retry_after_ms if decision.retry_after_ms is not None else 50
+            # a little jitter: the processes that wait for the same moment do not all ask at once
+            time.sleep((max(0, wait_ms) + 5) / 1000 * random.uniform(1.0, 1.1))
+        # The leak runs here, not in pyrate-limiter's background thread: that thread would die on the first
+        # Redis error and never trim the window again.
         if time.monotonic() - self._last_leak >= LEAK_EVERY_S:
             self._last_leak = time.monotonic()
             self._leak()
 
     def _leak(self) -> None:
-        """Drop calls older than the window and let the key expire when nobody calls any more."""
+        """Drop calls older than the window and let the key expire when nobody calls any more.
+
+        The expiry outlives the window after every call counted until the next leak (at most
+        :data:`LEAK_EVERY_S` later): a key that expired under calls still in the window would let a burst through.
+        """
         pipe = self.backend.redis.pipeline(transaction=False)
         pipe.zremrangebyscore(self.key, 0, self.backend.time_ms() - self.window_ms)
-        pipe.pexpire(self.key, 2 * self.window_ms)
+        pipe.pexpire(self.key, 2 * self.window_ms + int(LEAK_EVERY_S * 1000))
         self.backend.run("trimming the rate window", pipe.execute)
 
 
