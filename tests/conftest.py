@@ -25,4 +25,5 @@ pytest_plugins = [
     "tests.fixtures.sync_env",
     "tests.fixtures.airflow_server",
     "tests.fixtures.redis_server",
+    "tests.fixtures.celery_deployment",
 ]
