@@ -31,7 +31,7 @@ import time
 import pytest
 import redis
 
-from tests.fixtures.celery_deployment import BUCKET, DAG_ID, HEARTBEAT_TIMEOUT_S, WORKERS, CeleryDeployment
+from tests.fixtures.celery_deployment import DAG_ID, HEARTBEAT_TIMEOUT_S, WORKERS, CeleryDeployment
 from tests.fixtures.sync_env import SyncWorld
 from tests.fixtures.waiting import wait_for
 
