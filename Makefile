@@ -14,7 +14,7 @@ help:
 	@echo "make demo      run the sync demo end to end (sets everything up)"
 	@echo "make console   the operator console on the demo's runs, under airflow standalone (after make demo)"
 	@echo "make test      run the whole test suite (sets everything up, PostgreSQL included)"
-	@echo "make bench     time the plan stage at 100k/1M and a first sync end to end at 100k (PERSONS=1000000)"
+	@echo "make bench     time the plan stage at 100k/1M, a first sync end to end at 100k (PERSONS=1000000), the console at 1M rows"
 	@echo "make sandbox   run the Marketo and Dataverse emulators in the foreground"
 	@echo "make sync      run one sync cycle now against the configured connections"
 
