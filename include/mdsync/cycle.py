@@ -114,13 +114,17 @@ class Cycle:
         return self._dynamics
 
     def _calls(self) -> dict[str, int]:
-        return {"marketo": getattr(self._marketo, "calls_made", 0) or 0,
-                "dynamics": getattr(self._dynamics, "calls_made", 0) or 0}
+        return self._per_client("calls_made")
+
+    def _per_client(self, counter: str) -> dict:
+        """A counter of each client built so far (0 for a client not built)."""
+        return {"marketo": getattr(self._marketo, counter, 0) or 0,
+                "dynamics": getattr(self._dynamics, counter, 0) or 0}
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[dict]:
         """Time a stage, count its calls, and name the stage (and run) on any failure."""
-        before, started = self._calls(), time.monotonic()
+        before, waited, started = self._calls(), self._per_client("waited_s"), time.monotonic()
         box: dict = {}
         try:
             yield box
@@ -131,6 +135,9 @@ class Cycle:
         result: StageResult = box["result"]
         after = self._calls()
         result.calls = {k: after[k] - before.get(k, 0) for k in after}
+        # a service this task never called has no wait to report (no zero timers for it)
+        result.waited_s = {k: round(v - waited.get(k, 0.0), 3) for k, v in self._per_client("waited_s").items()
+                           if result.calls.get(k)}
         result.elapsed_s = round(time.monotonic() - started, 3)
         log.info("%s done in %.1f s (API calls: Marketo %d, Dataverse %d)", name, result.elapsed_s,
                  result.calls["marketo"], result.calls["dynamics"])
@@ -905,7 +912,8 @@ class Cycle:
             "marketo_write_method": mkt.method,
             "person_ids_not_found": m.marketo.missing_person_ids,
             "api_calls": used, "committed": m.committed.model_dump() if m.committed else {},
-            "tasks": {name: {"seconds": r.elapsed_s, **r.calls} for name, r in m.stage_results()},
+            "tasks": {name: {"seconds": r.elapsed_s, **r.calls, "waited_s": r.waited_s}
+                      for name, r in m.stage_results()},
             "mass_change": {"outcome": m.guard.outcome, "written": m.guard.proceed, "responded_by": m.guard.responded_by,
                             **{k: {"records": v.records, "threshold": v.threshold} for k, v in m.guard.sides.items()}}
             if m.guard else {},
@@ -946,6 +954,10 @@ class Cycle:
             lines.append(f"  person_ids not found in Marketo (not synced): "
                          f"{', '.join(map(str, m.marketo.missing_person_ids))}")
         lines.append("  tasks: " + ", ".join(f"{n} {r.elapsed_s:.1f} s" for n, r in m.stage_results()))
+        waited = {side: sum(r.waited_s.get(side, 0.0) for _, r in m.stage_results()) for side in ("marketo", "dynamics")}
+        if any(v >= 1.0 for v in waited.values()):  # the limits held calls back: why a run took longer
+            lines.append(f"  waited for the call limits: Marketo {waited['marketo']:.0f} s, "
+                         f"Dynamics {waited['dynamics']:.0f} s (summed over parallel calls)")
         log.info("\n".join(lines))
         return summary
 

@@ -416,6 +416,9 @@ class Held:
     """What :meth:`CallLimits.acquire` took: give it back to :meth:`CallLimits.release`."""
 
     token: str | None
+    #: seconds this call waited for its slot, room in the window or the end of a pause (the caller adds it to
+    #: its own count: a process's limits are shared by every client in it)
+    waited_s: float = 0.0
 
 
 class CallLimits:
@@ -487,9 +490,10 @@ class CallLimits:
             self._local.release()
             raise
         finally:
+            waited = time.monotonic() - started
             with self._waited_lock:
-                self.waited_s += time.monotonic() - started
-        return Held(token)
+                self.waited_s += waited
+        return Held(token, waited)
 
     def release(self, held: Held) -> None:
         """Free what :meth:`acquire` took."""

@@ -26,10 +26,9 @@ class Progress:
 
     @classmethod
     def for_client(cls, log: logging.Logger, label: str, total: int | None, client) -> "Progress":
-        """Progress of work done through ``client``: its call counter and, for Marketo, its rate-limit waits."""
-        limits = getattr(client, "limits", None)
+        """Progress of work done through ``client``: its call counter and its rate-limit waits."""
         return cls(log, label, total, calls=lambda: getattr(client, "calls_made", 0) or 0,
-                   waited=(lambda: limits.waited_s) if limits is not None and hasattr(limits, "waited_s") else None)
+                   waited=(lambda: client.waited_s) if hasattr(client, "waited_s") else None)
 
     def advance(self, n: int) -> None:
         self.done += n

@@ -20,6 +20,8 @@ class StageResult(BaseModel):
 
     #: API calls this stage's task made, per service (``marketo``, ``dynamics``), tokens included
     calls: dict[str, int] = Field(default_factory=dict)
+    #: seconds this stage's task waited for each service's call limits (client side), summed over its calls
+    waited_s: dict[str, float] = Field(default_factory=dict)
     #: wall time of the stage in seconds
     elapsed_s: float = 0.0
 

@@ -130,6 +130,7 @@ def test_a_dag_run_sends_its_figures_to_statsd_as_its_report_has_them(sync_world
             assert run_once() == "success"
             gauges = wait_for(lambda: server.values("g").get("mdsync.run.duration"), "the run's duration gauge")
         counters = {name: sum(values) for name, values in server.values("c").items()}
+        timers = server.values("ms")
     finally:
         server.sock.close()
 
@@ -142,6 +143,13 @@ def test_a_dag_run_sends_its_figures_to_statsd_as_its_report_has_them(sync_world
     collisions = sum(v for k, v in counters.items() if k.startswith("mdsync.collisions."))
     assert collisions == run_counts(summary)["collisions"]
     assert gauges == [metrics.run_duration(summary["tasks"])]
+    # each task's waits for the limits of each service it called are its timers, in ms (test_cycle shows a
+    # real wait reaching the stage's result)
+    for service in ("marketo", "dynamics"):
+        reported = [t["waited_s"][service] for t in summary["tasks"].values() if service in t["waited_s"]]
+        assert reported and len(reported) == sum(1 for t in summary["tasks"].values() if t.get(service))
+        assert sorted(timers[f"mdsync.rate_limit.wait.{service}"]) == \
+            pytest.approx(sorted(1000 * s for s in reported)), service
     # plain StatsD has no tags: none went into the names (Datadog and statsd_influxdb_enabled keep them)
     assert not [line for line in server.lines if "mdsync." in line and ("," in line or "#" in line)]
 

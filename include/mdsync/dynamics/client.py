@@ -104,11 +104,13 @@ class DynamicsClient(WritesMixin):
         self.tokens = TokenProvider(self.org_url, client_id, client_secret, tenant_id, authority=authority,
                                     verify=verify, username=username, password=password,
                                     token_listener=token_listener, timeout=timeout, where=self.where)
-        #: the pacing (:mod:`.limits`); ``waited_s``: seconds spent waiting for it, over every request
+        #: the pacing (:mod:`.limits`), shared by every client of this process for the org and user
         self.limits = client_limits(self.org_url, client_id, username, max_concurrent, limits_url)
         self.max_parallel_requests = max_parallel_requests
         self._count_lock = threading.Lock()
         self.calls_made = 0
+        #: seconds this client's requests waited for the pacing (the limits' own ``waited_s`` counts every client)
+        self.waited_s = 0.0
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self._attributes: dict[str, pd.DataFrame] = {}
@@ -178,6 +180,7 @@ class DynamicsClient(WritesMixin):
             try:
                 with self._count_lock:
                     self.calls_made += 1
+                    self.waited_s += held.waited_s
                 log.debug("dynamics: %s", label)
                 try:
                     resp = self.session.request(method, url, json=json, data=data, headers=hdrs, verify=self.verify,

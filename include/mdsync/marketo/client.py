@@ -144,12 +144,15 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
         self.session = session or requests.Session()
         self.verify = verify
         self.timeout = timeout
-        #: the instance's call limits (``waited_s``: seconds spent waiting for them, over every call)
+        #: the instance's call limits, shared by every client of this process for the instance
         self.limits = shared_limits(self.base_url, max_calls_per_window, window_s, max_concurrent, limits_url)
         self.max_attempts = max_attempts
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.calls_made = 0
+        #: seconds this client's calls waited for the limits (the limits' own ``waited_s`` counts every client)
+        self.waited_s = 0.0
+        self._waited_lock = threading.Lock()
         self._describe: pd.DataFrame | None = None
         self._describe_lock = threading.Lock()
         self.auth = TokenManager(self.base_url, client_id, client_secret, self._send, token_listener,
@@ -163,6 +166,8 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
             held = self.limits.acquire()
         except LimitsUnavailable as exc:  # shared limits fail closed: no call without them; backed off and retried
             raise TransientError("limits", str(exc), request) from None
+        with self._waited_lock:
+            self.waited_s += held.waited_s
         try:
             started = time.monotonic()
             resp = self.session.request(method, self.base_url + path, timeout=self.timeout, verify=self.verify,

@@ -89,6 +89,17 @@ def test_changes_flow_both_ways_collisions_follow_policy_and_rejections_are_logg
     assert sum(writes.values()) == 0, writes
 
 
+def test_a_stages_waits_for_the_call_limits_are_in_its_result(sync_world):
+    cycle = sync_world.cycle("manual__waits")
+    schema = cycle.refresh_schema()
+    cycle.marketo.limits.pause(0.3)  # as after a Retry-After: the stage's first call is held back
+
+    extracted = cycle.extract_marketo(schema)
+
+    assert extracted.calls["marketo"] > 0 and 0.25 <= extracted.waited_s["marketo"] < 5
+    assert "dynamics" not in extracted.waited_s  # a service the task never called has no wait
+
+
 def test_dry_run_writes_nothing(sync_world):
     ids = sync_world.seed_people()
     sync_world.cycle("run-1").run_all()
