@@ -50,7 +50,8 @@ SQLite, answering what unmodified MSAL and the sync's client use:
   the sync user may not read is absent from results and expansions, and 403 in a filter; an update to one
   it may not update is a 403).
 - Service protection: 429 with ``Retry-After`` past ``requests_per_window`` per ``window_s`` per user
-  (pyrate-limiter sliding window) or past ``max_concurrent`` requests in flight. Every Web API response
+  (pyrate-limiter sliding window) or past ``max_concurrent`` requests in flight; each 429 is counted (the
+  ``throttled`` key of ``GET /_sandbox/calls``), so a run can show it was never throttled. Every Web API response
   carries ``x-ms-dop-hint``, the recommended degree of parallelism (``dop_hint``, default 4; 0 sends none).
 - Concurrent requests are served side by side (reads in parallel; writes, like SQLite, one transaction at a
   time). A bulk message reads all the rows its targets name in one query and writes them by executemany.
@@ -61,7 +62,12 @@ Admin API (JSON, no auth, under ``/_sandbox``):
   ``ids`` (ids omitted above 10,000 rows or with ``"return_ids": false``). Seeded rows get row versions,
   so a later delta read reports them.
 - ``GET /_sandbox/calls`` / ``POST /_sandbox/calls/reset``: call counts by ``"METHOD /path"`` (keys in
-  parentheses dropped), Web API and token calls.
+  parentheses dropped), Web API and token calls, and ``throttled``: every 429 the sandbox answered, by what
+  refused it: ``{"0x80072322": n}`` (requests per window), ``{"0x80072326": n}`` (concurrent requests) and
+  ``{"injected": n}`` (an injected ``throttle`` fault, Web API or Entra ID, although the Web API's carries
+  ``0x80072322``); a reason appears once it has refused a request, so ``{}`` means no 429 at all.
+  (``0x80072321``, the execution-time limit, is not emulated and never appears.) The refused requests are
+  counted in ``total`` / ``by_endpoint`` too.
 - ``GET /_sandbox/concurrency``: ``in_flight`` (Web API requests being served now, all users), ``peak``
   (the most at once since the last reset), ``max_concurrent`` and ``dop_hint``. ``POST
   /_sandbox/concurrency/reset`` starts a new peak; ``PUT /_sandbox/concurrency`` ``{"dop_hint": n | null}``
@@ -219,7 +225,14 @@ class DataverseSandbox:
         self.admin("POST", "reset")
 
     def calls(self) -> dict:
+        """``total``, ``by_endpoint`` and ``throttled`` (the 429s answered, by reason) since the last reset."""
         return self.admin("GET", "calls")
+
+    def throttled(self) -> dict[str, int]:
+        """The 429s answered since the last :meth:`reset` or ``calls/reset``, by reason: ``0x80072322``
+        (requests per window), ``0x80072326`` (concurrent requests), ``injected`` (throttle faults); ``{}``:
+        none."""
+        return self.calls()["throttled"]
 
     def concurrency(self) -> dict:
         """``in_flight``, ``peak`` (since the last :meth:`reset` or ``concurrency/reset``), ``max_concurrent``

@@ -30,8 +30,13 @@ class Protection:
     """Service protection per user: requests per sliding window (pyrate-limiter) and concurrent requests.
 
     It also keeps the most requests that were in flight at once (all users) since :meth:`reset_peak`, which
-    the admin API reports, and the degree of parallelism the service recommends (``x-ms-dop-hint``).
+    the admin API reports, and the degree of parallelism the service recommends (``x-ms-dop-hint``), and counts
+    every 429 the sandbox answers (:attr:`throttled`, by reason: the limit's error code, or :attr:`INJECTED`).
     """
+
+    #: the ``throttled`` reason of a 429 sent by an injected ``throttle`` fault (Web API or Entra ID), kept
+    #: apart from the limits' codes because the Web API's injected 429 carries ``0x80072322`` too
+    INJECTED = "injected"
 
     def __init__(self, requests_per_window: int, window_s: int, max_concurrent: int,
                  dop_hint: int | None = None) -> None:
@@ -41,6 +46,8 @@ class Protection:
         self.in_flight: Counter = Counter()
         self.peak = 0
         self.default_dop_hint = self.dop_hint = dop_hint
+        #: 429s answered since the last reset, by reason; a reason appears once it has refused a request
+        self.throttled: Counter = Counter()
         self.lock = threading.Lock()
 
     def enter(self, user: str) -> None:
@@ -50,10 +57,12 @@ class Protection:
             item = RateItem(user, int(time.time() * 1000))
             if not bucket.put(item):
                 wait = math.ceil(bucket.waiting(item) / 1000) or 1
+                self.throttled[E.THROTTLE_REQUESTS] += 1
                 raise DataverseError(429, E.THROTTLE_REQUESTS, f"Number of requests exceeded the limit of "
                                      f"{self.rate.limit} over time window of {self.rate.interval // 1000} seconds.",
                                      {"Retry-After": str(wait)})
             if self.in_flight[user] >= self.max_concurrent:
+                self.throttled[E.THROTTLE_CONCURRENCY] += 1
                 raise DataverseError(429, E.THROTTLE_CONCURRENCY, f"Number of concurrent requests exceeded the "
                                      f"limit of {self.max_concurrent}.", {"Retry-After": "1"})
             self.in_flight[user] += 1
@@ -62,6 +71,20 @@ class Protection:
     def leave(self, user: str) -> None:
         with self.lock:
             self.in_flight[user] -= 1
+
+    def note_injected(self) -> None:
+        """Count a 429 that an injected ``throttle`` fault answered (not one of the limits)."""
+        with self.lock:
+            self.throttled[self.INJECTED] += 1
+
+    def throttled_counts(self) -> dict[str, int]:
+        """The 429s answered since the last reset, by reason (``{}``: none)."""
+        with self.lock:
+            return dict(self.throttled)
+
+    def reset_throttled(self) -> None:
+        with self.lock:
+            self.throttled.clear()
 
     def concurrency(self) -> dict:
         with self.lock:
@@ -77,6 +100,7 @@ class Protection:
             self.buckets.clear()
             self.peak = sum(self.in_flight.values())
             self.dop_hint = self.default_dop_hint
+            self.throttled.clear()
 
 
 class Faults:
@@ -196,6 +220,8 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
         if fault and fault["kind"] == "delay":
             await asyncio.sleep(fault["seconds"])
             return None
+        if fault and fault["kind"] == "throttle":  # a 429 the client sees, so it is counted like the limits'
+            protection.note_injected()
         return entra_fault(fault) if fault else None
 
     @app.get("/{tenant}/v2.0/.well-known/openid-configuration")
@@ -299,6 +325,7 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
         count(method, API + path)
         fault = faults.take(API + path)
         if fault and fault["kind"] == "throttle":
+            protection.note_injected()
             return error(DataverseError(429, E.THROTTLE_REQUESTS, "Number of requests exceeded the limit of 6000 "
                                         "over time window of 300 seconds.", _retry_after(fault)))
         elif fault and fault["kind"] == "server_error":
@@ -347,12 +374,15 @@ def create_app(data_dir: Path, identity: Identity, org_url: str, *, token_ttl_s:
     @app.get("/_sandbox/calls")
     def get_calls():
         with calls_lock:
-            return {"total": sum(calls.values()), "by_endpoint": dict(calls)}
+            counts = {"total": sum(calls.values()), "by_endpoint": dict(calls)}
+        # every 429 answered, by what refused it; the refused requests are in total / by_endpoint as well
+        return {**counts, "throttled": protection.throttled_counts()}
 
     @app.post("/_sandbox/calls/reset")
     def reset_calls():
         with calls_lock:
             calls.clear()
+        protection.reset_throttled()
         return {"total": 0}
 
     @app.get("/_sandbox/concurrency")

@@ -6,12 +6,14 @@ import concurrent.futures
 import json
 import time
 import uuid
+from collections import Counter
 
 import msal
 import pytest
 import requests
 
 from sandbox.dataverse import DataverseSandbox
+from tests.fixtures.waiting import wait_for
 
 API = "/api/data/v9.2/"
 
@@ -271,7 +273,65 @@ def test_faults_and_call_counts(dataverse, api):
     assert api("GET", "leads").status_code == 200
     assert api("GET", "contacts").status_code == 200
     assert dataverse.calls() == {"total": 4, "by_endpoint": {"GET /api/data/v9.2/leads": 3,
-                                                             "GET /api/data/v9.2/contacts": 1}}
+                                                             "GET /api/data/v9.2/contacts": 1},
+                                 "throttled": {"injected": 1}}
+
+
+def throttled_seen(responses) -> Counter:
+    """The 429s a client saw, by the reason the sandbox counts them under (an injected fault is ``injected``)."""
+    return Counter(error_of(r)[0] for r in responses if r.status_code == 429)
+
+
+def test_injected_throttles_are_counted_and_reset(dataverse, api):
+    token_path = f"/{dataverse.tenant_id}/oauth2/v2.0/token"
+
+    def token_request() -> requests.Response:
+        form = {"grant_type": "client_credentials", "client_id": dataverse.client_id,
+                "client_secret": dataverse.client_secret, "scope": dataverse.org_url + "/.default"}
+        return api.session.post(dataverse.org_url + token_path, data=form, verify=dataverse.ca_bundle, timeout=30)
+
+    assert dataverse.throttled() == {}
+    dataverse.fault("throttle", count=2, seconds=1, path_prefix="/api/data/v9.2/WhoAmI")
+    dataverse.fault("throttle", count=1, seconds=1, path_prefix=token_path)
+    seen = [api("GET", "WhoAmI") for _ in range(3)]
+    token_answers = [token_request() for _ in range(2)]
+    assert [r.status_code for r in seen] == [429, 429, 200]
+    assert [r.status_code for r in token_answers] == [429, 200]
+    assert token_answers[0].json()["error"] == "temporarily_unavailable"
+    # the Web API's injected 429 carries the window's code, but it is counted apart from the real limit's
+    assert throttled_seen(seen) == {"0x80072322": 2}
+    assert dataverse.throttled() == {"injected": 3}  # two Web API 429s and the Entra ID one
+    assert dataverse.calls()["by_endpoint"]["GET /api/data/v9.2/WhoAmI"] == 3  # refused ones are calls too
+
+    dataverse.admin("POST", "calls/reset")
+    assert dataverse.calls() == {"total": 0, "by_endpoint": {}, "throttled": {}}
+    dataverse.fault("throttle", count=1, path_prefix="/api/data/v9.2/WhoAmI")
+    assert api("GET", "WhoAmI").status_code == 429
+    assert dataverse.throttled() == {"injected": 1}
+    dataverse.reset()
+    assert dataverse.throttled() == {}
+
+
+def test_service_protection_refusals_are_counted_by_code(strict_sandbox):
+    strict_sandbox.reset()
+    api = Api(strict_sandbox)
+    # the concurrency limit (1 in flight): a request sent while a delayed one is being served
+    strict_sandbox.fault("delay", count=1, seconds=0.5, path_prefix="/api/data/v9.2/contacts")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(api, "GET", "contacts")
+        wait_for(lambda: strict_sandbox.concurrency()["in_flight"] == 1, "the delayed request in flight", 10)
+        seen = [api("GET", "WhoAmI")]
+        assert slow.result().status_code == 200
+    # the request window (5 per 2 s; both requests above took a place in it): send until it refuses one
+    for _ in range(6):
+        seen.append(api("GET", "WhoAmI"))
+        if seen[-1].status_code == 429:
+            break
+    counted = strict_sandbox.throttled()
+    assert throttled_seen(seen) == {"0x80072326": 1, "0x80072322": 1}, [r.status_code for r in seen]
+    assert counted == throttled_seen(seen)
+    strict_sandbox.admin("POST", "calls/reset")
+    assert strict_sandbox.throttled() == {}
 
 
 def test_state_survives_a_restart(tmp_path):
