@@ -14,7 +14,7 @@ help:
 	@echo "make demo      run the sync demo end to end (sets everything up)"
 	@echo "make console   the operator console on the demo's runs, under airflow standalone (after make demo)"
 	@echo "make test      run the whole test suite (sets everything up, PostgreSQL included)"
-	@echo "make bench     time the plan stage at 100k/1M, a first sync end to end at 100k (PERSONS=1000000), the console at 1M rows"
+	@echo "make bench     time the plan stage at 100k/1M, a first sync end to end at 100k (PERSONS=1000000), the console at 1M rows, the first sync on one and two Celery workers"
 	@echo "make sandbox   run the Marketo and Dataverse emulators in the foreground"
 	@echo "make sync      run one sync cycle now against the configured connections"
 
@@ -49,6 +49,9 @@ bench: venv
 	$(PY) bench/engine_bench.py
 	$(PY) bench/e2e_bench.py --persons $(or $(PERSONS),100000)
 	$(PY) bench/console_bench.py
+	@bash scripts/ensure-postgres.sh
+	@bash scripts/ensure-redis.sh
+	$(PY) bench/deployment_bench.py --persons $(or $(PERSONS),100000)
 
 sandbox: venv
 	$(PY) -m sandbox --dir .sandbox

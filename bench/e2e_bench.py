@@ -456,7 +456,9 @@ def _norm(values: pd.Series) -> pd.Series:
     return v.map(lambda x: None if x is None or (isinstance(x, str) and x.strip() == "") else str(x))
 
 
-def read_end_state(marketo: MarketoSandbox, dataverse: DataverseSandbox) -> dict:
+def read_end_state(marketo: MarketoSandbox, dataverse: DataverseSandbox, state_url: str | None = None) -> dict:
+    """Both sandboxes' persons and rows, and the state store's links (``state_url``; by default
+    ``MDSYNC_STATE_URL``)."""
     from mdsync.state import open_store
 
     _mk, dy = clients(marketo, dataverse)
@@ -471,7 +473,7 @@ def read_end_state(marketo: MarketoSandbox, dataverse: DataverseSandbox) -> dict
     for name in ("lead", "contact"):
         rows[name] = dy.query(ENTITY_SET[name], [ID_COLUMN[name], "emailaddress1", "mdsync_marketopersonid",
                                                  "jobtitle", "address1_city", "telephone1"])
-    links = open_store(os.environ["MDSYNC_STATE_URL"]).load_links()
+    links = open_store(state_url or os.environ["MDSYNC_STATE_URL"]).load_links()
     return {"persons": persons, "rows": rows, "links": links}
 
 
