@@ -111,6 +111,39 @@ def _lease(settings: Settings, engine=None) -> CycleLease:
                       ttl_s=settings.lease_ttl_seconds)
 
 
+#: executors whose tasks all run on the scheduler's machine (one disk, one process tree)
+ONE_MACHINE_EXECUTORS = {"LocalExecutor", "SequentialExecutor", "DebugExecutor"}
+
+
+def deployment_warnings(settings: Settings, executors: str) -> list[str]:
+    """What in the sync's settings assumes one machine while Airflow's executor spreads tasks over several.
+
+    A CeleryExecutor or KubernetesExecutor deployment runs a run's tasks on different machines: staging on a
+    local folder, a SQLite state store and per-process call limits then hold only on one of them. They still
+    work on a single machine (or with a shared disk), so these are warnings, not errors.
+
+    :param executors: ``[core] executor`` (one name, a comma-separated list, dotted paths or ``alias:path``).
+    :returns: one line per setting that needs changing, naming the setting and what to set it to.
+    """
+    names = {part.split(":")[-1].rsplit(".", 1)[-1].strip() for part in executors.split(",") if part.strip()}
+    distributed = sorted(names - ONE_MACHINE_EXECUTORS)
+    if not distributed:
+        return []
+    where = f"[core] executor is {', '.join(distributed)}: a run's tasks may run on different machines, but"
+    found = []
+    if settings.staging_url.startswith("file://") or "://" not in settings.staging_url:
+        found.append(f"{where} MDSYNC_STAGING_URL is a local folder ({settings.staging_url}); a task on another "
+                     "machine will not find what the previous one staged. Set it to object storage, e.g. "
+                     "s3://<connection id>@<bucket>/staging (README: Production deployment)")
+    if settings.state_url.startswith("sqlite"):
+        found.append(f"{where} the state store is SQLite (MDSYNC_STATE_URL unset or sqlite://); every worker "
+                     "would keep its own. Set MDSYNC_STATE_URL to PostgreSQL (README: Production deployment)")
+    if not settings.limits_url:
+        found.append(f"{where} MDSYNC_LIMITS_URL is unset, so each worker keeps its own Marketo and Dataverse call "
+                     "limits and two loading at once can trip 606/429. Set it to redis://<host>:<port>/<db>")
+    return found
+
+
 def hold_lease(context: dict[str, Any]) -> dict:
     """The run's first task: migrate the state store, then take the cycle lease, waiting up to
     ``MDSYNC_LEASE_WAIT_SECONDS`` while another run holds it; still held after that, the run defers (this task
@@ -121,7 +154,11 @@ def hold_lease(context: dict[str, Any]) -> dict:
     from mdsync.settings import Settings
     from mdsync.state.database import create_engine, safe_url, upgrade
 
+    from airflow.configuration import conf
+
     settings = Settings.from_env()
+    for warning in deployment_warnings(settings, conf.get("core", "executor", fallback="LocalExecutor")):
+        log.warning("%s", warning)
     engine = create_engine(settings.state_url)
     upgrade(engine, settings.state_url)
     _skip_while_quota_is_used_up(context, engine)

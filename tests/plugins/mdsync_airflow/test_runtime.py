@@ -4,6 +4,7 @@ without pandas."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -107,3 +108,33 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
     state = CycleLease(create_engine(state_url)).state()
     assert state.run_id == "manual__probe" and state.holder_key is None
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("executor", ["LocalExecutor", "airflow.executors.local_executor.LocalExecutor",
+                                      "LocalExecutor,my_local:airflow.executors.local_executor.LocalExecutor"])
+def test_one_machine_executors_need_no_shared_settings(executor):
+    from mdsync.settings import Settings
+
+    local = dataclasses.replace(Settings.from_env(), state_url="sqlite:////tmp/s.sqlite",
+                                staging_url="file:///tmp/staging", limits_url=None)
+    assert runtime.deployment_warnings(local, executor) == []
+
+
+@pytest.mark.unit
+def test_a_distributed_executor_warns_about_each_setting_that_assumes_one_machine():
+    from mdsync.settings import Settings
+
+    base = Settings.from_env()
+    local = dataclasses.replace(base, state_url="sqlite:////tmp/s.sqlite", staging_url="file:///tmp/staging",
+                                limits_url=None)
+    warnings = runtime.deployment_warnings(local, "LocalExecutor,airflow.providers.celery.executors."
+                                                  "celery_executor.CeleryExecutor")
+    assert [w.split(" but ")[0] for w in warnings] == \
+        ["[core] executor is CeleryExecutor: a run's tasks may run on different machines,"] * 3
+    assert "MDSYNC_STAGING_URL" in warnings[0] and "file:///tmp/staging" in warnings[0] and "s3://" in warnings[0]
+    assert "MDSYNC_STATE_URL" in warnings[1] and "PostgreSQL" in warnings[1]
+    assert "MDSYNC_LIMITS_URL" in warnings[2] and "redis://" in warnings[2]
+    shared = dataclasses.replace(base, state_url="postgresql+psycopg://sync@db/mdsync",
+                                 staging_url="s3://aws_default@bucket/staging", limits_url="redis://redis:6379/1")
+    assert runtime.deployment_warnings(shared, "CeleryExecutor") == []
