@@ -795,7 +795,7 @@ def field_access(config: SyncConfig, settings, marketo_client=None, dynamics_cli
                 with path.open("r") as fh:
                     data = json.load(fh)
                 cached = (access_stage.FieldAccess.from_json(data), datetime.fromisoformat(data["refreshed_at"]))
-            except (FileNotFoundError, KeyError, ValueError):
+            except (OSError, KeyError, ValueError):  # missing, or object storage that cannot be read now: refresh
                 continue
     if cached is not None:
         acc, refreshed = cached

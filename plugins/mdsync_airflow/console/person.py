@@ -118,6 +118,7 @@ def explain(query: str, field: str | None = None, *, live: bool = True, pick: in
     else:  # an id the store does not know: read it live
         kwargs = {"person_id": int(text)} if text.isdigit() else {"dynamics_id": text}
     answer = why(sources.config(), sources.store(), sources.settings(), marketo_client=marketo,
-                 dynamics_client=dynamics, field=field or None, guard_held_runs=held, **kwargs)
+                 dynamics_client=dynamics, field=field or None, guard_held_runs=held,
+                 staging_root=sources.staging_root(), **kwargs)
     return {"query": query, "field": field, "matches": matches, "live": live, "live_problems": problems,
             **answer.dump()}

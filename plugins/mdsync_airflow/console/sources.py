@@ -29,6 +29,14 @@ def settings():
     return Settings.from_env()
 
 
+def staging_root():
+    """The staging area as the cycle's tasks see it (an ``ObjectStoragePath``: a local folder or object storage,
+    e.g. ``s3://<connection>@bucket/staging``), where the last schema refresh keeps the field access."""
+    from airflow.sdk import ObjectStoragePath
+
+    return ObjectStoragePath(settings().staging_url)
+
+
 @functools.lru_cache(maxsize=4)
 def _store(url: str):
     from mdsync.state import open_store

@@ -180,3 +180,34 @@ def test_a_held_run_is_only_claimed_when_something_waits():
     codes = [r.code for r in explain(CONFIG, _facts(waiting, watermark_at=now - timedelta(hours=3),
                                                     committed_at=now - timedelta(minutes=5), now=now, held_runs=held))]
     assert codes == ["mass_change_held", "not_yet_reached"]
+
+
+@pytest.mark.unit
+def test_field_access_is_read_from_the_staging_area_where_the_cycle_keeps_it_object_storage_too(tmp_path):
+    """The console hands why() the staging root as the tasks see it (an ObjectStoragePath): with object-storage
+    staging the last schema refresh is read from there, not described again; an unreadable one is "none"."""
+    import json
+    from dataclasses import replace
+
+    from airflow.sdk import ObjectStoragePath
+
+    from mdsync.access import EntityAccess, FieldAccess
+    from mdsync.explain import field_access
+
+    # object storage as the settings name it; the root handed in (a local ObjectStoragePath here, where a
+    # deployment's is s3://...) is where the cache is read, not a folder derived from the URL
+    settings = replace(Settings.from_env(), staging_url="s3://mdsync_staging@bucket/staging")
+    root = ObjectStoragePath(f"file://{tmp_path / 'staging'}")
+    root.mkdir(parents=True)
+    refreshed = datetime.now(timezone.utc).isoformat()
+    access = FieldAccess(entities={"contact": EntityAccess(["email"], ["email"], ["emailaddress1"], ["emailaddress1"],
+                                                           ["emailaddress1"])},
+                         dynamics_metadata={}, marketo_describe=[], refreshed_at=refreshed)
+    (root / "field-access-0123456789ab.json").write_text(json.dumps(access.to_json()))
+
+    found, source = field_access(CONFIG, settings, staging_root=root)
+
+    assert source == f"cache {refreshed}" and found.entities["contact"].marketo_read == ["email"]
+    (root / "field-access-0123456789ab.json").write_text("{not json")
+    assert field_access(CONFIG, settings, staging_root=root) == (None, "none")  # no clients to describe with
+    assert field_access(CONFIG, settings) == (None, "none")  # object storage without its root: not guessed
