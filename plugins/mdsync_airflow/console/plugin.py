@@ -1,4 +1,8 @@
-"""The Airflow plugin: the console's FastAPI app and where the UI shows it."""
+"""The Airflow plugin: the console's FastAPI app and where the UI shows it.
+
+Cheap to import (every process that loads plugins does, each task process included): the app it registers is
+:data:`~mdsync_airflow.console.app.console_app`, which builds the real console on its first request.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from urllib.parse import urlsplit
 
 from airflow.plugins_manager import AirflowPlugin
 
-from mdsync_airflow.console.app import PREFIX, create_app
+from mdsync_airflow.console.app import PREFIX, console_app
 
 
 def _base_path() -> str:
@@ -32,5 +36,5 @@ class SyncConsolePlugin(AirflowPlugin):
     """Marketo ⇄ Dynamics sync console: health, a person's story, collisions, errors, why-didn't-it-sync."""
 
     name = "mdsync_console"
-    fastapi_apps = [{"app": create_app(), "url_prefix": PREFIX, "name": "Marketo ⇄ Dynamics sync console"}]
+    fastapi_apps = [{"app": console_app, "url_prefix": PREFIX, "name": "Marketo ⇄ Dynamics sync console"}]
     external_views = external_views(_base_path())
