@@ -150,13 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntwo workers: {walls['2-workers']:.1f} s against {walls['1-worker']:.1f} s on one ({ratio:.2f} x)")
         if ratio > 1 + args.tolerance:
             failures.append(f"two workers took {ratio:.2f} x one worker's time (tolerance {args.tolerance:.0%})")
-    if failures:
-        print(f"\n{len(failures)} check(s) FAILED:")
-        for f in failures:
-            print(f"  - {f}")
-        return 1
-    print("\nall checks passed")
-    return 0
+    return e2e_bench.verdict(failures)
 
 
 if __name__ == "__main__":

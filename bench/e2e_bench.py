@@ -619,6 +619,17 @@ def print_cycle(run: dict, calls: dict, floor: dict, checks: list | None) -> Non
         print(f"  {'ok  ' if ok else 'FAIL'} {name}: {detail}")
 
 
+def verdict(failures: list[str]) -> int:
+    """Print the failed checks (or that all passed); the bench's exit code."""
+    if failures:
+        print(f"\n{len(failures)} check(s) FAILED:")
+        for f in failures:
+            print(f"  - {f}")
+        return 1
+    print("\nall checks passed")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--persons", type=int, default=100_000, help="Marketo persons to seed (default 100000)")
@@ -721,13 +732,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    if failures:
-        print(f"\n{len(failures)} check(s) FAILED:")
-        for f in failures:
-            print(f"  - {f}")
-        return 1
-    print("\nall checks passed")
-    return 0
+    return verdict(failures)
 
 
 if __name__ == "__main__":
