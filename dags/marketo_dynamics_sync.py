@@ -64,6 +64,9 @@ ENTITY_TYPES = ["lead", "contact"]
 # Retries ride out outages longer than the clients' own backoff; overridable (e.g. in tests) by environment.
 RETRIES = int(os.environ.get("MDSYNC_TASK_RETRIES", "3"))
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("MDSYNC_RETRY_DELAY_SECONDS", "30")))
+# An Airflow pool for every task of the sync (create it first: `airflow pools set mdsync 2 "..."`): caps, or
+# reserves, the worker slots the sync takes in a shared deployment. Unset: Airflow's default_pool.
+POOL = os.environ.get("MDSYNC_POOL", "").strip() or None
 
 
 @dag(
@@ -79,6 +82,7 @@ RETRY_DELAY = timedelta(seconds=float(os.environ.get("MDSYNC_RETRY_DELAY_SECONDS
         "retry_delay": RETRY_DELAY,
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=5),
+        **({"pool": POOL} if POOL else {}),
     },
     params={
         "dry_run": Param(False, type="boolean", title="Dry run", description="Plan and log everything, write nothing."),

@@ -39,6 +39,15 @@ def test_every_task_retries_with_backoff(dag):
         assert task.retry_delay >= timedelta(seconds=30)
 
 
+def test_every_task_runs_in_the_pool_the_deployment_names(dag, airflow_db, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    assert {task.pool for task in dag.tasks} == {"default_pool"}  # MDSYNC_POOL unset: Airflow's default
+    monkeypatch.setenv("MDSYNC_POOL", "mdsync")
+    pooled = DagBag(dag_folder=str(DAGS)).dags["marketo_dynamics_sync"]
+    assert {task.task_id: task.pool for task in pooled.tasks} == {task.task_id: "mdsync" for task in dag.tasks}
+
+
 def test_tasks_read_like_the_cycle(dag):
     order = ["hold_lease", "refresh_schema", "extract_marketo", "extract_dynamics", "identify", "plan_lead",
              "plan_contact", "check_mass_change", "approve_mass_change", "load_dynamics", "load_marketo", "commit",
