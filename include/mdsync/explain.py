@@ -844,6 +844,9 @@ class Facts:
     #: live Marketo persons sharing an unlinked record's email
     email_persons: pd.DataFrame | None = None
     now: datetime = dc_field(default_factory=lambda: datetime.now(timezone.utc))
+    #: how far before its watermark each cycle reads again (``MDSYNC_OVERLAP_SECONDS``): a change stamped within it
+    #: of the last read is still read by the next cycle (services stamp changes to the second)
+    overlap: timedelta = timedelta(0)
 
 
 def _reason(code: str, title: str, detail: str, action: str, **kw) -> Reason:
@@ -1314,6 +1317,19 @@ def _consent(facts: Facts, f: FieldMap) -> list[Reason]:
                     field=f.name, at=row["at"])]
 
 
+#: the services stamp changes to the second (Marketo's updatedAt; Dataverse's modifiedon as read here)
+STAMP_RESOLUTION = timedelta(seconds=1)
+
+
+def _decided_since(facts: Facts, when: datetime) -> bool:
+    """Whether a cycle recorded a decision about the subject surely after a change stamped ``when`` (so it had
+    read the change): at least one stamp resolution later."""
+    history = facts.history
+    if history is None or history.empty:
+        return False
+    return bool((pd.to_datetime(history["at"], utc=True) >= when + STAMP_RESOLUTION).any())
+
+
 def _pending(config, facts: Facts, field) -> tuple[list[str], list[str]]:
     """Changes newer than what the last cycle read: ``(what, sides)`` lines, e.g. ``Marketo updatedAt ... is after
     the watermark ...``."""
@@ -1343,7 +1359,15 @@ def _pending(config, facts: Facts, field) -> tuple[list[str], list[str]]:
         if high is None or when > high:
             lines.append(f"{label} {_at(when)} is after the last cycle's read of that side "
                          f"({_at(high) if high else 'never read'})")
-            sides.append(side.value)
+        elif facts.link is not None and when > high - facts.overlap and not _decided_since(facts, when):
+            # a linked field differs from its baseline and nothing was decided about the pair since the change:
+            # the cycle that read up to ``high`` did not see it (stamped to the second), the next one, reading
+            # again from the overlap, will. An unlinked record's own decision (skipped, waiting) is in its history.
+            lines.append(f"{label} {_at(when)} is within the {facts.overlap.total_seconds():.0f} s before the last "
+                         f"cycle's read of that side ({_at(high)}) that the next cycle reads again")
+        else:
+            continue
+        sides.append(side.value)
     return lines, sides
 
 
@@ -1569,7 +1593,8 @@ def _explain_subject(config: SyncConfig, store, settings, subject: Subject, mark
         facts = Facts(subject=subject, entity=entity, link=link, values=values, history=_history(conn, subject, emails),
                       errors=_open_errors(conn, subject.person_id, subject.dynamics_id),
                       deletions=_deletions(conn, subject.person_id, subject.dynamics_id),
-                      merged_away=_merged_away(conn, subject.person_id), watermarks=_watermarks(conn), access=acc)
+                      merged_away=_merged_away(conn, subject.person_id), watermarks=_watermarks(conn), access=acc,
+                      overlap=timedelta(seconds=settings.overlap_seconds))
         last, _ = _last_commit(facts)
         facts.held_runs = held + [r for r in _held_runs_in_store(conn, last) if r.run_id not in {h.run_id for h in held}]
         facts.superseded = _superseded(conn, facts)

@@ -148,6 +148,33 @@ def test_a_change_after_the_watermark_is_not_yet_reached_and_a_silent_dag_is_nam
     assert "no cycle has committed for 180 minutes" in reason.detail and reason.run_id == "run-9"
 
 
+def test_a_change_stamped_within_the_overlap_before_the_last_read_is_still_not_yet_reached():
+    """Services stamp changes to the second: a change made just after a cycle read can carry a time a little
+    before that read. The next cycle reads again from ``overlap`` before the watermark, so it will see it."""
+    now = datetime(2026, 1, 1, 10, 0, 1, tzinfo=timezone.utc)
+    values = _pair(city=("Madrid", "Berlin", "Berlin"))  # Marketo updatedAt 10:00:00, Dynamics 09:00:00
+    watermark = datetime(2026, 1, 1, 10, 0, 0, 400000, tzinfo=timezone.utc)
+    reason, = explain(CONFIG, _facts(values, watermark_at=watermark, committed_at=now, now=now,
+                                     overlap=timedelta(seconds=2)))
+    assert reason.code == "not_yet_reached" and "within the 2 s before the last cycle's read" in reason.detail
+    assert "Dynamics" not in reason.detail  # the Dynamics change is older than the overlap: already read
+    reason, = explain(CONFIG, _facts(values, watermark_at=watermark, committed_at=now, now=now))  # no overlap
+    assert reason.code == "unexplained"
+    # a decision about the pair recorded a second or more after the change's stamp: that cycle had read it
+    from mdsync.state import schema
+
+    decided = pd.DataFrame([{"at": values.marketo_updated_at + timedelta(seconds=1), "run_id": "run-9", "action": "write", "field": "job_title",
+                             "person_id": 7, "dynamics_type": "contact", "dynamics_id": ANN, "entity_type": "contact",
+                             "detail": "written to Dynamics"}], columns=[c.name for c in schema.activity.columns])
+    reason, = explain(CONFIG, _facts(values, watermark_at=watermark, committed_at=now, now=now,
+                                     overlap=timedelta(seconds=2), history=decided))
+    assert reason.code != "not_yet_reached"
+    # one recorded within the stamp's second (the previous cycle, committing just before the change) proves nothing
+    reason, = explain(CONFIG, _facts(values, watermark_at=watermark, committed_at=now, now=now,
+                                     overlap=timedelta(seconds=2), history=decided.assign(at=watermark)))
+    assert reason.code == "not_yet_reached"
+
+
 def test_a_difference_nothing_explains_is_said_plainly():
     now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
     values = _pair(city=("Madrid", "Berlin", "Berlin"))
