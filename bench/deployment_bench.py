@@ -48,29 +48,6 @@ SETTINGS = {"MDSYNC_BULK_POLL_SECONDS": "1"}
 RUN_TIMEOUT_S = 3600.0
 
 
-def refusals(marketo: MarketoSandbox, dataverse: DataverseSandbox) -> dict:
-    """What each sandbox's own limiter refused: Marketo's ``limited`` codes (606 rate, 615 concurrency, 607 the
-    daily quota) and Dataverse's 429s (``throttled``), both from their call counters."""
-    return {"marketo": dict(marketo.calls().get("limited") or {}),
-            "dynamics": dict(dataverse.calls().get("throttled") or {})}
-
-
-def wait_for_run(deployment, run_id: str) -> str:
-    """The run's end state, polled every 2 s (light on the API server sharing the CPUs with the run); fails at
-    once when a task waits for a person (an approval nobody gives here) or a process of the deployment died."""
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        deployment.check_running()
-        state = deployment.run_state(run_id)
-        if state in ("success", "failed"):
-            return state
-        waiting = [t for t, ti in deployment.task_instances(run_id).items() if ti["state"] == "awaiting_input"]
-        if waiting:
-            raise SystemExit(f"run {run_id} waits for input in {waiting}: {deployment.describe(run_id)}")
-        time.sleep(2.0)
-    raise SystemExit(f"run {run_id} did not end within {RUN_TIMEOUT_S:.0f} s: {deployment.describe(run_id)}")
-
-
 def one_round(label: str, workers: tuple[str, ...], persons: int, tmp: Path, postgres_url: str, redis) -> dict:
     pop, counts = e2e_bench.population(persons)
     folder = tmp / label
@@ -89,16 +66,18 @@ def one_round(label: str, workers: tuple[str, ...], persons: int, tmp: Path, pos
             # a first sync writes far more than the mass-change guard lets through unasked: allowed up front, as
             # an operator starting one would (README "The first sync of a whole database")
             run_id = deployment.trigger({"allow_mass_change": True})
-            state = wait_for_run(deployment, run_id)
+            # polled every 2 s: light on the API server, which shares the CPUs with the run
+            state = deployment.wait_for_run(run_id, timeout_s=RUN_TIMEOUT_S, poll_s=2.0)
             run = deployment.get(f"dags/{DAG_ID}/dagRuns/{run_id}")
             timeline = deployment.timeline(run_id)
-            tries = {t: ti["try_number"] for t, ti in deployment.task_instances(run_id).items()}
-            hosts = sorted({ti.get("hostname") for ti in deployment.task_instances(run_id).values()
-                            if ti.get("hostname")})
+            instances = deployment.task_instances(run_id)
+            tries = {t: ti["try_number"] for t, ti in instances.items()}
+            hosts = sorted({ti.get("hostname") for ti in instances.values() if ti.get("hostname")})
             end_state = e2e_bench.read_end_state(marketo, dataverse, deployment.state_url)
-        refused = refusals(marketo, dataverse)
-        calls = {"marketo": e2e_bench.split_calls("marketo", marketo.calls()),
-                 "dynamics": e2e_bench.split_calls("dynamics", dataverse.calls())}
+        counted = {"marketo": marketo.calls(), "dynamics": dataverse.calls()}
+        # what each sandbox's own limiter refused: Marketo's 606/615/607 (``limited``), Dataverse's 429s
+        refused = {"marketo": counted["marketo"]["limited"], "dynamics": counted["dynamics"]["throttled"]}
+        calls = {service: e2e_bench.split_calls(service, stats) for service, stats in counted.items()}
         checks = e2e_bench.check_end_state(pop, counts, end_state)
     wall = _seconds(run["start_date"], run["end_date"])
     return {"label": label, "workers": list(workers), "state": state, "wall_s": wall, "timeline": timeline,

@@ -448,10 +448,6 @@ class CallLimits:
         self.window_ms = window_ms
         self.max_concurrent = max_concurrent
         self._local = threading.BoundedSemaphore(local_concurrent or max_concurrent)
-        self._waited_lock = threading.Lock()
-        #: seconds spent waiting for a slot, room in the window or the end of a pause, summed over every call
-        #: (progress lines and the "rate-limit waits" metric read it)
-        self.waited_s = 0.0
         self._paused_until = 0.0  # local mode: time.monotonic() before which no call is sent
         self._window: RedisWindow | Limiter | None = None
         self._slots: RedisSemaphore | None = None
@@ -470,6 +466,7 @@ class CallLimits:
         """Block until a call may be sent: a slot of this process, a slot of the deployment (shared), the end
         of any pause, and room in the window. Give the result to :meth:`release` when the call is over.
 
+        :returns: what is held, with how long this call waited for it (the client sums its own calls' waits).
         :raises LimitsUnavailable: shared limits whose Redis cannot be used (nothing is held then).
         """
         started = time.monotonic()
@@ -489,11 +486,7 @@ class CallLimits:
                 self._slots.release(token)
             self._local.release()
             raise
-        finally:
-            waited = time.monotonic() - started
-            with self._waited_lock:
-                self.waited_s += waited
-        return Held(token, waited)
+        return Held(token, time.monotonic() - started)
 
     def release(self, held: Held) -> None:
         """Free what :meth:`acquire` took."""

@@ -26,8 +26,8 @@ Per run:
 - ``mdsync.collisions.<winner>`` (counter): fields changed on both sides, by the side that won (tag ``entity``).
 - ``mdsync.values.held`` (counter): values not sent again because the target refused them before (tag ``entity``).
 - ``mdsync.api_calls.<service>`` (counter): API calls, tokens included, per task (tag ``task``).
-- ``mdsync.rate_limit.wait.<service>`` (timer, milliseconds): how long a task waited for the service's rate
-  window (tag ``task``); only when the run's summary carries the waits (a task's ``waited_s``).
+- ``mdsync.rate_limit.wait.<service>`` (timer, milliseconds): how long a task's calls waited for the service's
+  call limits on our side (tag ``task``), for each service the task called (a task's ``waited_s``).
 - ``mdsync.run.duration`` (gauge, seconds): how long the run's stages took end to end (stages that run side by
   side count once: their longest).
 """

@@ -109,7 +109,7 @@ class DynamicsClient(WritesMixin):
         self.max_parallel_requests = max_parallel_requests
         self._count_lock = threading.Lock()
         self.calls_made = 0
-        #: seconds this client's requests waited for the pacing (the limits' own ``waited_s`` counts every client)
+        #: seconds this client's requests waited for the pacing (progress lines and the rate-limit waits metric)
         self.waited_s = 0.0
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s

@@ -150,7 +150,7 @@ class MarketoClient(ActivitiesMixin, BulkExportMixin, BulkImportMixin):
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.calls_made = 0
-        #: seconds this client's calls waited for the limits (the limits' own ``waited_s`` counts every client)
+        #: seconds this client's calls waited for the limits (progress lines and the rate-limit waits metric)
         self.waited_s = 0.0
         self._waited_lock = threading.Lock()
         self._describe: pd.DataFrame | None = None

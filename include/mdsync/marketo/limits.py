@@ -25,9 +25,6 @@ class CallLimits(shared.CallLimits):
     :param instance: the instance's REST base URL (its host names the Redis keys).
     :param url: ``redis://...`` to share the limits with every process using that Redis; None: this process.
     :param lease_s: with ``url``: how long a slot of a process that died stays taken.
-
-    ``waited_s`` (seconds spent waiting for the limits, over all calls) is what progress lines and the
-    rate-limit waits metric read.
     """
 
     def __init__(self, max_calls_per_window: int = 100, window_s: float = 20, max_concurrent: int = 10, *,
